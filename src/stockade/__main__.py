@@ -1,0 +1,3 @@
+from stockade.entry import main
+
+main()

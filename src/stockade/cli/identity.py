@@ -1,0 +1,86 @@
+"""login, logout, whoami."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from stockade.cli import config
+from stockade.cli.common import OutputOpt, UserError, client, interactive, prompt
+from stockade.cli.output import Format, console, show
+from stockade.sdk import Client
+
+USER_COLUMNS = ["username", "email", "name", "status", "roles", "id"]
+
+
+def login(
+    url: Annotated[
+        str | None, typer.Argument(help="server URL, e.g. http://stockade.internal:7080")
+    ] = None,
+    username: Annotated[str | None, typer.Option(help="username or email")] = None,
+    password: Annotated[
+        str | None,
+        typer.Option(help="password (or set STOCKADE_PASSWORD; prompted when omitted)"),
+    ] = None,
+    first_user: Annotated[
+        bool, typer.Option("--first-user", help="create the first user (the owner), then log in")
+    ] = False,
+    email: Annotated[str | None, typer.Option(help="email of the first user")] = None,
+    name: Annotated[str, typer.Option(help="display name of the first user")] = "",
+) -> None:
+    """Log in and save the session for later commands."""
+    url = url or config.load().url
+    if not url:
+        raise UserError("give the server URL: stockade login http://HOST:PORT")
+    url = url.rstrip("/")
+    password = password or os.environ.get("STOCKADE_PASSWORD")
+    with Client(url) as api:
+        if first_user or (interactive() and username is None and api.first_user_required()):
+            if not api.first_user_required():
+                raise UserError("the first user already exists: log in without --first-user")
+            username = username or prompt("Username for the owner", flag="--username")
+            email = email or prompt("Email", flag="--email")
+            password = password or _new_password()
+            api.create_first_user(username, email, password, name)
+            console.print(f"Created the first user [bold]{username}[/bold] (owner).")
+        username = username or prompt("Username", flag="--username")
+        password = password or prompt("Password", hide=True, flag="--password")
+        result = api.login(username, password)
+    path = config.save(url, result.session_token)
+    console.print(
+        f"Logged in to {url} as [bold]{result.user.username}[/bold]. Session saved in {path}.",
+        highlight=False,
+    )
+
+
+def _new_password() -> str:
+    first = prompt("Password", hide=True, flag="--password")
+    if prompt("Repeat password", hide=True, flag="--password") != first:
+        raise UserError("the passwords do not match")
+    return first
+
+
+def logout() -> None:
+    """End the session on the server and forget it here."""
+    session = config.load()
+    if session.url and session.token:
+        with Client(session.url, session.token) as api:
+            try:
+                api.logout()
+            except Exception:  # noqa: BLE001,S110 - forgetting it locally is what matters
+                pass
+    console.print("Logged out." if config.clear() else "No saved session.")
+
+
+def whoami(output: OutputOpt = Format.TABLE) -> None:
+    """Show the signed-in user."""
+    with client() as api:
+        show(api.me(), output, USER_COLUMNS)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(login)
+    app.command()(logout)
+    app.command()(whoami)

@@ -1,0 +1,85 @@
+"""``stockade``: the command line. Commands live in one module per area."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import click
+import typer
+from pydantic import ValidationError
+
+from stockade.cli import audit, common, identity, tokens, users
+from stockade.cli.output import fail
+from stockade.sdk import ApiError, ConnectionFailed
+
+app = typer.Typer(
+    name="stockade",
+    help="Stockade: self-hosted, offline remote developer workspaces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+identity.register(app)
+app.add_typer(users.app, name="users", help="Manage users and their roles.")
+app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
+app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
+
+
+@app.callback()
+def _global(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="show tracebacks on errors")
+    ] = False,
+) -> None:
+    if verbose:
+        os.environ["STOCKADE_VERBOSE"] = "1"
+
+
+def run(argv: list[str] | None = None, extra: list[object] | None = None) -> int:
+    """Run the CLI and turn expected failures into one line and exit code 1.
+    ``extra`` holds click commands registered by the entry point (``server``)."""
+    command = typer.main.get_command(app)
+    for cmd in extra or []:
+        command.add_command(cmd)  # type: ignore[attr-defined]
+    verbose = "--verbose" in (argv or sys.argv) or "-v" in (argv or sys.argv)
+    try:
+        result = command.main(args=argv, prog_name="stockade", standalone_mode=False)
+    except (common.UserError, ApiError, ConnectionFailed, ValidationError) as exc:
+        if verbose:
+            traceback.print_exc()
+        fail(_describe(exc))
+        return 1
+    except (typer.Exit, click.exceptions.Exit) as exc:
+        return exc.exit_code
+    except typer.Abort:
+        fail("aborted")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # click's own usage errors
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if verbose:
+            raise
+        fail(f"unexpected error: {exc} (run with --verbose for details)")
+        return 1
+    # click returns the exit code of typer.Exit (and --help) in this mode.
+    return result if isinstance(result, int) else 0
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ApiError):
+        return exc.message
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+    return str(exc)
+
+
+def main() -> None:
+    sys.exit(run())

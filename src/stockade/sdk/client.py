@@ -1,0 +1,228 @@
+"""A synchronous, typed client over httpx. One method per API operation; every
+non-2xx answer raises ``ApiError`` carrying the server's message."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from stockade.sdk import types
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """The server refused: ``message`` is meant for the user."""
+
+    def __init__(
+        self, status: int, message: str, reason: str = "", request_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.request_id = request_id
+
+
+class ConnectionFailed(Exception):
+    """The server could not be reached at all."""
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+class Client:
+    """Request bodies are not validated here: the server checks them and its
+    messages say what to fix, so every client gets the same answer."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, transport=transport, trust_env=False
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing ------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def request(
+        self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(
+                method, path, json=json_body, params=params, headers=self._headers()
+            )
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach {self.url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _error(response)
+        return response
+
+    def _get(self, path: str, model: type[M], **params: Any) -> M:
+        return model.model_validate(self.request("GET", path, params=_params(**params)).json())
+
+    def _send(self, method: str, path: str, model: type[M], body: BaseModel | None = None) -> M:
+        payload = body.model_dump(exclude_none=True) if body is not None else None
+        return model.model_validate(self.request(method, path, json_body=payload).json())
+
+    # --- deployment ------------------------------------------------------------
+
+    def buildinfo(self) -> types.BuildInfo:
+        return self._get("/api/v2/buildinfo", types.BuildInfo)
+
+    def health(self) -> types.Health:
+        return self._get("/api/v2/debug/health", types.Health)
+
+    # --- identity --------------------------------------------------------------
+
+    def first_user_required(self) -> bool:
+        return self._get("/api/v2/users/first", types.FirstUserStatus).first_user_required
+
+    def create_first_user(
+        self, username: str, email: str, password: str, name: str = ""
+    ) -> types.User:
+        body = types.FirstUserRequest.model_construct(username=username, email=email, password=password, name=name)
+        return self._send("POST", "/api/v2/users/first", types.User, body)
+
+    def login(self, username: str, password: str) -> types.LoginResponse:
+        """Sign in and use the new session for later calls."""
+        body = types.LoginRequest.model_construct(username=username, password=password)
+        result = self._send("POST", "/api/v2/users/login", types.LoginResponse, body)
+        self.token = result.session_token
+        return result
+
+    def logout(self) -> None:
+        self.request("POST", "/api/v2/users/logout")
+        self.token = None
+
+    def me(self) -> types.User:
+        return self.get_user("me")
+
+    # --- users -----------------------------------------------------------------
+
+    def list_users(
+        self, *, q: str | None = None, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> types.UserList:
+        return self._get(
+            "/api/v2/users", types.UserList, q=q, status=status, limit=limit, offset=offset
+        )
+
+    def create_user(
+        self,
+        username: str,
+        email: str,
+        password: str,
+        *,
+        name: str = "",
+        roles: list[types.RoleName] | None = None,
+    ) -> types.User:
+        body = types.CreateUserRequest.model_construct(
+            username=username, email=email, password=password, name=name, roles=roles or []
+        )
+        return self._send("POST", "/api/v2/users", types.User, body)
+
+    def get_user(self, user: str) -> types.User:
+        return self._get(f"/api/v2/users/{user}", types.User)
+
+    def suspend_user(self, user: str) -> types.User:
+        return self._send("PUT", f"/api/v2/users/{user}/status/suspend", types.User)
+
+    def activate_user(self, user: str) -> types.User:
+        return self._send("PUT", f"/api/v2/users/{user}/status/activate", types.User)
+
+    def set_roles(self, user: str, roles: list[types.RoleName]) -> types.User:
+        body = types.UpdateRolesRequest.model_construct(roles=roles)
+        return self._send("PUT", f"/api/v2/users/{user}/roles", types.User, body)
+
+    def change_password(self, user: str, password: str, old_password: str | None = None) -> None:
+        body = types.UpdatePasswordRequest.model_construct(password=password, old_password=old_password)
+        self.request(
+            "PUT", f"/api/v2/users/{user}/password", json_body=body.model_dump(exclude_none=True)
+        )
+
+    def delete_user(self, user: str) -> None:
+        self.request("DELETE", f"/api/v2/users/{user}")
+
+    # --- tokens ----------------------------------------------------------------
+
+    def create_token(
+        self, name: str, *, lifetime_seconds: int | None = None, user: str = "me"
+    ) -> types.CreatedToken:
+        body = types.CreateTokenRequest.model_construct(name=name, lifetime_seconds=lifetime_seconds)
+        return self._send("POST", f"/api/v2/users/{user}/tokens", types.CreatedToken, body)
+
+    def list_tokens(self, user: str = "me") -> list[types.Token]:
+        return self._get(f"/api/v2/users/{user}/tokens", types.TokenList).tokens
+
+    def revoke_token(self, token: str, user: str = "me") -> None:
+        self.request("DELETE", f"/api/v2/users/{user}/tokens/{token}")
+
+    # --- audit -----------------------------------------------------------------
+
+    def list_audit(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> types.AuditList:
+        return self._get("/api/v2/audit", types.AuditList, limit=limit, offset=offset, **filters)
+
+    def verify_audit(self) -> types.AuditVerification:
+        return self._get("/api/v2/audit/verify", types.AuditVerification)
+
+    def export_audit(self, **filters: Any) -> Iterator[types.AuditEntry]:
+        """Stream every matching entry, oldest first."""
+        try:
+            with self._http.stream(
+                "GET", "/api/v2/audit/export", params=_params(**filters), headers=self._headers()
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield types.AuditEntry.model_validate_json(line)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach {self.url}: {exc}") from exc
+
+
+def _error(response: httpx.Response) -> ApiError:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = {}
+    if not isinstance(body, dict) or "message" not in body:
+        return ApiError(
+            response.status_code,
+            f"HTTP {response.status_code} from {response.request.url}",
+        )
+    return ApiError(
+        response.status_code,
+        str(body["message"]),
+        str(body.get("reason", "")),
+        body.get("request_id"),
+    )

@@ -1,0 +1,171 @@
+"""The API's request and response bodies: the contract between the server, the
+SDK, the CLI and scripts. The server validates with these same models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+USERNAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
+USERNAME_HELP = (
+    "1-32 characters: lowercase letters, digits and hyphens, starting and ending "
+    "with a letter or digit"
+)
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+Username = Annotated[
+    str, Field(pattern=USERNAME_PATTERN, min_length=1, max_length=32, description=USERNAME_HELP)
+]
+Email = Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=254, description="email address")]
+Password = Annotated[str, Field(min_length=1, max_length=256)]
+RoleName = Literal["owner", "user-admin", "template-admin", "auditor"]
+
+
+class Request(BaseModel):
+    """A request body: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ApiError(Response):
+    message: str
+    reason: str
+    detail: list[dict[str, Any]] | None = None
+    request_id: str | None = None
+
+
+class BuildInfo(Response):
+    version: str
+    dialect: str
+
+
+class FirstUserStatus(Response):
+    first_user_required: bool
+
+
+class FirstUserRequest(Request):
+    username: Username
+    email: Email
+    password: Password
+    name: str = Field("", max_length=128)
+
+
+class LoginRequest(Request):
+    username: str = Field(min_length=1, max_length=254, description="username or email")
+    password: Password
+
+
+class User(Response):
+    id: str
+    username: str
+    email: str
+    name: str
+    status: Literal["active", "suspended"]
+    roles: list[str]
+    login_type: str
+    created_at: datetime
+    last_seen_at: datetime | None = None
+
+
+class LoginResponse(Response):
+    session_token: str
+    expires_at: datetime
+    user: User
+
+
+class UserList(Response):
+    users: list[User]
+    count: int
+
+
+class CreateUserRequest(Request):
+    username: Username
+    email: Email
+    password: Password
+    name: str = Field("", max_length=128)
+    roles: list[RoleName] = Field(default_factory=list)
+
+
+class UpdateRolesRequest(Request):
+    roles: list[RoleName]
+
+
+class UpdatePasswordRequest(Request):
+    password: Password
+    old_password: str | None = Field(
+        None, max_length=256, description="required when changing your own password"
+    )
+
+
+class Token(Response):
+    id: str
+    name: str
+    user_id: str
+    created_at: datetime
+    expires_at: datetime
+    last_used_at: datetime | None = None
+
+
+class TokenList(Response):
+    tokens: list[Token]
+
+
+class CreateTokenRequest(Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    lifetime_seconds: int | None = Field(None, gt=0)
+
+
+class CreatedToken(Token):
+    token: str = Field(description="the secret; shown once, never again")
+
+
+class AuditEntry(Response):
+    seq: int
+    id: str
+    time: datetime
+    user_id: str | None
+    username: str | None
+    ip: str | None
+    user_agent: str | None
+    action: str
+    resource_type: str | None
+    resource_id: str | None
+    resource_name: str | None
+    diff: dict[str, Any]
+    details: dict[str, Any]
+    request_id: str | None
+    status_code: int
+    prev_hash: str
+    hash: str
+
+
+class AuditList(Response):
+    entries: list[AuditEntry]
+    count: int
+
+
+class AuditVerification(Response):
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    first_bad_id: str | None = None
+    problem: str | None = None
+
+
+class AuditPurge(Response):
+    purged: int
+    anchor_seq: int
+
+
+class Health(Response):
+    status: Literal["ok", "degraded"]
+    database: dict[str, Any]
+    migrations: dict[str, Any]
+    workers: dict[str, Any]
+    version: str

@@ -1,0 +1,1 @@
+"""The control plane: the ASGI app, its domains and the process that serves it."""

@@ -1,0 +1,171 @@
+"""Assemble the control plane: services, routers, middleware, error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException
+
+import stockade
+from stockade.sdk import types
+from stockade.server.audit import api as audit_api
+from stockade.server.audit import service as audit_service
+from stockade.server.auth import api as auth_api
+from stockade.server.auth.service import AuthService
+from stockade.server.authz import check_routes
+from stockade.server.background import Background
+from stockade.server.db import Database, migrate
+from stockade.server.errors import StockadeError
+from stockade.server.middleware import RequestMiddleware
+from stockade.server.observability import Metrics
+from stockade.server.settings import Settings
+from stockade.server.system import api as system_api
+from stockade.server.users import api as users_api
+from stockade.server.users.service import UserService
+from stockade.server.validation import describe_validation_errors
+
+log = structlog.get_logger("stockade.server")
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use; one per app."""
+
+    settings: Settings
+    db: Database
+    metrics: Metrics
+    auth: AuthService
+    users: UserService
+    background: Background
+
+
+def build_services(settings: Settings) -> Services:
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    return Services(
+        settings=settings,
+        db=db,
+        metrics=Metrics(),
+        auth=AuthService(db, settings),
+        users=UserService(db),
+        background=Background(),
+    )
+
+
+def _error_response(
+    request: Request, status: int, message: str, reason: str, **extra: Any
+) -> JSONResponse:
+    body = types.ApiError(
+        message=message,
+        reason=reason,
+        detail=extra.pop("detail", None),
+        request_id=getattr(request.state, "request_id", None),
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True), status_code=status, headers=extra.get("headers")
+    )
+
+
+def _install_error_handlers(app: FastAPI, services: Services) -> None:
+    @app.exception_handler(StockadeError)
+    async def _stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
+        services.metrics.errors.labels(exc.reason).inc()
+        log.info("api_error", reason=exc.reason, status=exc.status_code, detail=exc.log_message)
+        return _error_response(
+            request, exc.status_code, exc.message, exc.reason,
+            detail=exc.detail, headers=exc.headers,
+        )  # fmt: skip
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, detail = describe_validation_errors(exc.errors())
+        services.metrics.errors.labels("invalid_input").inc()
+        return _error_response(request, 400, message, "invalid_input", detail=detail)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        messages = {
+            404: f"no API route {request.url.path}; see /api/v2/openapi.json",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }
+        message = messages.get(exc.status_code, str(exc.detail))
+        return _error_response(
+            request, exc.status_code, message, f"http_{exc.status_code}",
+            headers=dict(exc.headers or {}),
+        )  # fmt: skip
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(request: Request, exc: IntegrityError) -> JSONResponse:
+        # Checks in the services come first; this catches a race between two
+        # requests, which the database settled.
+        log.info("integrity_conflict", error=str(exc.orig))
+        services.metrics.errors.labels("conflict").inc()
+        return _error_response(
+            request, 409, "this conflicts with a change made at the same time; retry", "conflict"
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error")
+        services.metrics.errors.labels("internal").inc()
+        return _error_response(
+            request,
+            500,
+            "internal error; an administrator can find it in the server log by its request id",
+            "internal",
+        )
+
+
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    services = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await migrate.upgrade(services.db)
+        if settings.audit_retention_days:
+            days = settings.audit_retention_days
+
+            async def purge() -> None:
+                await audit_service.purge(services.db, older_than_days=days)
+
+            services.background.every("audit_retention", 3600, purge)
+        services.background.start()
+        log.info(
+            "server_ready",
+            access_url=settings.access_url,
+            database=services.db.dialect,
+            version=stockade.__version__,
+        )
+        try:
+            yield
+        finally:
+            await services.background.stop()
+            await services.db.dispose()
+            log.info("server_stopped")
+
+    app = FastAPI(
+        title="Stockade",
+        version=stockade.__version__,
+        description="Self-hosted, fully offline remote developer workspaces.",
+        openapi_url="/api/v2/openapi.json",
+        docs_url=None,  # the Swagger UI loads from a CDN: not in an air-gapped product
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    # Routes are added as they are (each router carries its prefix and policy)
+    # rather than through include_router, whose lazily merged routes would hide
+    # them from the policy check below.
+    for router in (users_api.router, auth_api.router, audit_api.router, system_api.router):
+        app.router.routes.extend(router.routes)
+    check_routes(app.routes)
+    _install_error_handlers(app, services)
+    app.add_middleware(RequestMiddleware, services=services)
+    return app

@@ -1,0 +1,1 @@
+"""Identity: passwords, sessions, API tokens, login rate limits."""

@@ -1,0 +1,77 @@
+"""Login, logout and API-token endpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from stockade.sdk import types
+from stockade.server.authz import public, signed_in
+from stockade.server.deps import ActorDep, AuditDep, ServicesDep, client_ip
+from stockade.server.middleware import SESSION_COOKIE
+from stockade.server.users.service import to_api
+
+router = APIRouter(prefix="/api/v2")
+
+
+@router.post(
+    "/users/login",
+    dependencies=[public()],
+    responses={401: {"model": types.ApiError}, 429: {"model": types.ApiError}},
+)
+async def login(
+    body: types.LoginRequest,
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    record: AuditDep,
+) -> types.LoginResponse:
+    """Sign in with a password. Sets the session cookie and returns the same
+    token for clients that send it as ``Authorization: Bearer``."""
+    token, expires_at, user = await services.auth.login(
+        body.username, body.password, ip=client_ip(request), record=record
+    )
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=services.settings.session_lifetime_seconds,
+        httponly=True,
+        samesite="lax",
+        secure=bool(services.settings.secure_cookies),
+        path="/",
+    )
+    return types.LoginResponse(session_token=token, expires_at=expires_at, user=to_api(user))
+
+
+@router.post("/users/logout", dependencies=[signed_in()], status_code=204)
+async def logout(
+    response: Response, actor: ActorDep, services: ServicesDep, record: AuditDep
+) -> None:
+    """End the current session (or revoke the token used for this request)."""
+    await services.auth.logout(actor, record)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+
+
+@router.post("/users/{user}/tokens", dependencies=[signed_in()], status_code=201)
+async def create_token(
+    user: str,
+    body: types.CreateTokenRequest,
+    actor: ActorDep,
+    services: ServicesDep,
+    record: AuditDep,
+) -> types.CreatedToken:
+    """Create an API token. The secret is in this response only."""
+    return await services.auth.create_token(actor, user, body, record)
+
+
+@router.get("/users/{user}/tokens", dependencies=[signed_in()])
+async def list_tokens(user: str, actor: ActorDep, services: ServicesDep) -> types.TokenList:
+    """A user's API tokens, without their secrets."""
+    return types.TokenList(tokens=await services.auth.list_tokens(actor, user))
+
+
+@router.delete("/users/{user}/tokens/{token}", dependencies=[signed_in()], status_code=204)
+async def revoke_token(
+    user: str, token: str, actor: ActorDep, services: ServicesDep, record: AuditDep
+) -> None:
+    """Revoke a token by id or name; it stops working at once."""
+    await services.auth.revoke_token(actor, user, token, record)

@@ -1,0 +1,43 @@
+"""FastAPI dependencies shared by every domain's endpoints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Query, Request
+
+from stockade.server.audit.service import AuditRecord
+from stockade.server.authz import Actor
+from stockade.server.errors import Unauthenticated
+
+if TYPE_CHECKING:
+    from stockade.server.app import Services
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_actor(request: Request) -> Actor:
+    actor: Actor | None = getattr(request.state, "actor", None)
+    if actor is None:
+        problem = getattr(request.state, "auth_problem", None)
+        raise Unauthenticated(problem or "sign in first: no valid session or API token was sent")
+    return actor
+
+
+def get_audit(request: Request) -> AuditRecord:
+    record: AuditRecord = request.state.audit
+    return record
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+ServicesDep = Annotated["Services", Depends(get_services)]
+ActorDep = Annotated[Actor, Depends(get_actor)]
+AuditDep = Annotated[AuditRecord, Depends(get_audit)]
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size (1-1000)")]
+Offset = Annotated[int, Query(ge=0, description="rows to skip")]

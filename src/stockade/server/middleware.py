@@ -1,0 +1,120 @@
+"""The one middleware every request passes: request id, authentication,
+audit, metrics and the access log. Pure ASGI, so streaming responses pass
+through untouched."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stockade.server.audit.service import AuditRecord, write_record
+
+if TYPE_CHECKING:
+    from stockade.server.app import Services
+
+log = structlog.get_logger("stockade.http")
+
+SESSION_COOKIE = "stockade_session"
+TOKEN_HEADER = "stockade-session-token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def presented_token(headers: Headers) -> str | None:
+    """The credential a client sent: ``Authorization: Bearer``, our header, or
+    the session cookie (in that order)."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    if headers.get(TOKEN_HEADER):
+        return headers[TOKEN_HEADER].strip()
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == SESSION_COOKIE and value:
+            return value
+    return None
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        incoming_id = headers.get("x-request-id", "")
+        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        client = scope.get("client")
+        ip = client[0] if client else None
+        method: str = scope["method"]
+        path: str = scope["path"]
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+
+        state = scope.setdefault("state", {})
+        record = AuditRecord(ip=ip, user_agent=headers.get("user-agent"), request_id=request_id)
+        state["audit"] = record
+        state["request_id"] = request_id
+        state["actor"] = None
+        token = presented_token(headers)
+        if token is not None and path.startswith("/api/"):
+            auth = await self.services.auth.authenticate(token, ip)
+            state["actor"] = auth.actor
+            state["auth_problem"] = auth.problem
+            if auth.actor is not None:
+                record.user_id, record.username = auth.actor.user_id, auth.actor.username
+                structlog.contextvars.bind_contextvars(user=auth.actor.username)
+
+        audited = method not in _SAFE_METHODS and path.startswith("/api/")
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+                if audited or record.always:
+                    await self._audit(scope, record, status)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started
+            metrics = self.services.metrics
+            metrics.requests.labels(method, template, str(status)).inc()
+            metrics.latency.labels(method, template).observe(elapsed)
+            log.info(
+                "request",
+                method=method,
+                path=path,
+                route=template,
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
+                ip=ip,
+            )
+            structlog.contextvars.unbind_contextvars("request_id", "user")
+
+    async def _audit(self, scope: Scope, record: AuditRecord, status: int) -> None:
+        if record.action is None:
+            route: Any = scope.get("route")
+            record.action = f"{scope['method']} {getattr(route, 'path', scope['path'])}"
+        try:
+            await write_record(self.services.db, record, status)
+        except Exception:
+            # The action itself already happened; losing its audit entry must be
+            # loud, but turning the answer into an error would mislead the client.
+            log.exception("audit_write_failed", action=record.action)

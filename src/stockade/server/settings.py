@@ -1,0 +1,164 @@
+"""The one settings object of the control plane.
+
+Every setting is read, in increasing priority, from its default, the optional
+config file (TOML, ``--config`` / ``STOCKADE_CONFIG``), ``STOCKADE_*``
+environment variables and command-line flags. ``stockade server --help`` is
+generated from the field descriptions below, so the help text lives here only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "stockade"
+
+
+class Settings(BaseSettings):
+    """Control-plane settings. Field descriptions double as ``--help`` text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STOCKADE_", extra="forbid", validate_default=True
+    )
+
+    address: str = Field(
+        "127.0.0.1:7080",
+        description="HOST:PORT the server listens on. Use 0.0.0.0:PORT to listen on all "
+        "interfaces (for example so workspace containers can reach it).",
+    )
+    access_url: str = Field(
+        "",
+        description="The URL users and workspace agents use to reach this server. "
+        "Defaults to http://ADDRESS.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for the embedded database and workspace data.",
+    )
+    postgres_url: str = Field(
+        "",
+        description="PostgreSQL URL (postgresql://user:pass@host:port/db). Empty: an "
+        "embedded SQLite database in the data directory.",
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    log_json: bool = Field(
+        True, description="Write logs as JSON lines (false: human-readable console lines)."
+    )
+    session_lifetime_seconds: int = Field(
+        24 * 3600,
+        ge=60,
+        description="Browser/CLI sessions expire after this many seconds without use "
+        "(sliding expiry: every use extends the session).",
+    )
+    max_token_lifetime_seconds: int = Field(
+        30 * 24 * 3600,
+        ge=60,
+        description="The longest lifetime an API token may be created with.",
+    )
+    default_token_lifetime_seconds: int = Field(
+        7 * 24 * 3600, ge=60, description="Lifetime of an API token when none is asked for."
+    )
+    login_rate_per_ip: int = Field(
+        30, ge=1, description="Login attempts allowed per client IP per minute."
+    )
+    login_failures_per_user: int = Field(
+        10,
+        ge=1,
+        description="Failed logins allowed per username in 15 minutes before further "
+        "attempts for that username are refused with 429.",
+    )
+    audit_retention_days: int = Field(
+        0,
+        ge=0,
+        description="Purge audit entries older than this many days (0: keep for ever). "
+        "Purging keeps the remaining chain verifiable.",
+    )
+    secure_cookies: bool | None = Field(
+        None,
+        description="Mark session cookies Secure. Default: on when the access URL is https.",
+    )
+    db_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address must be HOST:PORT, got {value!r}")
+        return value
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _check_postgres_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError("postgres_url must start with postgresql://")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.access_url:
+            self.access_url = f"http://{self.address}"
+        self.access_url = self.access_url.rstrip("/")
+        if urlsplit(self.access_url).scheme not in ("http", "https"):
+            raise ValueError("access_url must be an http:// or https:// URL")
+        if self.secure_cookies is None:
+            self.secure_cookies = self.access_url.startswith("https://")
+        if self.default_token_lifetime_seconds > self.max_token_lifetime_seconds:
+            self.default_token_lifetime_seconds = self.max_token_lifetime_seconds
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL, with the async driver chosen for each database."""
+        if self.postgres_url:
+            rest = self.postgres_url.split("://", 1)[1]
+            return f"postgresql+asyncpg://{rest}"
+        return f"sqlite+aiosqlite:///{self.data_dir / 'stockade.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get("STOCKADE_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from flags (``overrides``), environment and config file."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""Deployment-wide endpoints: health, build info, metrics."""

@@ -1,0 +1,65 @@
+"""Health, build info and metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import stockade
+from stockade.sdk import types
+from stockade.server.authz import Perm, public, requires
+from stockade.server.db import migrate
+from stockade.server.deps import ServicesDep
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_class=PlainTextResponse)
+async def healthz() -> str:
+    """Liveness for load balancers: the process answers."""
+    return "ok"
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(services: ServicesDep) -> Response:
+    """Prometheus metrics. Carries no secrets; firewall it like any exporter."""
+    pool = services.db.pool_status()
+    services.metrics.db_pool_size.set(pool["size"])
+    services.metrics.db_pool_checked_out.set(pool["checked_out"])
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v2/buildinfo", dependencies=[public()])
+async def buildinfo(services: ServicesDep) -> types.BuildInfo:
+    return types.BuildInfo(version=stockade.__version__, dialect=services.db.dialect)
+
+
+@router.get("/api/v2/debug/health", dependencies=[requires(Perm.DEPLOYMENT_READ)])
+async def debug_health(services: ServicesDep) -> types.Health:
+    """Database reachability and latency, migration state, background workers."""
+    started = time.perf_counter()
+    database: dict[str, object] = {"dialect": services.db.dialect, **services.db.pool_status()}
+    try:
+        await services.db.ping()
+        database["ok"] = True
+        database["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        current = await migrate.current_revision(services.db)
+    except Exception as exc:  # report, don't fail: this is the page you read when it's broken
+        database["ok"] = False
+        database["error"] = type(exc).__name__
+        current = None
+    head = migrate.head_revision()
+    workers = services.background.status()
+    healthy = bool(database["ok"]) and current == head and all(
+        w["alive"] for w in workers.values()
+    )
+    return types.Health(
+        status="ok" if healthy else "degraded",
+        database=database,
+        migrations={"current": current, "head": head, "up_to_date": current == head},
+        workers=workers,
+        version=stockade.__version__,
+    )

@@ -1,0 +1,1 @@
+"""Users: first-user setup, accounts, roles, status."""

@@ -1,0 +1,123 @@
+"""Fixtures that start real services: a PostgreSQL cluster per session and real
+``stockade server`` processes on free ports, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from stockade.devtools.postgres import TempPostgres, find_bindir
+from stockade.devtools.server import ServerProcess
+from stockade.sdk import Client
+
+IN_CI = os.environ.get("CI") == "true"
+OWNER_PASSWORD = "owner-Pa55word!"
+PASSWORD = "user-Pa55word!"
+# Tests log in hundreds of times from 127.0.0.1; the rate-limit tests use their
+# own server with the defaults.
+RELAXED_LIMITS = {"STOCKADE_LOGIN_RATE_PER_IP": "100000", "STOCKADE_LOGIN_FAILURES_PER_USER": "1000"}
+
+
+def require(component: str, available: bool, how: str) -> None:
+    """Fail in CI, skip elsewhere, when a component the test needs is missing."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{component} is required in CI but missing: {how}")
+    pytest.skip(f"{component} not available: {how}")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[TempPostgres]:
+    require("PostgreSQL", find_bindir() is not None, "apt-get install postgresql-15")
+    cluster = TempPostgres().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+ServerFactory = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def start_server(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[ServerFactory]:
+    """Start a fresh server (its own empty database) on the current backend."""
+    started: list[ServerProcess] = []
+    counter = itertools.count()
+
+    def factory(env: dict[str, str] | None = None, args: list[str] | None = None) -> ServerProcess:
+        url = ""
+        if backend == "postgres":
+            url = request.getfixturevalue("pg_cluster").create_database()
+        server = ServerProcess(
+            data_dir=tmp_path / f"server{next(counter)}",
+            postgres_url=url,
+            env={**RELAXED_LIMITS, **(env or {})},
+            args=args,
+        )
+        started.append(server.start())
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server per backend, shared by the tests that need no fresh one."""
+    url = ""
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_cluster").create_database()
+    proc = ServerProcess(
+        data_dir=tmp_path_factory.mktemp(f"shared-{backend}"), postgres_url=url, env=RELAXED_LIMITS
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def owner(server: ServerProcess) -> Iterator[Client]:
+    client = Client(server.url)
+    client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD, "The Owner")
+    client.login("owner", OWNER_PASSWORD)
+    yield client
+    client.close()
+
+
+_names = itertools.count()
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}{os.getpid() % 1000}x{next(_names)}"
+
+
+UserFactory = Callable[..., tuple[Client, str]]
+
+
+@pytest.fixture
+def make_user(owner: Client, server: ServerProcess) -> Iterator[UserFactory]:
+    """Create a user with the given roles; returns (logged-in client, username)."""
+    clients: list[Client] = []
+
+    def factory(*roles: str) -> tuple[Client, str]:
+        name = unique("user")
+        owner.create_user(name, f"{name}@example.com", PASSWORD, roles=list(roles))  # type: ignore[arg-type]
+        client = Client(server.url)
+        client.login(name, PASSWORD)
+        clients.append(client)
+        return client, name
+
+    yield factory
+    for client in clients:
+        client.close()
