@@ -15,8 +15,8 @@ from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
 
 IN_CI = os.environ.get("CI") == "true"
-OWNER_PASSWORD = "owner-Pa55word!"
-PASSWORD = "user-Pa55word!"
+OWNER_PASSWORD = "Correct-Horse-42!"
+PASSWORD = "Battery-Staple-77"
 # Tests log in hundreds of times from 127.0.0.1; the rate-limit tests use their
 # own server with the defaults.
 RELAXED_LIMITS = {"STOCKADE_LOGIN_RATE_PER_IP": "100000", "STOCKADE_LOGIN_FAILURES_PER_USER": "1000"}

@@ -168,6 +168,15 @@ def _mark(fn: Callable[..., Any], policy: RoutePolicy) -> Any:
     return Depends(fn)
 
 
+def current_actor(request: Request) -> Actor:
+    """The authenticated caller, or 401 saying why a credential was refused."""
+    actor: Actor | None = getattr(request.state, "actor", None)
+    if actor is None:
+        problem = getattr(request.state, "auth_problem", None)
+        raise Unauthenticated(problem or "sign in first: no valid session or API token was sent")
+    return actor
+
+
 def public() -> Any:
     """Anyone, signed in or not (login, first-user setup, health)."""
 
@@ -181,8 +190,7 @@ def signed_in() -> Any:
     """Any signed-in user; the service decides per object."""
 
     async def _signed_in(request: Request) -> None:
-        if getattr(request.state, "actor", None) is None:
-            raise Unauthenticated("sign in first: no valid session or API token was sent")
+        current_actor(request)
 
     return _mark(_signed_in, RoutePolicy("signed_in"))
 
@@ -191,9 +199,7 @@ def requires(perm: Perm) -> Any:
     """A site-wide permission (for example ``audit.read``)."""
 
     async def _requires(request: Request) -> None:
-        actor: Actor | None = getattr(request.state, "actor", None)
-        if actor is None:
-            raise Unauthenticated("sign in first: no valid session or API token was sent")
+        actor = current_actor(request)
         if not can(actor, perm):
             raise Forbidden(
                 f"you do not have permission for this ({perm.value})",

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Query, Request
 
 from stockade.server.audit.service import AuditRecord
-from stockade.server.authz import Actor
-from stockade.server.errors import Unauthenticated
+from stockade.server.authz import Actor, current_actor
 
 if TYPE_CHECKING:
     from stockade.server.app import Services
@@ -20,11 +19,7 @@ def get_services(request: Request) -> Services:
 
 
 def get_actor(request: Request) -> Actor:
-    actor: Actor | None = getattr(request.state, "actor", None)
-    if actor is None:
-        problem = getattr(request.state, "auth_problem", None)
-        raise Unauthenticated(problem or "sign in first: no valid session or API token was sent")
-    return actor
+    return current_actor(request)
 
 
 def get_audit(request: Request) -> AuditRecord:

@@ -95,7 +95,7 @@ class AuthService:
         self, username: str, password: str, *, ip: str, record: AuditRecord
     ) -> tuple[str, datetime, User]:
         ident = username.strip().lower()
-        record.describe("user.login", "user", details={"username": ident})
+        record.describe("user.login", "user", username=ident)
         ip_wait = self.ip_attempts.retry_after(ip)
         if ip_wait:
             record.details["result"] = "rate_limited_ip"
