@@ -1,10 +1,10 @@
 """API benchmark for ``stockade server`` on SQLite and PostgreSQL.
 
 Measures, per backend: server start time (spawn to first 200 from /healthz,
-median of 5 starts on a fresh data dir / database), idle RSS, login and
-user-list latency (p50/p95/p99) and throughput under concurrent clients with
-1,000 users, and RSS after the load. Prints a table against the targets in
-the design brief and writes the figures to ``bench/results/api-<time>.json``.
+median of 5 starts on a fresh data dir / database), idle RSS, then, with 1,000
+users, login and user-list latency (p50/p95/p99) and throughput under 20
+concurrent clients, and RSS after each load. Prints a table against the
+targets in the design brief and writes ``bench/results/api-<time>.json``.
 
     .venv/bin/python bench/run_api.py [--backend sqlite|postgres|both]
 
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,10 +54,13 @@ IDLE_SECONDS = 2.0
 RESULTS_DIR = Path(__file__).parent / "results"
 console = Console()
 
+Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
 
 @dataclass
 class Load:
-    """One load scenario: latencies of the successful requests, in ms."""
+    """One load scenario. Latencies are of the successful requests; CPU is in
+    cores (CPU seconds / wall seconds) over the measured part."""
 
     requests: int
     errors: int
@@ -65,7 +69,11 @@ class Load:
     p95_ms: float
     p99_ms: float
     req_per_s: float
-    server_cpu_cores: float  # server CPU seconds / wall seconds during the scenario
+    server_cpu_cores: float
+    db_cpu_cores: float  # the PostgreSQL cluster (0 on SQLite)
+    client_cpu_cores: float  # this load generator
+    other_cpu_cores: float  # the rest of the machine: near 0 on a quiet machine
+    rss_after_mb: float
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -76,20 +84,28 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
     return cuts[49], cuts[94], cuts[98]
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    proc = psutil.Process(pid)
+    return [proc, *proc.children(recursive=True)]
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of the process and all its children, in MB."""
-    proc = psutil.Process(pid)
-    procs = [proc, *proc.children(recursive=True)]
-    return sum(p.memory_info().rss for p in procs) / 1e6
+    return float(sum(p.memory_info().rss for p in _tree(pid))) / 1e6
 
 
-def cpu_seconds(pid: int) -> float:
-    proc = psutil.Process(pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        times = p.cpu_times()
-        total += times.user + times.system
-    return total
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of the process and all its children."""
+    if pid is None:
+        return 0.0
+    return float(sum(sum(p.cpu_times()[:2]) for p in _tree(pid)))
+
+
+def cpu_snapshot(server: int, db: int | None) -> tuple[float, float, float, float]:
+    """CPU seconds so far: server, database, this process, the whole machine."""
+    machine = psutil.cpu_times()
+    busy = float(sum(machine) - machine.idle - machine.iowait)
+    return cpu_seconds(server), cpu_seconds(db), cpu_seconds(os.getpid()), busy
 
 
 def start_timed(server: ServerProcess, timeout: float = 30.0) -> float:
@@ -118,22 +134,26 @@ def start_timed(server: ServerProcess, timeout: float = 30.0) -> float:
     raise RuntimeError(f"server not ready after {timeout}s: {server.logs()}")
 
 
-@contextmanager
-def backend_servers(backend: str) -> Iterator[Callable[[], ServerProcess]]:
-    """Yields a factory of unstarted servers, each on a fresh data dir (and, on
-    PostgreSQL, a fresh database in one throw-away cluster)."""
-    if backend == "sqlite":
-        yield lambda: ServerProcess(env=NO_RATE_LIMITS)
-        return
-    with TempPostgres() as pg:
-        yield lambda: ServerProcess(postgres_url=pg.create_database(), env=NO_RATE_LIMITS)
-
-
 def stop_and_clean(server: ServerProcess) -> None:
     code = server.stop()
-    if code not in (0, None):
+    if code not in (0, -signal.SIGTERM, None):  # uvicorn re-raises SIGTERM once stopped
         console.print(f"[yellow]server exited with {code}; log tail:[/]\n{server.logs()[-2000:]}")
     shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+@contextmanager
+def backend(name: str) -> Iterator[tuple[Callable[[], ServerProcess], int | None]]:
+    """A factory of unstarted servers, each on a fresh data dir (on PostgreSQL
+    also a fresh database in one throw-away cluster), and the cluster's pid."""
+    if name == "sqlite":
+        yield (lambda: ServerProcess(env=NO_RATE_LIMITS)), None
+        return
+    with TempPostgres() as pg:
+        postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+        yield (
+            (lambda: ServerProcess(postgres_url=pg.create_database(), env=NO_RATE_LIMITS)),
+            postmaster,
+        )
 
 
 def seed(url: str, users: int, workers: int = 4) -> tuple[str, float]:
@@ -154,19 +174,35 @@ def seed(url: str, users: int, workers: int = 4) -> tuple[str, float]:
     return token, time.perf_counter() - started
 
 
-Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+def login_as_users(users: int) -> Send:
+    async def send(http: httpx.AsyncClient, i: int) -> httpx.Response:
+        body = {"username": f"user{1 + i % (users - 1):04d}", "password": PASSWORD}
+        return await http.post("/api/v2/users/login", json=body)
+
+    return send
 
 
-async def load(url: str, pid: int, send: Send, clients: int, total: int, limit: float) -> Load:
-    """``total`` requests from ``clients`` concurrent tasks (after a warm-up),
-    stopping early at ``limit`` seconds."""
+def list_users(token: str, limit: int) -> Send:
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def send(http: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await http.get("/api/v2/users", params={"limit": limit}, headers=headers)
+
+    return send
+
+
+async def load(
+    url: str, pids: tuple[int, int | None], send: Send, args: argparse.Namespace
+) -> Load:
+    """``args.requests`` requests from ``args.clients`` concurrent tasks sharing
+    as many keep-alive connections (after a warm-up), stopping early after
+    ``args.time_limit`` seconds."""
+    clients, total, limit = args.clients, args.requests, args.time_limit
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(
-        base_url=url, limits=limits, timeout=30.0, trust_env=False
-    ) as http:
-        http.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # no session cookie
+    pool = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=pool, timeout=30.0, trust_env=False) as http:
+        http.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep no cookies
         await asyncio.gather(*(send(http, i) for i in range(min(WARMUP, clients))))
         counter = itertools.count()
         deadline = time.perf_counter() + limit
@@ -185,25 +221,45 @@ async def load(url: str, pid: int, send: Send, clients: int, total: int, limit: 
                 else:
                     errors += 1
 
-        cpu0, started = cpu_seconds(pid), time.perf_counter()
+        before, started = cpu_snapshot(*pids), time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), limit + 35)
-        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu0
-    p50, p95, p99 = percentiles(latencies)
-    return Load(len(latencies), errors, round(elapsed, 3), round(p50, 1), round(p95, 1),
-                round(p99, 1), round(len(latencies) / elapsed, 1), round(cpu / elapsed, 2))  # fmt: skip
+        elapsed = time.perf_counter() - started
+        server, db, client, machine = (
+            b - a for a, b in zip(before, cpu_snapshot(*pids), strict=True)
+        )
+    p50, p95, p99 = (round(p, 1) for p in percentiles(latencies))
+    cores = [round(c / elapsed, 2) for c in (server, db, client, machine - server - db - client)]
+    return Load(
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(elapsed, 3),
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
+        req_per_s=round(len(latencies) / elapsed, 1),
+        server_cpu_cores=cores[0],
+        db_cpu_cores=cores[1],
+        client_cpu_cores=cores[2],
+        other_cpu_cores=cores[3],
+        rss_after_mb=round(rss_mb(pids[0]), 1),
+    )
 
 
-def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    with backend_servers(backend) as new_server:
+    with backend(name) as (new_server, db_pid):
         starts = []
         for _ in range(STARTS):
             server = new_server()
             starts.append(start_timed(server))
             stop_and_clean(server)
-        result["ready_s"] = {"median": round(statistics.median(starts), 3),
-                             "min": round(min(starts), 3), "max": round(max(starts), 3)}  # fmt: skip
-        console.print(f"[{backend}] ready: {[round(s, 3) for s in starts]}")
+        result["ready_s"] = {
+            "median": round(statistics.median(starts), 3),
+            "min": round(min(starts), 3),
+            "max": round(max(starts), 3),
+            "all": [round(s, 3) for s in starts],
+        }
+        console.print(f"[{name}] ready in {result['ready_s']['all']} s")
 
         server = new_server()
         start_timed(server)
@@ -212,92 +268,94 @@ def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             time.sleep(IDLE_SECONDS)
             result["idle_rss_mb"] = round(rss_mb(pid), 1)
-            token, seeded = seed(server.url, args.users)
-            result["seed_s"] = round(seeded, 2)
-            console.print(f"[{backend}] idle RSS {result['idle_rss_mb']} MB; seeded "
-                          f"{args.users} users in {seeded:.1f} s")  # fmt: skip
+            token, seconds = seed(server.url, args.users)
+            result["seed_s"] = round(seconds, 2)
+            console.print(
+                f"[{name}] idle RSS {result['idle_rss_mb']} MB; seeded in {result['seed_s']:.1f} s"
+            )
             with Client(server.url, token) as admin:
                 count = admin.list_users(limit=1).count
             if count != args.users:
                 raise RuntimeError(f"expected {args.users} users, the server lists {count}")
-
-            async def login(http: httpx.AsyncClient, i: int) -> httpx.Response:
-                name = f"user{1 + i % (args.users - 1):04d}"
-                body = {"username": name, "password": PASSWORD}
-                return await http.post("/api/v2/users/login", json=body)
-
-            def lister(limit: int) -> Send:
-                headers = {"Authorization": f"Bearer {token}"}
-
-                async def send(http: httpx.AsyncClient, i: int) -> httpx.Response:
-                    return await http.get("/api/v2/users", params={"limit": limit},
-                                          headers=headers)  # fmt: skip
-
-                return send
-
-            scenarios: dict[str, Send] = {
-                "login": login,
-                "list_1000": lister(1000),
-                "list_100": lister(100),
+            scenarios = {
+                "login": login_as_users(args.users),
+                "list_1000": list_users(token, 1000),
+                "list_100": list_users(token, 100),
             }
-            for name, send in scenarios.items():
-                figures = asyncio.run(
-                    load(server.url, pid, send, args.clients, args.requests, args.time_limit)
-                )
-                result[name] = asdict(figures)
-                console.print(f"[{backend}] {name}: {figures}")
-            result["loaded_rss_mb"] = round(rss_mb(pid), 1)
+            for scenario, send in scenarios.items():
+                figures = asyncio.run(load(server.url, (pid, db_pid), send, args))
+                result[scenario] = asdict(figures)
+                console.print(f"[{name}] {scenario}: {figures}")
         finally:
             stop_and_clean(server)
     return result
 
 
-def report(results: dict[str, dict[str, Any]]) -> None:
-    backends = list(results)
-    table = Table(title="Stockade API benchmark")
-    for column in ["metric", *backends, "target"]:
-        table.add_column(column, justify="left" if column in ("metric", "target") else "right")
-
-    def row(metric: str, target: str, cell: Callable[[dict[str, Any]], str]) -> None:
-        table.add_row(metric, *(cell(results[b]) for b in backends), target)
-
-    row("server ready, s (median of 5; min-max)", "< 1 s (SQLite)",
-        lambda r: f"{r['ready_s']['median']:.3f} ({r['ready_s']['min']:.2f}-"
-                  f"{r['ready_s']['max']:.2f})")  # fmt: skip
-    row("idle RSS, MB", "< 120", lambda r: f"{r['idle_rss_mb']:.0f}")
-    row("seed users via API, s", "", lambda r: f"{r['seed_s']:.1f}")
+def cells(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, value, target) rows of one backend's results."""
+    ready = r["ready_s"]
+    rows = [
+        ("server ready, s: median of 5 (min-max)",
+         f"{ready['median']:.2f} ({ready['min']:.2f}-{ready['max']:.2f})", "< 1 s (SQLite)"),
+        ("idle RSS, MB", f"{r['idle_rss_mb']:.0f}", "< 120"),
+        ("seed users via API, s", f"{r['seed_s']:.1f}", ""),
+    ]  # fmt: skip
     for key, label, target in [
         ("login", "login", "p99 < 300 ms"),
         ("list_1000", "list users limit=1000", "p99 < 100 ms"),
         ("list_100", "list users limit=100", "p99 < 100 ms"),
     ]:
-        row(f"{label} p50/p95/p99, ms", target,
-            lambda r, k=key: f"{r[k]['p50_ms']:.0f}/{r[k]['p95_ms']:.0f}/{r[k]['p99_ms']:.0f}")  # fmt: skip
-        row(f"{label} req/s (server cores busy)", "",
-            lambda r, k=key: f"{r[k]['req_per_s']:.0f} ({r[k]['server_cpu_cores']:.2f})")  # fmt: skip
-        row(f"{label} ok/errors", "0 errors",
-            lambda r, k=key: f"{r[k]['requests']}/{r[k]['errors']}")  # fmt: skip
-    row("RSS after load, MB", "", lambda r: f"{r['loaded_rss_mb']:.0f}")
+        c = r[key]
+        busy = c["server_cpu_cores"] + c["db_cpu_cores"]
+        rows += [
+            (f"{label} p50/p95/p99, ms", f"{c['p50_ms']:.0f}/{c['p95_ms']:.0f}/{c['p99_ms']:.0f}",
+             target),
+            ("  req/s (server+db cores busy)", f"{c['req_per_s']:.0f} ({busy:.2f})", ""),
+            ("  ok/errors", f"{c['requests']}/{c['errors']}", "0 errors"),
+            ("  RSS after, MB", f"{c['rss_after_mb']:.0f}", ""),
+        ]  # fmt: skip
+    return rows
+
+
+def report(results: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="Stockade API benchmark")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    table.add_column("target")
+    columns = [cells(r) for r in results.values()]
+    for i, (metric, _, target) in enumerate(columns[0]):
+        table.add_row(metric, *(column[i][1] for column in columns), target)
     console.print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--users", type=int, default=1000, help="users to create (with owner)")
+    parser.add_argument("--users", type=int, default=1000, help="users, owner included")
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario")
     args = parser.parse_args()
-    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    results = {backend: bench_backend(backend, args) for backend in backends}
+    busy = float(psutil.cpu_percent(interval=2.0))
+    if busy > 15:
+        console.print(
+            f"[yellow]the machine is {busy:.0f}% busy before the run: figures will suffer[/]"
+        )
+    names = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    results = {name: bench_backend(name, args) for name in names}
     report(results)
     stamp = datetime.now().astimezone()
+    meta = {
+        "time": stamp.isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "busy_percent_before": busy,
+        "params": vars(args),
+    }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"api-{stamp:%Y%m%d-%H%M%S}.json"
-    meta = {"time": stamp.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "python": sys.version.split()[0], "platform": platform.platform(),
-            "params": vars(args)}  # fmt: skip
     out.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     console.print(f"results written to {out}")
 

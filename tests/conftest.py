@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import sqlite3
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +21,10 @@ OWNER_PASSWORD = "Correct-Horse-42!"
 PASSWORD = "Battery-Staple-77"
 # Tests log in hundreds of times from 127.0.0.1; the rate-limit tests use their
 # own server with the defaults.
-RELAXED_LIMITS = {"STOCKADE_LOGIN_RATE_PER_IP": "100000", "STOCKADE_LOGIN_FAILURES_PER_USER": "1000"}
+RELAXED_LIMITS = {
+    "STOCKADE_LOGIN_RATE_PER_IP": "100000",
+    "STOCKADE_LOGIN_FAILURES_PER_USER": "1000",
+}
 
 
 def require(component: str, available: bool, how: str) -> None:
@@ -74,7 +79,9 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
-def server(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One server per backend, shared by the tests that need no fresh one."""
     url = ""
     if backend == "postgres":
@@ -121,3 +128,19 @@ def make_user(owner: Client, server: ServerProcess) -> Iterator[UserFactory]:
     yield factory
     for client in clients:
         client.close()
+
+
+def run_sql(server: ServerProcess, request: pytest.FixtureRequest, sql: str) -> None:
+    """Change a server's database behind its back, as an intruder with database
+    access would."""
+    if server.postgres_url:
+        cluster: TempPostgres = request.getfixturevalue("pg_cluster")
+        database = server.postgres_url.rsplit("/", 1)[1]
+        subprocess.run(
+            [str(cluster.bindir / "psql"), "-h", "127.0.0.1", "-p", str(cluster.port),
+             "-U", "stockade", "-d", database, "-v", "ON_ERROR_STOP=1", "-c", sql],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    else:
+        with sqlite3.connect(server.data_dir / "stockade.db") as db:
+            db.execute(sql)

@@ -4,8 +4,6 @@ retention."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,13 +11,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stockade.devtools.postgres import TempPostgres
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client
 from stockade.server.audit import service as audit
 from stockade.server.db import Database, migrate
 from stockade.server.db.models import utcnow
-from tests.conftest import OWNER_PASSWORD, PASSWORD, ServerFactory, UserFactory, unique
+from tests.conftest import (
+    OWNER_PASSWORD,
+    PASSWORD,
+    ServerFactory,
+    UserFactory,
+    run_sql,
+    unique,
+)
 
 
 def test_actions_are_recorded_with_actor_ip_and_redacted_diff(
@@ -45,13 +49,16 @@ def test_login_attempts_are_recorded_success_and_failure(
     # A failed login has no actor (nobody proved who they are): it is found by
     # the account it was against.
     entries = [
-        e for e in owner.list_audit(action="user.login", limit=50).entries
+        e
+        for e in owner.list_audit(action="user.login", limit=50).entries
         if e.resource_name == name
     ]
     results = [(e.details.get("result"), e.status_code) for e in entries]
     assert ("failure", 401) in results and ("success", 200) in results
     failed = next(e for e in entries if e.status_code == 401)
-    assert failed.details["username"] == name and "not-the-Password-1" not in failed.model_dump_json()
+    assert (
+        failed.details["username"] == name and "not-the-Password-1" not in failed.model_dump_json()
+    )
     unknown = owner.list_audit(action="user.login", limit=50).entries
     with Client(server.url) as api, pytest.raises(ApiError):
         api.login("ghost-user", "x-Password-1")
@@ -83,7 +90,8 @@ def test_filters_and_export(owner: Client, make_user: UserFactory) -> None:
     owner.activate_user(name)
     recent = owner.list_audit(resource_type="user", since=before.isoformat(), limit=100)
     actions = [
-        e.action for e in recent.entries
+        e.action
+        for e in recent.entries
         if e.resource_name == name and e.action in ("user.suspend", "user.activate")
     ]
     assert actions == ["user.activate", "user.suspend"]  # newest first
@@ -94,26 +102,11 @@ def test_filters_and_export(owner: Client, make_user: UserFactory) -> None:
     assert [e.seq for e in exported] == sorted(e.seq for e in exported)  # oldest first
 
 
-def _tamper(server: ServerProcess, pg: TempPostgres | None, sql: str) -> None:
-    if server.postgres_url:
-        assert pg is not None
-        database = server.postgres_url.rsplit("/", 1)[1]
-        subprocess.run(
-            [str(pg.bindir / "psql"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "stockade",
-             "-d", database, "-v", "ON_ERROR_STOP=1", "-c", sql],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    else:
-        with sqlite3.connect(Path(server.data_dir) / "stockade.db") as db:
-            db.execute(sql)
-
-
 @pytest.mark.parametrize("tampering", ["edit", "delete", "truncate_tail"])
 def test_verify_names_the_tampered_entry(
     start_server: ServerFactory, request: pytest.FixtureRequest, tampering: str
 ) -> None:
     server = start_server()
-    pg = request.getfixturevalue("pg_cluster") if server.postgres_url else None
     with Client(server.url) as api:
         api.create_first_user("boss", "boss@example.com", OWNER_PASSWORD)
         api.login("boss", OWNER_PASSWORD)
@@ -123,11 +116,15 @@ def test_verify_names_the_tampered_entry(
         entries = api.list_audit().entries
         victim = next(e for e in entries if e.resource_name == "staff1")
         if tampering == "edit":
-            _tamper(server, pg, f"UPDATE audit_log SET username = 'mallory' WHERE seq = {victim.seq}")
+            run_sql(
+                server,
+                request,
+                f"UPDATE audit_log SET username = 'mallory' WHERE seq = {victim.seq}",
+            )
         elif tampering == "delete":
-            _tamper(server, pg, f"DELETE FROM audit_log WHERE seq = {victim.seq}")
+            run_sql(server, request, f"DELETE FROM audit_log WHERE seq = {victim.seq}")
         else:
-            _tamper(server, pg, f"DELETE FROM audit_log WHERE seq >= {victim.seq}")
+            run_sql(server, request, f"DELETE FROM audit_log WHERE seq >= {victim.seq}")
         result = api.verify_audit()
     assert not result.ok and result.first_bad_seq == victim.seq + (tampering == "delete")
     if tampering == "edit":
@@ -140,7 +137,9 @@ def test_verify_names_the_tampered_entry(
 
 
 @pytest.fixture
-async def database(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+async def database(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Database]:
     if backend == "postgres":
         url = request.getfixturevalue("pg_cluster").create_database()
         db = Database("postgresql+asyncpg://" + url.split("://", 1)[1])

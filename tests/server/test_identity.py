@@ -82,7 +82,9 @@ def test_rate_limits_answer_429_with_retry_after(start_server: ServerFactory) ->
     with Client(server.url) as api:
         api.create_first_user("boss", "boss@example.com", OWNER_PASSWORD)
     body = {"username": "boss", "password": "wrong-Pa55word"}
-    codes = [httpx.post(f"{server.url}/api/v2/users/login", json=body).status_code for _ in range(4)]
+    codes = [
+        httpx.post(f"{server.url}/api/v2/users/login", json=body).status_code for _ in range(4)
+    ]
     assert codes == [401, 401, 401, 429]
     limited = httpx.post(f"{server.url}/api/v2/users/login", json=body)
     assert limited.status_code == 429
@@ -123,10 +125,13 @@ def test_api_tokens_lifecycle(owner: Client, make_user: UserFactory, server) -> 
     assert created.token and created.name == "ci"
     listed = owner.list_tokens(name)
     assert [t.name for t in listed] == ["ci"]
-    assert created.token not in httpx.get(
-        f"{server.url}/api/v2/users/{name}/tokens",
-        headers={"Authorization": f"Bearer {owner.token}"},
-    ).text
+    assert (
+        created.token
+        not in httpx.get(
+            f"{server.url}/api/v2/users/{name}/tokens",
+            headers={"Authorization": f"Bearer {owner.token}"},
+        ).text
+    )
     with Client(server.url, created.token) as as_member:
         assert as_member.me().username == name
         assert as_member.list_tokens()[0].last_used_at is not None
@@ -161,7 +166,9 @@ def test_expired_token_is_rejected(start_server: ServerFactory) -> None:
     assert expired.value.status == 401 and "expired" in expired.value.message
 
 
-def test_suspended_user_is_locked_out_at_once(owner: Client, make_user: UserFactory, server) -> None:  # type: ignore[no-untyped-def]
+def test_suspended_user_is_locked_out_at_once(
+    owner: Client, make_user: UserFactory, server
+) -> None:  # type: ignore[no-untyped-def]
     member, name = make_user()
     token = owner.create_token("t", user=name).token
     owner.suspend_user(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Annotated
 
@@ -66,11 +67,9 @@ def logout() -> None:
     """End the session on the server and forget it here."""
     session = config.load()
     if session.url and session.token:
-        with Client(session.url, session.token) as api:
-            try:
-                api.logout()
-            except Exception:  # noqa: BLE001,S110 - forgetting it locally is what matters
-                pass
+        # Forgetting the session locally is what matters; the server may be gone.
+        with Client(session.url, session.token) as api, contextlib.suppress(Exception):
+            api.logout()
     console.print("Logged out." if config.clear() else "No saved session.")
 
 

@@ -75,9 +75,7 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, ApiError):
         return exc.message
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     return str(exc)
 
 

@@ -60,7 +60,9 @@ def show(value: BaseModel | Sequence[BaseModel], fmt: Format, columns: Sequence[
         print_json(value)
     elif isinstance(value, BaseModel):
         for column in columns:
-            console.print(f"[bold]{column.replace('_', ' ')}:[/bold] {_cell(getattr(value, column))}")
+            console.print(
+                f"[bold]{column.replace('_', ' ')}:[/bold] {_cell(getattr(value, column))}"
+            )
     else:
         print_table(value, columns)
 

@@ -110,7 +110,9 @@ class Client:
     def create_first_user(
         self, username: str, email: str, password: str, name: str = ""
     ) -> types.User:
-        body = types.FirstUserRequest.model_construct(username=username, email=email, password=password, name=name)
+        body = types.FirstUserRequest.model_construct(
+            username=username, email=email, password=password, name=name
+        )
         return self._send("POST", "/api/v2/users/first", types.User, body)
 
     def login(self, username: str, password: str) -> types.LoginResponse:
@@ -164,7 +166,9 @@ class Client:
         return self._send("PUT", f"/api/v2/users/{user}/roles", types.User, body)
 
     def change_password(self, user: str, password: str, old_password: str | None = None) -> None:
-        body = types.UpdatePasswordRequest.model_construct(password=password, old_password=old_password)
+        body = types.UpdatePasswordRequest.model_construct(
+            password=password, old_password=old_password
+        )
         self.request(
             "PUT", f"/api/v2/users/{user}/password", json_body=body.model_dump(exclude_none=True)
         )
@@ -177,7 +181,9 @@ class Client:
     def create_token(
         self, name: str, *, lifetime_seconds: int | None = None, user: str = "me"
     ) -> types.CreatedToken:
-        body = types.CreateTokenRequest.model_construct(name=name, lifetime_seconds=lifetime_seconds)
+        body = types.CreateTokenRequest.model_construct(
+            name=name, lifetime_seconds=lifetime_seconds
+        )
         return self._send("POST", f"/api/v2/users/{user}/tokens", types.CreatedToken, body)
 
     def list_tokens(self, user: str = "me") -> list[types.Token]:

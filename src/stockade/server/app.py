@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -19,44 +18,17 @@ from stockade.sdk import types
 from stockade.server.audit import api as audit_api
 from stockade.server.audit import service as audit_service
 from stockade.server.auth import api as auth_api
-from stockade.server.auth.service import AuthService
 from stockade.server.authz import check_routes
-from stockade.server.background import Background
-from stockade.server.db import Database, migrate
+from stockade.server.db import migrate
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
-from stockade.server.observability import Metrics
+from stockade.server.services import Services, build_services
 from stockade.server.settings import Settings
 from stockade.server.system import api as system_api
 from stockade.server.users import api as users_api
-from stockade.server.users.service import UserService
 from stockade.server.validation import describe_validation_errors
 
 log = structlog.get_logger("stockade.server")
-
-
-@dataclass
-class Services:
-    """Everything a request handler may use; one per app."""
-
-    settings: Settings
-    db: Database
-    metrics: Metrics
-    auth: AuthService
-    users: UserService
-    background: Background
-
-
-def build_services(settings: Settings) -> Services:
-    db = Database(settings.database_url, pool_size=settings.db_pool_size)
-    return Services(
-        settings=settings,
-        db=db,
-        metrics=Metrics(),
-        auth=AuthService(db, settings),
-        users=UserService(db),
-        background=Background(),
-    )
 
 
 def _error_response(

@@ -220,7 +220,7 @@ def policy_of(route: APIRoute) -> RoutePolicy | None:
 def check_routes(routes: Iterable[BaseRoute], prefix: str = "/api/") -> None:
     """Refuse to start with an API route that declares no policy."""
     missing = [
-        f"{sorted(r.methods)} {r.path}"
+        f"{sorted(r.methods or ())} {r.path}"
         for r in routes
         if isinstance(r, APIRoute) and r.path.startswith(prefix) and policy_of(r) is None
     ]

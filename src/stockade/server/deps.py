@@ -10,7 +10,7 @@ from stockade.server.audit.service import AuditRecord
 from stockade.server.authz import Actor, current_actor
 
 if TYPE_CHECKING:
-    from stockade.server.app import Services
+    from stockade.server.services import Services
 
 
 def get_services(request: Request) -> Services:

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from stockade.server.audit.service import AuditRecord, write_record
 
 if TYPE_CHECKING:
-    from stockade.server.app import Services
+    from stockade.server.services import Services
 
 log = structlog.get_logger("stockade.http")
 

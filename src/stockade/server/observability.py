@@ -88,6 +88,6 @@ class Metrics:
             ["version", "python"],
             registry=self.registry,
         )
-        self.build_info.labels(
-            stockade.__version__, ".".join(map(str, sys.version_info[:3]))
-        ).set(1)
+        self.build_info.labels(stockade.__version__, ".".join(map(str, sys.version_info[:3]))).set(
+            1
+        )

@@ -30,9 +30,7 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Control-plane settings. Field descriptions double as ``--help`` text."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="STOCKADE_", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="STOCKADE_", extra="forbid", validate_default=True)
 
     address: str = Field(
         "127.0.0.1:7080",

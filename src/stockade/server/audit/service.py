@@ -97,10 +97,24 @@ def entry_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
-_HASHED_COLUMNS = (
-    "seq id time user_id username ip user_agent action resource_type resource_id "
-    "resource_name diff details request_id status_code prev_hash"
-).split()
+_HASHED_COLUMNS = [
+    "seq",
+    "id",
+    "time",
+    "user_id",
+    "username",
+    "ip",
+    "user_agent",
+    "action",
+    "resource_type",
+    "resource_id",
+    "resource_name",
+    "diff",
+    "details",
+    "request_id",
+    "status_code",
+    "prev_hash",
+]
 
 
 def row_fields(row: AuditEntry) -> dict[str, Any]:
@@ -275,9 +289,7 @@ async def verify(db: Database, *, batch: int = 1000) -> Verification:
             )
         ).scalar_one_or_none()
 
-    if anchor_seq and (
-        last_purge is None or last_purge.details.get("anchor_seq") != anchor_seq
-    ):
+    if anchor_seq and (last_purge is None or last_purge.details.get("anchor_seq") != anchor_seq):
         return Verification(
             ok=False,
             checked=0,

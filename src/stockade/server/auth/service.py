@@ -54,9 +54,9 @@ class AuthService:
         async with self.db.session() as session:
             row = (
                 await session.execute(
-                    select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(
-                        ApiKey.id == key_id
-                    )
+                    select(ApiKey, User)
+                    .join(User, User.id == ApiKey.user_id)
+                    .where(ApiKey.id == key_id)
                 )
             ).one_or_none()
         if row is None or not keys.matches(secret, row.ApiKey.hashed_secret):
@@ -255,10 +255,10 @@ class AuthService:
                 )
             ).scalar_one_or_none()
             if key is None:
-                raise NotFound(f"no token {token_ref!r} for {user.username}", reason="token_not_found")
-            record.describe(
-                "token.revoke", "api_key", key.id, key.token_name, owner=user.username
-            )
+                raise NotFound(
+                    f"no token {token_ref!r} for {user.username}", reason="token_not_found"
+                )
+            record.describe("token.revoke", "api_key", key.id, key.token_name, owner=user.username)
             await session.execute(delete(ApiKey).where(ApiKey.id == key.id))
 
 

@@ -53,9 +53,7 @@ async def debug_health(services: ServicesDep) -> types.Health:
         current = None
     head = migrate.head_revision()
     workers = services.background.status()
-    healthy = bool(database["ok"]) and current == head and all(
-        w["alive"] for w in workers.values()
-    )
+    healthy = bool(database["ok"]) and current == head and all(w["alive"] for w in workers.values())
     return types.Health(
         status="ok" if healthy else "degraded",
         database=database,

@@ -43,7 +43,7 @@ async def list_users(
     status: Literal["active", "suspended"] | None = None,
 ) -> types.UserList:
     """Users, ordered by username, searchable by username, email or name."""
-    users, count = await services.users.list(
+    users, count = await services.users.search(
         actor, q=q, status=status, limit=limit, offset=offset
     )
     return types.UserList(users=[to_api(u) for u in users], count=count)

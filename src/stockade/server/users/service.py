@@ -65,9 +65,7 @@ class UserService:
         async with self.db.session() as session:
             return (await session.get(SetupState, 1)) is None
 
-    async def create_first_user(
-        self, body: types.FirstUserRequest, record: AuditRecord
-    ) -> User:
+    async def create_first_user(self, body: types.FirstUserRequest, record: AuditRecord) -> User:
         record.describe("user.create_first", "user", resource_name=body.username)
         passwords.check_policy(body.password, username=body.username, email=body.email)
         hashed = await passwords.hash_password(body.password)
@@ -96,7 +94,9 @@ class UserService:
         record.diff = diff_fields({}, redact({**_snapshot(user), "password": "x"}))
         return user
 
-    async def create(self, actor: Actor, body: types.CreateUserRequest, record: AuditRecord) -> User:
+    async def create(
+        self, actor: Actor, body: types.CreateUserRequest, record: AuditRecord
+    ) -> User:
         record.describe("user.create", "user", resource_name=body.username)
         authorize(actor, Perm.USER_CREATE, owner_id=None, kind="user")
         roles = sorted(set(body.roles))
@@ -135,7 +135,7 @@ class UserService:
             what = "username" if taken.username == username else "email"
             raise Conflict(f"that {what} is already taken", reason=f"{what}_taken")
 
-    async def list(
+    async def search(
         self, actor: Actor, *, q: str | None, status: str | None, limit: int, offset: int
     ) -> tuple[list[User], int]:
         authorize(actor, Perm.USER_READ, owner_id=None, kind="user")
@@ -164,9 +164,7 @@ class UserService:
         async with self.db.session() as session:
             return await resolve_user(session, actor, ref)
 
-    async def set_status(
-        self, actor: Actor, ref: str, status: str, record: AuditRecord
-    ) -> User:
+    async def set_status(self, actor: Actor, ref: str, status: str, record: AuditRecord) -> User:
         verb = "suspend" if status == "suspended" else "activate"
         async with self.db.transaction() as session:
             user = await resolve_user(session, actor, ref)

@@ -1,0 +1,37 @@
+"""The composition root: every service a request handler may use, built once
+per app from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stockade.server.auth.service import AuthService
+from stockade.server.background import Background
+from stockade.server.db import Database
+from stockade.server.observability import Metrics
+from stockade.server.settings import Settings
+from stockade.server.users.service import UserService
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use; one per app."""
+
+    settings: Settings
+    db: Database
+    metrics: Metrics
+    auth: AuthService
+    users: UserService
+    background: Background
+
+
+def build_services(settings: Settings) -> Services:
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    return Services(
+        settings=settings,
+        db=db,
+        metrics=Metrics(),
+        auth=AuthService(db, settings),
+        users=UserService(db),
+        background=Background(),
+    )

@@ -1,0 +1,330 @@
+"""Every API route x every role against one expected table.
+
+The table below is the authorization contract. A new route without an entry
+fails the suite, and so does an entry for a route that no longer exists, so
+nobody can add an endpoint without deciding who may call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+
+from stockade.devtools.server import ServerProcess
+from stockade.sdk import Client
+from stockade.server.app import create_app
+from stockade.server.authz import policy_of
+from stockade.server.settings import Settings
+from tests.conftest import OWNER_PASSWORD, PASSWORD, UserFactory, unique
+
+ROLES = ("anonymous", "member", "owner", "user-admin", "template-admin", "auditor")
+
+Route = tuple[str, str]
+
+
+def row(
+    anonymous: str, member: str, owner: str, user_admin: str, template_admin: str, auditor: str
+) -> dict[str, str]:
+    """One line of the table, in the column order of ``ROLES``."""
+    return dict(zip(ROLES, (anonymous, member, owner, user_admin, template_admin, auditor)))
+
+
+def public(answer: str) -> dict[str, str]:
+    """A public route: every caller, signed in or not, gets the same answer,
+    which is the route's own (not an authorization decision)."""
+    return dict.fromkeys(ROLES, f"public {answer}")
+
+
+# Outcomes: "ok" is any 2xx; otherwise the status code. {user} is another,
+# plain member; {token} is one of that member's API tokens. Denials on objects
+# the caller may not even see are 404, exactly like a missing object.
+# fmt: off
+EXPECTED: dict[Route, dict[str, str]] = {
+    #                                                anon   member owner u-adm  t-adm  auditor
+    ("GET", "/api/v2/buildinfo"):                    public("ok"),
+    ("GET", "/api/v2/users/first"):                  public("ok"),
+    ("POST", "/api/v2/users/first"):                 public("409"),  # set up already
+    ("POST", "/api/v2/users/login"):                 public("401"),  # wrong password
+    ("POST", "/api/v2/users/logout"):                row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("GET", "/api/v2/users"):                        row("401", "403", "ok", "ok", "ok", "ok"),
+    ("POST", "/api/v2/users"):                       row("401", "403", "ok", "ok", "403", "403"),
+    ("GET", "/api/v2/users/{user}"):                 row("401", "404", "ok", "ok", "ok", "ok"),
+    ("DELETE", "/api/v2/users/{user}"):              row("401", "403", "ok", "ok", "403", "403"),
+    ("PUT", "/api/v2/users/{user}/status/suspend"):  row("401", "403", "ok", "ok", "403", "403"),
+    ("PUT", "/api/v2/users/{user}/status/activate"): row("401", "403", "ok", "ok", "403", "403"),
+    ("PUT", "/api/v2/users/{user}/roles"):           row("401", "403", "ok", "ok", "403", "403"),
+    ("PUT", "/api/v2/users/{user}/password"):        row("401", "404", "ok", "ok", "403", "403"),
+    ("GET", "/api/v2/users/{user}/tokens"):          row("401", "404", "ok", "ok", "404", "404"),
+    ("POST", "/api/v2/users/{user}/tokens"):         row("401", "404", "ok", "403", "404", "404"),
+    ("DELETE", "/api/v2/users/{user}/tokens/{token}"): row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/audit"):                        row("401", "403", "ok", "403", "403", "ok"),
+    ("GET", "/api/v2/audit/verify"):                 row("401", "403", "ok", "403", "403", "ok"),
+    ("GET", "/api/v2/audit/export"):                 row("401", "403", "ok", "403", "403", "ok"),
+    ("GET", "/api/v2/debug/health"):                 row("401", "403", "ok", "403", "403", "403"),
+}
+# fmt: on
+
+
+def api_routes(tmp_path: Path) -> dict[Route, APIRoute]:
+    app = create_app(Settings(data_dir=tmp_path))
+    found: dict[Route, APIRoute] = {}
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path.startswith("/api/"):
+            for method in route.methods - {"HEAD"}:
+                found[(method, route.path)] = route
+    return found
+
+
+def outcome(status: int) -> str:
+    return "ok" if 200 <= status < 300 else str(status)
+
+
+# --- the table itself ----------------------------------------------------------
+
+
+def test_every_api_route_has_exactly_one_table_entry(tmp_path: Path) -> None:
+    routes = set(api_routes(tmp_path))
+    missing = sorted(routes - set(EXPECTED))
+    stale = sorted(set(EXPECTED) - routes)
+    assert not missing, (
+        f"API routes with no entry in EXPECTED (decide who may call them): {missing}"
+    )
+    assert not stale, f"EXPECTED has entries for routes that no longer exist: {stale}"
+    for route, expected in EXPECTED.items():
+        assert set(expected) == set(ROLES), route
+
+
+def test_table_agrees_with_the_declared_route_policies(tmp_path: Path) -> None:
+    """A route is public in the table exactly when its policy is ``public()``;
+    every other route refuses an anonymous caller with 401."""
+    for key, route in api_routes(tmp_path).items():
+        policy = policy_of(route)
+        assert policy is not None, key
+        expected = EXPECTED[key]
+        is_public = all(v.startswith("public ") for v in expected.values())
+        assert is_public == (policy.kind == "public"), (key, policy.kind)
+        if not is_public:
+            assert expected["anonymous"] == "401", key
+
+
+# --- the walk ------------------------------------------------------------------
+
+
+class Walk:
+    """Sends one request per route x role with a valid body, so the answer is
+    the authorization decision and not a validation error."""
+
+    def __init__(
+        self, http: httpx.Client, owner: Client, clients: dict[str, Client], names: dict[str, str]
+    ) -> None:
+        self.http = http
+        self.owner = owner
+        self.clients = clients
+        self.names = names
+        self.target = self.new_user("target")
+        self.target_token = owner.create_token(unique("tok"), user=self.target).name
+
+    def new_user(self, prefix: str = "victim") -> str:
+        name = unique(prefix)
+        self.owner.create_user(name, f"{name}@example.com", PASSWORD)
+        return name
+
+    def token_for(self, role: str) -> str | None:
+        return None if role == "anonymous" else self.clients[role].token
+
+    def fresh_session(self, role: str) -> str | None:
+        """A session of its own, for requests that end the one they use."""
+        if role == "anonymous":
+            return None
+        with Client(self.owner.url) as client:
+            return client.login(self.names[role], PASSWORD).session_token
+
+    def prepare(self, method: str, template: str, role: str) -> tuple[str, Any, str | None]:
+        """(path, JSON body or None, bearer token) for one request."""
+        token = self.token_for(role)
+        destructive = method != "GET" and "{user}" in template
+        user = self.new_user() if destructive else self.target
+        path = template.replace("{user}", user)
+        if "{token}" in template:
+            name = self.owner.create_token(unique("tok"), user=user).name if destructive else ""
+            path = path.replace("{token}", name or self.target_token)
+        body: Any = None
+        key = (method, template)
+        if key == ("POST", "/api/v2/users/first"):
+            name = unique("first")
+            body = {"username": name, "email": f"{name}@example.com", "password": OWNER_PASSWORD}
+        elif key == ("POST", "/api/v2/users/login"):
+            body = {"username": self.target, "password": "Wrong-Horse-99!"}
+        elif key == ("POST", "/api/v2/users/logout"):
+            token = self.fresh_session(role)
+        elif key == ("POST", "/api/v2/users"):
+            name = unique("new")
+            body = {"username": name, "email": f"{name}@example.com", "password": PASSWORD}
+        elif key == ("PUT", "/api/v2/users/{user}/roles"):
+            body = {"roles": ["auditor"]}
+        elif key == ("PUT", "/api/v2/users/{user}/password"):
+            body = {"password": "Fresh-Horse-93!"}
+        elif key == ("POST", "/api/v2/users/{user}/tokens"):
+            body = {"name": unique("tok"), "lifetime_seconds": 3600}
+        return path, body, token
+
+    def send(self, method: str, template: str, role: str) -> httpx.Response:
+        path, body, token = self.prepare(method, template, role)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.http.request(method, path, json=body, headers=headers)
+
+
+@pytest.fixture
+def walk(owner: Client, make_user: UserFactory, server: ServerProcess) -> Iterator[Walk]:
+    clients: dict[str, Client] = {}
+    names: dict[str, str] = {}
+    for role in ROLES[1:]:
+        roles = () if role == "member" else (role,)
+        clients[role], names[role] = make_user(*roles)
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        yield Walk(http, owner, clients, names)
+
+
+def test_every_route_for_every_role_matches_the_table(walk: Walk, tmp_path: Path) -> None:
+    mismatches: list[str] = []
+    for method, template in sorted(api_routes(tmp_path), key=lambda r: (r[1], r[0])):
+        expected_row = EXPECTED[(method, template)]
+        for role in ROLES:
+            response = walk.send(method, template, role)
+            got = outcome(response.status_code)
+            expected = expected_row[role].removeprefix("public ")
+            if got != "ok":
+                body = response.json()
+                assert isinstance(body.get("message"), str) and body["message"], (
+                    method, template, role, response.text,
+                )  # fmt: skip
+            if got != expected:
+                mismatches.append(
+                    f"{method} {template} as {role}: expected {expected}, got {got} "
+                    f"({response.text[:200]})"
+                )
+    assert not mismatches, "authorization differs from the table:\n" + "\n".join(mismatches)
+
+
+# --- object-level rules, spelled out ------------------------------------------------
+
+
+def _bearer(client: Client) -> dict[str, str]:
+    return {"Authorization": f"Bearer {client.token}"}
+
+
+def test_user_admin_cannot_make_or_touch_an_owner(
+    owner: Client, make_user: UserFactory, server: ServerProcess
+) -> None:
+    admin, _ = make_user("user-admin")
+    other_owner_client, other_owner = make_user("owner")
+    _, member = make_user()
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        h = _bearer(admin)
+        grant = http.put(f"/api/v2/users/{member}/roles", json={"roles": ["owner"]}, headers=h)
+        assert grant.status_code == 403, grant.text
+        assert grant.json()["reason"] == "insufficient_role"
+        assert "owner" in grant.json()["message"]
+        assert owner.get_user(member).roles == []
+
+        name = unique("mkowner")
+        created = http.post(
+            "/api/v2/users",
+            json={"username": name, "email": f"{name}@example.com", "password": PASSWORD,
+                  "roles": ["owner"]},
+            headers=h,
+        )  # fmt: skip
+        assert created.status_code == 403, created.text
+        assert http.get(f"/api/v2/users/{name}", headers=_bearer(owner)).status_code == 404
+
+        attempts = [
+            ("PUT", f"/api/v2/users/{other_owner}/status/suspend", None),
+            ("PUT", f"/api/v2/users/{other_owner}/password", {"password": "Taken-Over-81!"}),
+            ("PUT", f"/api/v2/users/{other_owner}/roles", {"roles": []}),
+            ("DELETE", f"/api/v2/users/{other_owner}", None),
+        ]
+        for method, path, body in attempts:
+            response = http.request(method, path, json=body, headers=h)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["reason"] == "insufficient_role", (method, path)
+        after = owner.get_user(other_owner)
+        assert after.status == "active" and after.roles == ["owner"]
+        assert other_owner_client.me().username == other_owner  # password unchanged: session on
+
+        # What a user-admin may do still works.
+        ok = http.put(f"/api/v2/users/{member}/roles", json={"roles": ["auditor"]}, headers=h)
+        assert ok.status_code == 200 and ok.json()["roles"] == ["auditor"], ok.text
+
+
+def test_member_sees_other_users_things_as_not_found(
+    make_user: UserFactory, owner: Client, server: ServerProcess
+) -> None:
+    member, _ = make_user()
+    _, other = make_user()
+    token = owner.create_token(unique("tok"), user=other).name
+    ghost = unique("ghost")
+    requests: list[tuple[str, str, Any]] = [
+        ("GET", "/api/v2/users/{u}", None),
+        ("GET", "/api/v2/users/{u}/tokens", None),
+        ("POST", "/api/v2/users/{u}/tokens", {"name": "mine-now"}),
+        ("DELETE", "/api/v2/users/{u}/tokens/" + token, None),
+        ("PUT", "/api/v2/users/{u}/password", {"password": "Taken-Over-81!"}),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        h = _bearer(member)
+        for method, template, body in requests:
+            real = http.request(method, template.format(u=other), json=body, headers=h)
+            missing = http.request(method, template.format(u=ghost), json=body, headers=h)
+            assert real.status_code == missing.status_code == 404, (template, real.text)
+            assert real.json()["reason"] == missing.json()["reason"] == "user_not_found"
+            # The messages differ only by the name that was asked for.
+            assert real.json()["message"].replace(other, "X") == missing.json()["message"].replace(
+                ghost, "X"
+            )
+    assert [t.name for t in owner.list_tokens(other)] == [token]
+
+
+def test_auditor_reads_the_audit_log_but_cannot_create_users(
+    make_user: UserFactory, owner: Client, server: ServerProcess
+) -> None:
+    auditor, _ = make_user("auditor")
+    assert auditor.list_audit(limit=5).count > 0
+    assert auditor.verify_audit().ok
+    name = unique("byaud")
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        response = http.post(
+            "/api/v2/users",
+            json={"username": name, "email": f"{name}@example.com", "password": PASSWORD},
+            headers=_bearer(auditor),
+        )
+    assert response.status_code == 403, response.text
+    assert "user.create" in response.json()["message"]
+    assert owner.list_users(q=name).count == 0
+
+
+def test_member_manages_what_is_their_own(make_user: UserFactory, server: ServerProcess) -> None:
+    member, name = make_user()
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        h = _bearer(member)
+        assert http.get("/api/v2/users/me", headers=h).json()["username"] == name
+        assert http.get(f"/api/v2/users/{name}", headers=h).status_code == 200
+        created = http.post("/api/v2/users/me/tokens", json={"name": "own"}, headers=h)
+        assert created.status_code == 201, created.text
+        listed = http.get(f"/api/v2/users/{name}/tokens", headers=h).json()["tokens"]
+        assert [t["name"] for t in listed] == ["own"]
+        assert http.delete("/api/v2/users/me/tokens/own", headers=h).status_code == 204
+        # ...but cannot raise their own roles or suspend themselves.
+        grant = http.put("/api/v2/users/me/roles", json={"roles": ["owner"]}, headers=h)
+        assert grant.status_code == 403, grant.text
+        assert http.put("/api/v2/users/me/status/suspend", headers=h).status_code == 403
+        changed = http.put(
+            "/api/v2/users/me/password",
+            json={"password": "Own-Fresh-Pass-55", "old_password": PASSWORD},
+            headers=h,
+        )
+        assert changed.status_code == 204, changed.text
