@@ -21,7 +21,8 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
-        proxy_headers=True,
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
         ws_per_message_deflate=False,  # byte streams: compression costs CPU, gains nothing
         timeout_graceful_shutdown=10,
         server_header=False,

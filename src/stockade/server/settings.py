@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         None,
         description="Mark session cookies Secure. Default: on when the access URL is https.",
     )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated IPs of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto headers are believed (for client IPs in the audit log and rate "
+        "limits). Empty: none; the peer address is the client.",
+    )
     db_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
 
     @field_validator("address")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio.to_thread
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -17,64 +19,7 @@ MAX_LENGTH = 256
 
 # The most common passwords in public breach corpora; refusing them stops the
 # guesses a rate limit cannot.
-_COMMON = frozenset(
-    [
-        "password",
-        "password1",
-        "password12",
-        "password123",
-        "passw0rd",
-        "p@ssw0rd",
-        "p@ssword",
-        "12345678",
-        "123456789",
-        "1234567890",
-        "11111111",
-        "00000000",
-        "12341234",
-        "87654321",
-        "qwertyui",
-        "qwerty123",
-        "qwertyuiop",
-        "1q2w3e4r",
-        "1q2w3e4r5t",
-        "1qaz2wsx",
-        "zaq12wsx",
-        "abcd1234",
-        "abc12345",
-        "iloveyou",
-        "sunshine",
-        "princess",
-        "football",
-        "baseball",
-        "superman",
-        "starwars",
-        "trustno1",
-        "welcome1",
-        "welcome123",
-        "letmein1",
-        "changeme",
-        "changeme123",
-        "administrator",
-        "admin123",
-        "admin1234",
-        "rootroot",
-        "computer",
-        "internet",
-        "michael1",
-        "jennifer",
-        "dragon12",
-        "monkey123",
-        "shadow12",
-        "master12",
-        "whatever",
-        "default1",
-        "secret123",
-        "stockade",
-        "stockade1",
-        "stockade123",
-    ]
-)
+_COMMON = frozenset((Path(__file__).with_name("common_passwords.txt")).read_text().split())
 
 _DUMMY_HASH = _HASHER.hash("stockade-dummy-password-for-timing")
 

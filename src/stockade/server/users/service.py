@@ -18,6 +18,17 @@ from stockade.server.db.models import SetupState, utcnow
 from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound
 
 
+# Names that are also words in the API's paths (/users/me, /users/first...).
+RESERVED_USERNAMES = frozenset({"me", "first", "login", "logout", "admin-api", "system"})
+
+
+def _check_username(username: str) -> None:
+    if username in RESERVED_USERNAMES:
+        raise InvalidInput(
+            f"the username {username!r} is reserved; choose another", reason="username_reserved"
+        )
+
+
 def to_api(user: User) -> types.User:
     return types.User.model_validate(user)
 
@@ -67,6 +78,7 @@ class UserService:
 
     async def create_first_user(self, body: types.FirstUserRequest, record: AuditRecord) -> User:
         record.describe("user.create_first", "user", resource_name=body.username)
+        _check_username(body.username)
         passwords.check_policy(body.password, username=body.username, email=body.email)
         hashed = await passwords.hash_password(body.password)
         closed = Conflict(
@@ -99,6 +111,7 @@ class UserService:
     ) -> User:
         record.describe("user.create", "user", resource_name=body.username)
         authorize(actor, Perm.USER_CREATE, owner_id=None, kind="user")
+        _check_username(body.username)
         roles = sorted(set(body.roles))
         self._check_may_assign(actor, set(), set(roles))
         passwords.check_policy(body.password, username=body.username, email=body.email)
