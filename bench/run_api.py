@@ -24,6 +24,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,10 @@ STARTS = 5
 WARMUP = 20
 IDLE_SECONDS = 2.0
 RESULTS_DIR = Path(__file__).parent / "results"
-console = Console()
+# Servers keep their bytecode here, as an installed package would have it even
+# where PYTHONDONTWRITEBYTECODE is set (it is on the dev machines).
+PYCACHE = Path(tempfile.gettempdir()) / "stockade-bench-pycache"
+console = Console(width=None if sys.stdout.isatty() else 110)
 
 Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
@@ -103,9 +107,10 @@ def cpu_seconds(pid: int | None) -> float:
 
 def cpu_snapshot(server: int, db: int | None) -> tuple[float, float, float, float]:
     """CPU seconds so far: server, database, this process, the whole machine."""
-    machine = psutil.cpu_times()
-    busy = float(sum(machine) - machine.idle - machine.iowait)
-    return cpu_seconds(server), cpu_seconds(db), cpu_seconds(os.getpid()), busy
+    t = psutil.cpu_times()
+    busy = float(t.user + t.nice + t.system + t.irq + t.softirq)  # guest is inside user
+    own = sum(psutil.Process().cpu_times()[:2])  # not its children: the server is one
+    return cpu_seconds(server), cpu_seconds(db), float(own), busy
 
 
 def start_timed(server: ServerProcess, timeout: float = 30.0) -> float:
@@ -113,7 +118,8 @@ def start_timed(server: ServerProcess, timeout: float = 30.0) -> float:
     seconds. Polls with one reused client: the helper's per-poll ``httpx.get``
     builds a TLS context each time (~60 ms), which would blur the figure."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
-    env.update(server.extra_env)
+    env.update(server.extra_env, PYTHONPYCACHEPREFIX=str(PYCACHE))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     server.data_dir.mkdir(parents=True, exist_ok=True)
     with httpx.Client(trust_env=False, timeout=1.0) as http, server.log_path.open("ab") as log:
         started = time.perf_counter()
@@ -249,17 +255,18 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with backend(name) as (new_server, db_pid):
         starts = []
-        for _ in range(STARTS):
+        for _ in range(1 + STARTS):  # the first, unmeasured, fills the bytecode cache
             server = new_server()
             starts.append(start_timed(server))
             stop_and_clean(server)
+        starts = starts[1:]
         result["ready_s"] = {
             "median": round(statistics.median(starts), 3),
             "min": round(min(starts), 3),
             "max": round(max(starts), 3),
             "all": [round(s, 3) for s in starts],
         }
-        console.print(f"[{name}] ready in {result['ready_s']['all']} s")
+        console.print(f"{name}: ready in {result['ready_s']['all']} s")
 
         server = new_server()
         start_timed(server)
@@ -271,7 +278,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
             token, seconds = seed(server.url, args.users)
             result["seed_s"] = round(seconds, 2)
             console.print(
-                f"[{name}] idle RSS {result['idle_rss_mb']} MB; seeded in {result['seed_s']:.1f} s"
+                f"{name}: idle RSS {result['idle_rss_mb']} MB; seeded in {result['seed_s']:.1f} s"
             )
             with Client(server.url, token) as admin:
                 count = admin.list_users(limit=1).count
@@ -285,7 +292,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for scenario, send in scenarios.items():
                 figures = asyncio.run(load(server.url, (pid, db_pid), send, args))
                 result[scenario] = asdict(figures)
-                console.print(f"[{name}] {scenario}: {figures}")
+                console.print(f"{name} {scenario}: {figures}")
         finally:
             stop_and_clean(server)
     return result
@@ -329,6 +336,24 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     console.print(table)
 
 
+def wait_quiet(patience: float, threshold: float = 10.0) -> float:
+    """Wait until the machine is under ``threshold`` percent busy (at most
+    ``patience`` seconds); returns the last reading. Other work skews every figure."""
+    deadline = time.monotonic() + patience
+    while (busy := float(psutil.cpu_percent(interval=2.0))) > threshold:
+        if time.monotonic() > deadline:
+            console.print(f"[yellow]the machine is {busy:.0f}% busy: figures will suffer[/]")
+            break
+    return busy
+
+
+def revision() -> str:
+    """The commit measured, ``-dirty`` when the work tree has changes."""
+    git = ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"]
+    result = subprocess.run(git, capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
@@ -336,12 +361,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for an idle machine",
+    )
     args = parser.parse_args()
-    busy = float(psutil.cpu_percent(interval=2.0))
-    if busy > 15:
-        console.print(
-            f"[yellow]the machine is {busy:.0f}% busy before the run: figures will suffer[/]"
-        )
+    busy = wait_quiet(args.wait_quiet)
     names = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     results = {name: bench_backend(name, args) for name in names}
     report(results)
@@ -352,6 +379,7 @@ def main() -> None:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "busy_percent_before": busy,
+        "revision": revision(),
         "params": vars(args),
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ def row(
     anonymous: str, member: str, owner: str, user_admin: str, template_admin: str, auditor: str
 ) -> dict[str, str]:
     """One line of the table, in the column order of ``ROLES``."""
-    return dict(zip(ROLES, (anonymous, member, owner, user_admin, template_admin, auditor)))
+    return dict(
+        zip(ROLES, (anonymous, member, owner, user_admin, template_admin, auditor), strict=True)
+    )
 
 
 def public(answer: str) -> dict[str, str]:
@@ -201,8 +203,11 @@ def test_every_route_for_every_role_matches_the_table(walk: Walk, tmp_path: Path
             if got != "ok":
                 body = response.json()
                 assert isinstance(body.get("message"), str) and body["message"], (
-                    method, template, role, response.text,
-                )  # fmt: skip
+                    method,
+                    template,
+                    role,
+                    response.text,
+                )
             if got != expected:
                 mismatches.append(
                     f"{method} {template} as {role}: expected {expected}, got {got} "
@@ -235,10 +240,14 @@ def test_user_admin_cannot_make_or_touch_an_owner(
         name = unique("mkowner")
         created = http.post(
             "/api/v2/users",
-            json={"username": name, "email": f"{name}@example.com", "password": PASSWORD,
-                  "roles": ["owner"]},
+            json={
+                "username": name,
+                "email": f"{name}@example.com",
+                "password": PASSWORD,
+                "roles": ["owner"],
+            },
             headers=h,
-        )  # fmt: skip
+        )
         assert created.status_code == 403, created.text
         assert http.get(f"/api/v2/users/{name}", headers=_bearer(owner)).status_code == 404
 
@@ -259,6 +268,22 @@ def test_user_admin_cannot_make_or_touch_an_owner(
         # What a user-admin may do still works.
         ok = http.put(f"/api/v2/users/{member}/roles", json={"roles": ["auditor"]}, headers=h)
         assert ok.status_code == 200 and ok.json()["roles"] == ["auditor"], ok.text
+
+
+def test_user_admin_cannot_revoke_an_owners_tokens(
+    owner: Client, make_user: UserFactory, server: ServerProcess
+) -> None:
+    """Revoking a token acts on its user, so the rule above applies: a
+    user-admin may not act on an owner (ASSIGNABLE_BY in authz.py)."""
+    admin, _ = make_user("user-admin")
+    _, other_owner = make_user("owner")
+    name = unique("ownertok")
+    owner.create_token(name, user=other_owner)
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        response = http.delete(f"/api/v2/users/{other_owner}/tokens/{name}", headers=_bearer(admin))
+    assert [t.name for t in owner.list_tokens(other_owner)] == [name], "the token was revoked"
+    assert response.status_code == 403, response.text
+    assert response.json()["reason"] == "insufficient_role"
 
 
 def test_member_sees_other_users_things_as_not_found(

@@ -17,7 +17,6 @@ from stockade.server.db import ApiKey, Database, User
 from stockade.server.db.models import SetupState, utcnow
 from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound
 
-
 # Names that are also words in the API's paths (/users/me, /users/first...).
 RESERVED_USERNAMES = frozenset({"me", "first", "login", "logout", "admin-api", "system"})
 
