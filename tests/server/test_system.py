@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -151,3 +152,17 @@ def test_state_survives_a_restart(start_server: ServerFactory) -> None:
     with Client(server.url, token) as api:
         assert api.me().username == "boss"
         assert api.verify_audit().ok
+
+
+def test_oversized_bodies_are_refused_with_413(server: ServerProcess) -> None:
+    url = f"{server.url}/api/v2/users/login"
+    big = b'{"username": "' + b"a" * (2 << 20) + b'", "password": "x"}'
+    declared = httpx.post(url, content=big, headers={"content-type": "application/json"})
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield from (b"a" * 65536 for _ in range(40))
+
+    streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert "too large" in response.json()["message"]

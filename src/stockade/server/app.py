@@ -63,9 +63,13 @@ def _install_error_handlers(app: FastAPI, services: Services) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, StockadeError):  # raised while FastAPI read the body
+            return await _stockade_error(request, exc.__cause__)
         messages = {
             404: f"no API route {request.url.path}; see /api/v2/openapi.json",
             405: f"{request.method} is not allowed on {request.url.path}",
+            400: "the request body could not be read; send JSON with "
+            "Content-Type: application/json",
         }
         message = messages.get(exc.status_code, str(exc.detail))
         return _error_response(

@@ -59,6 +59,11 @@ class Conflict(StockadeError):
     default_reason = "conflict"
 
 
+class PayloadTooLarge(StockadeError):
+    status_code = 413
+    default_reason = "payload_too_large"
+
+
 class TooManyRequests(StockadeError):
     status_code = 429
     default_reason = "rate_limited"

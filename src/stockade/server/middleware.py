@@ -14,6 +14,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.server.audit.service import AuditRecord, write_record
+from stockade.server.errors import PayloadTooLarge
 
 if TYPE_CHECKING:
     from stockade.server.services import Services
@@ -23,6 +24,8 @@ log = structlog.get_logger("stockade.http")
 SESSION_COOKIE = "stockade_session"
 TOKEN_HEADER = "stockade-session-token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# API bodies are small JSON documents; routes that take uploads will set their own.
+API_BODY_LIMIT = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -41,6 +44,23 @@ def presented_token(headers: Headers) -> str | None:
         if name == SESSION_COOKIE and value:
             return value
     return None
+
+
+def _limit_body(receive: Receive, limit: int) -> Receive:
+    """Refuse bodies over ``limit`` bytes whether or not Content-Length says so;
+    the error reaches the app's handlers and becomes a JSON 413."""
+    seen = 0
+
+    async def limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"the request body is too large: the limit is {limit} bytes")
+        return message
+
+    return limited
 
 
 class RequestMiddleware:
@@ -78,6 +98,7 @@ class RequestMiddleware:
 
         audited = method not in _SAFE_METHODS and path.startswith("/api/")
         status = 500
+        receive = _limit_body(receive, API_BODY_LIMIT)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status

@@ -31,6 +31,8 @@ def describe_validation_errors(
         field = where.rsplit(".", 1)[-1]
         if kind == "json_invalid":
             text = "the request body is not valid JSON"
+        elif where == "body" and kind in ("model_attributes_type", "dict_type", "model_type"):
+            text = "the request body must be a JSON object sent with Content-Type: application/json"
         elif kind == "missing":
             text = f"{where} is required"
         elif kind == "extra_forbidden":
