@@ -4,10 +4,12 @@ through untouched."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
@@ -46,6 +48,29 @@ def presented_token(headers: Headers) -> str | None:
     return None
 
 
+def _has_nul(scope: Scope) -> bool:
+    # PostgreSQL cannot store or compare text holding NUL; refuse it before any
+    # query so both databases answer the same.
+    query = unquote_to_bytes(scope.get("query_string", b""))
+    return "\x00" in scope["path"] or b"\x00" in query
+
+
+async def _reject(send: Send, status: int, message: str, reason: str, request_id: str) -> None:
+    body = json.dumps({"message": message, "reason": reason, "request_id": request_id}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def _limit_body(receive: Receive, limit: int) -> Receive:
     """Refuse bodies over ``limit`` bytes whether or not Content-Length says so;
     the error reaches the app's handlers and becomes a JSON 413."""
@@ -81,6 +106,11 @@ class RequestMiddleware:
         method: str = scope["method"]
         path: str = scope["path"]
         structlog.contextvars.bind_contextvars(request_id=request_id)
+
+        if _has_nul(scope):
+            await _reject(send, 400, "the URL must not contain a NUL character",
+                          "invalid_input", request_id)  # fmt: skip
+            return
 
         state = scope.setdefault("state", {})
         record = AuditRecord(ip=ip, user_agent=headers.get("user-agent"), request_id=request_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from stockade.sdk import types
 from stockade.server.audit import service
 from stockade.server.authz import Perm, requires
+from stockade.server.db import AuditEntry
 from stockade.server.deps import Limit, Offset, ServicesDep
 from stockade.server.errors import InvalidInput
 
@@ -30,6 +31,10 @@ def audit_filter(
     for name, value in (("since", since), ("until", until)):
         if value is not None and value.tzinfo is None:
             raise InvalidInput(f"{name} needs a time zone, e.g. 2026-01-31T12:00:00Z")
+    try:
+        since, until = (v.astimezone(UTC) if v else None for v in (since, until))
+    except OverflowError as exc:
+        raise InvalidInput("since/until is outside the range of dates the log can hold") from exc
     if since and until and since >= until:
         raise InvalidInput("since must be earlier than until")
     return service.AuditFilter(actor, action, resource_type, resource_id, since, until)
@@ -58,9 +63,21 @@ async def verify_audit(services: ServicesDep) -> types.AuditVerification:
 async def export_audit(flt: FilterDep, services: ServicesDep) -> StreamingResponse:
     """JSON lines, oldest first, for a SIEM."""
 
+    rows = service.stream_entries(services.db, flt)
+    # Read the first row before answering, so that a failing query is an error
+    # response and not a 200 that breaks off.
+    first = await anext(rows, None)
+
     async def lines() -> AsyncIterator[bytes]:
-        async for row in service.stream_entries(services.db, flt):
-            entry = types.AuditEntry.model_validate(row)
-            yield (json.dumps(entry.model_dump(mode="json"), sort_keys=True) + "\n").encode()
+        if first is None:
+            return
+        yield _json_line(first)
+        async for row in rows:
+            yield _json_line(row)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _json_line(row: AuditEntry) -> bytes:
+    entry = types.AuditEntry.model_validate(row)
+    return (json.dumps(entry.model_dump(mode="json"), sort_keys=True) + "\n").encode()

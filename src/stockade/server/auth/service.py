@@ -24,7 +24,7 @@ from stockade.server.errors import (
     Unauthenticated,
 )
 from stockade.server.settings import Settings
-from stockade.server.users.service import resolve_user
+from stockade.server.users.service import check_may_manage, resolve_user
 
 LOGIN_FAILED = "incorrect username or password"
 # Writes of last-used time and sliding expiry happen at most this often per key.
@@ -200,6 +200,7 @@ class AuthService:
         async with self.db.transaction() as session:
             user = await resolve_user(session, actor, user_ref)
             authorize(actor, Perm.API_KEY_CREATE, owner_id=user.id, kind="api_key")
+            check_may_manage(actor, user)
             exists = (
                 await session.execute(
                     select(func.count())
@@ -245,6 +246,7 @@ class AuthService:
         async with self.db.transaction() as session:
             user = await resolve_user(session, actor, user_ref)
             authorize(actor, Perm.API_KEY_DELETE, owner_id=user.id, kind="api_key")
+            check_may_manage(actor, user)
             key = (
                 await session.execute(
                     select(ApiKey).where(

@@ -55,7 +55,7 @@ async def resolve_user(session: AsyncSession, actor: Actor, ref: str) -> User:
     return user
 
 
-def _check_may_manage(actor: Actor, target: User) -> None:
+def check_may_manage(actor: Actor, target: User) -> None:
     """A user-admin may not act on an owner: that would let them take over
     the account (reset its password) and so become one."""
     held = {Role(r) for r in target.roles}
@@ -182,7 +182,7 @@ class UserService:
             user = await resolve_user(session, actor, ref)
             record.describe(f"user.{verb}", "user", user.id, user.username)
             authorize(actor, Perm.USER_UPDATE, owner_id=None, kind="user")
-            _check_may_manage(actor, user)
+            check_may_manage(actor, user)
             if user.id == actor.user_id:
                 raise InvalidInput(f"you cannot {verb} yourself", reason="self_status")
             if status == "suspended" and Role.OWNER.value in user.roles:
@@ -244,7 +244,7 @@ class UserService:
             user = await resolve_user(session, actor, ref)
         record.describe("user.password", "user", user.id, user.username)
         authorize(actor, Perm.USER_PASSWORD, owner_id=user.id, kind="user")
-        _check_may_manage(actor, user)
+        check_may_manage(actor, user)
         if user.id == actor.user_id:
             if not body.old_password:
                 raise InvalidInput(
@@ -276,7 +276,7 @@ class UserService:
             user = await resolve_user(session, actor, ref)
             record.describe("user.delete", "user", user.id, user.username)
             authorize(actor, Perm.USER_DELETE, owner_id=None, kind="user")
-            _check_may_manage(actor, user)
+            check_may_manage(actor, user)
             if user.id == actor.user_id:
                 raise InvalidInput("you cannot delete yourself", reason="self_delete")
             if Role.OWNER.value in user.roles:
