@@ -5,8 +5,16 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client
-from tests.conftest import OWNER_PASSWORD, PASSWORD, ServerFactory, UserFactory, unique
+from tests.conftest import (
+    OWNER_PASSWORD,
+    PASSWORD,
+    ServerFactory,
+    UserFactory,
+    run_sql,
+    unique,
+)
 
 
 def test_first_user_setup_happens_once(start_server: ServerFactory) -> None:
@@ -197,3 +205,56 @@ def test_changing_password_ends_other_sessions(make_user: UserFactory, server) -
             second.me()
         assert ended.value.status == 401
         second.login(name, "brand-New-pass-42")
+
+
+def test_sessions_slide_and_tokens_do_not(
+    make_user: UserFactory, server: ServerProcess, request: pytest.FixtureRequest
+) -> None:
+    member, _ = make_user()
+    token = member.create_token("fixed", lifetime_seconds=3600)
+    session_id = (member.token or "").split("-")[0]
+    # Pretend both were last used two minutes ago and expire in five.
+    for key_id in (session_id, token.id):
+        run_sql(
+            server,
+            request,
+            "UPDATE api_keys SET last_used_at = CURRENT_TIMESTAMP - INTERVAL '2 minutes', "
+            "expires_at = CURRENT_TIMESTAMP + INTERVAL '5 minutes' "
+            f"WHERE id = '{key_id}'"
+            if server.postgres_url
+            else "UPDATE api_keys SET last_used_at = datetime('now', '-2 minutes'), "
+            f"expires_at = datetime('now', '+5 minutes') WHERE id = '{key_id}'",
+        )
+    member.me()
+    with Client(server.url, token.token) as api:
+        api.me()
+        fixed = next(t for t in api.list_tokens() if t.name == "fixed")
+    session_expiry = _expiry(server, request, session_id)
+    assert session_expiry > 23 * 3600  # slid forward to a full day from now
+    assert fixed.last_used_at is not None
+    assert (fixed.expires_at - fixed.last_used_at).total_seconds() < 6 * 60  # tokens never slide
+
+
+def _expiry(server: ServerProcess, request: pytest.FixtureRequest, key_id: str) -> float:
+    """Seconds until the key expires, read from the database."""
+    import asyncio
+    import sqlite3
+    from datetime import UTC, datetime
+
+    if server.postgres_url:
+        import asyncpg
+
+        async def read() -> datetime:
+            conn = await asyncpg.connect(server.postgres_url)
+            value = await conn.fetchval("SELECT expires_at FROM api_keys WHERE id = $1", key_id)
+            await conn.close()
+            return value  # type: ignore[no-any-return]
+
+        expires = asyncio.run(read())
+    else:
+        with sqlite3.connect(server.data_dir / "stockade.db") as db:
+            (text,) = db.execute(
+                "SELECT expires_at FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
+        expires = datetime.fromisoformat(text).replace(tzinfo=UTC)
+    return (expires - datetime.now(UTC)).total_seconds()
