@@ -155,21 +155,18 @@ def test_api_tokens_lifecycle(owner: Client, make_user: UserFactory, server) -> 
         assert revoked.value.status == 401
 
 
-def test_expired_token_is_rejected(start_server: ServerFactory) -> None:
-    import sqlite3
-    from datetime import UTC, datetime, timedelta
-
-    server = start_server()
-    if server.postgres_url:
-        pytest.skip("the expiry is set through the SQLite file; the logic is shared")
-    with Client(server.url) as api:
-        api.create_first_user("boss", "boss@example.com", OWNER_PASSWORD)
-        api.login("boss", OWNER_PASSWORD)
-        token = api.create_token("short", lifetime_seconds=60).token
-    past = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%d %H:%M:%S.%f")
-    with sqlite3.connect(server.data_dir / "stockade.db") as db:
-        db.execute("UPDATE api_keys SET expires_at = ? WHERE token_name = 'short'", (past,))
-    with Client(server.url, token) as api, pytest.raises(ApiError) as expired:
+def test_expired_token_is_rejected(
+    make_user: UserFactory, server: ServerProcess, request: pytest.FixtureRequest
+) -> None:
+    member, _ = make_user()
+    token = member.create_token("short", lifetime_seconds=60)
+    past = (
+        "CURRENT_TIMESTAMP - INTERVAL '1 second'"
+        if server.postgres_url
+        else "datetime('now', '-1 second')"
+    )
+    run_sql(server, request, f"UPDATE api_keys SET expires_at = {past} WHERE id = '{token.id}'")
+    with Client(server.url, token.token) as api, pytest.raises(ApiError) as expired:
         api.me()
     assert expired.value.status == 401 and "expired" in expired.value.message
 
