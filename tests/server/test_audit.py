@@ -14,7 +14,7 @@ import pytest
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client
 from stockade.server.audit import service as audit
-from stockade.server.db import Database, migrate
+from stockade.server.db import AuditEntry, Database, migrate
 from stockade.server.db.models import utcnow
 from tests.conftest import (
     OWNER_PASSWORD,
@@ -170,7 +170,7 @@ async def test_retention_purge_keeps_the_rest_verifiable(database: Database) -> 
     async with database.transaction() as session:
         from sqlalchemy import delete
 
-        await session.execute(delete(audit.AuditEntry).where(audit.AuditEntry.seq == 4))
+        await session.execute(delete(AuditEntry).where(AuditEntry.seq == 4))
     broken = await audit.verify(database)
     assert not broken.ok and broken.first_bad_seq == 5
 

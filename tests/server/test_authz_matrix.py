@@ -77,7 +77,7 @@ def api_routes(tmp_path: Path) -> dict[Route, APIRoute]:
     found: dict[Route, APIRoute] = {}
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path.startswith("/api/"):
-            for method in route.methods - {"HEAD"}:
+            for method in (route.methods or set()) - {"HEAD"}:
                 found[(method, route.path)] = route
     return found
 
@@ -251,7 +251,7 @@ def test_user_admin_cannot_make_or_touch_an_owner(
         assert created.status_code == 403, created.text
         assert http.get(f"/api/v2/users/{name}", headers=_bearer(owner)).status_code == 404
 
-        attempts = [
+        attempts: list[tuple[str, str, dict[str, Any] | None]] = [
             ("PUT", f"/api/v2/users/{other_owner}/status/suspend", None),
             ("PUT", f"/api/v2/users/{other_owner}/password", {"password": "Taken-Over-81!"}),
             ("PUT", f"/api/v2/users/{other_owner}/roles", {"roles": []}),

@@ -129,7 +129,7 @@ def public_ops(tmp_path: Path) -> set[Op]:
         if isinstance(route, APIRoute):
             policy = policy_of(route)
             if policy is None or policy.kind == "public":
-                ops |= {(m, route.path) for m in route.methods}
+                ops |= {(m, route.path) for m in route.methods or ()}
     return ops
 
 
@@ -238,11 +238,15 @@ def body_probes(
         yield probe(f"missing {name}", body=body)
     yield probe("unknown field", body={**sample(), "zz_unknown_field": 1})
     for name, prop in schema["properties"].items():
-        kind = plain(prop).get("type")
-        values = {"string": STRING_VALUES, "integer": INTEGER_VALUES, "array": ARRAY_VALUES}[kind]
-        for value in values:
-            body = {**sample(), name: value}
-            yield probe(f"{name}={value!r:.40}", body=body, must_refuse=refused_by(model, body))
+        kind = str(plain(prop).get("type"))
+        values: tuple[Any, ...] = {
+            "string": STRING_VALUES,
+            "integer": INTEGER_VALUES,
+            "array": ARRAY_VALUES,
+        }[kind]
+        for bad in values:
+            body = {**sample(), name: bad}
+            yield probe(f"{name}={bad!r:.40}", body=body, must_refuse=refused_by(model, body))
 
 
 def query_probes(op: Op, path: str, params: list[dict[str, Any]], token: str) -> Iterator[Probe]:

@@ -47,7 +47,9 @@ def test_concurrent_first_user_requests_create_one_owner(start_server: ServerFac
     assert codes.count(201) == 1 and codes.count(409) == 7, codes
 
 
-def test_login_errors_do_not_reveal_whether_the_user_exists(owner: Client, server) -> None:  # type: ignore[no-untyped-def]
+def test_login_errors_do_not_reveal_whether_the_user_exists(
+    owner: Client, server: ServerProcess
+) -> None:
     with Client(server.url) as api:
         with pytest.raises(ApiError) as unknown:
             api.login("nobody-here", "whatever-Pa55")
@@ -57,7 +59,7 @@ def test_login_errors_do_not_reveal_whether_the_user_exists(owner: Client, serve
     assert unknown.value.message == wrong.value.message == "incorrect username or password"
 
 
-def test_session_cookie_and_bearer_header(owner: Client, server) -> None:  # type: ignore[no-untyped-def]
+def test_session_cookie_and_bearer_header(owner: Client, server: ServerProcess) -> None:
     response = httpx.post(
         f"{server.url}/api/v2/users/login",
         json={"username": "owner", "password": OWNER_PASSWORD},
@@ -127,7 +129,7 @@ def test_password_policy_messages(owner: Client) -> None:
         assert exc.value.status == 400 and message in exc.value.message, password
 
 
-def test_api_tokens_lifecycle(owner: Client, make_user: UserFactory, server) -> None:  # type: ignore[no-untyped-def]
+def test_api_tokens_lifecycle(owner: Client, make_user: UserFactory, server: ServerProcess) -> None:
     member, name = make_user()
     created = owner.create_token("ci", user=name, lifetime_seconds=3600)
     assert created.token and created.name == "ci"
@@ -172,8 +174,8 @@ def test_expired_token_is_rejected(
 
 
 def test_suspended_user_is_locked_out_at_once(
-    owner: Client, make_user: UserFactory, server
-) -> None:  # type: ignore[no-untyped-def]
+    owner: Client, make_user: UserFactory, server: ServerProcess
+) -> None:
     member, name = make_user()
     token = owner.create_token("t", user=name).token
     owner.suspend_user(name)
@@ -189,7 +191,9 @@ def test_suspended_user_is_locked_out_at_once(
         assert api.me().status == "active"
 
 
-def test_changing_password_ends_other_sessions(make_user: UserFactory, server) -> None:  # type: ignore[no-untyped-def]
+def test_changing_password_ends_other_sessions(
+    make_user: UserFactory, server: ServerProcess
+) -> None:
     first, name = make_user()
     with Client(server.url) as second:
         second.login(name, PASSWORD)
