@@ -63,8 +63,7 @@ Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 @dataclass
 class Load:
-    """One load scenario. Latencies are of the successful requests; CPU is in
-    cores (CPU seconds / wall seconds) over the measured part."""
+    """One load scenario: latencies of the successful requests, CPU in cores."""
 
     requests: int
     errors: int
@@ -99,10 +98,11 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of the process and all its children."""
+    """CPU seconds of the process and its descendants, the exited ones included
+    (PostgreSQL backends come and go with the server's pool overflow)."""
     if pid is None:
         return 0.0
-    return float(sum(sum(p.cpu_times()[:2]) for p in _tree(pid)))
+    return float(sum(sum(p.cpu_times()[:4]) for p in _tree(pid)))  # user, system, children's
 
 
 def cpu_snapshot(server: int, db: int | None) -> tuple[float, float, float, float]:
@@ -234,21 +234,12 @@ async def load(
             b - a for a, b in zip(before, cpu_snapshot(*pids), strict=True)
         )
     p50, p95, p99 = (round(p, 1) for p in percentiles(latencies))
-    cores = [round(c / elapsed, 2) for c in (server, db, client, machine - server - db - client)]
-    return Load(
-        requests=len(latencies),
-        errors=errors,
-        seconds=round(elapsed, 3),
-        p50_ms=p50,
-        p95_ms=p95,
-        p99_ms=p99,
-        req_per_s=round(len(latencies) / elapsed, 1),
-        server_cpu_cores=cores[0],
-        db_cpu_cores=cores[1],
-        client_cpu_cores=cores[2],
-        other_cpu_cores=cores[3],
-        rss_after_mb=round(rss_mb(pids[0]), 1),
+    server, db, client, other = (
+        round(c / elapsed, 2) for c in (server, db, client, machine - server - db - client)
     )
+    n, rss = len(latencies), round(rss_mb(pids[0]), 1)
+    rate = round(n / elapsed, 1)
+    return Load(n, errors, round(elapsed, 3), p50, p95, p99, rate, server, db, client, other, rss)
 
 
 def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -293,6 +284,8 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 figures = asyncio.run(load(server.url, (pid, db_pid), send, args))
                 result[scenario] = asdict(figures)
                 console.print(f"{name} {scenario}: {figures}")
+                if figures.other_cpu_cores > 0.2:
+                    console.print("[yellow]other work ran meanwhile: figures will suffer[/]")
         finally:
             stop_and_clean(server)
     return result
@@ -344,6 +337,8 @@ def wait_quiet(patience: float, threshold: float = 10.0) -> float:
         if time.monotonic() > deadline:
             console.print(f"[yellow]the machine is {busy:.0f}% busy: figures will suffer[/]")
             break
+        console.print(f"the machine is {busy:.0f}% busy with other work: waiting")
+        time.sleep(3)
     return busy
 
 
@@ -361,12 +356,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        help="wait up to this many seconds for an idle machine",
-    )
+    parser.add_argument("--wait-quiet", type=float, default=60.0, help="max s to wait for idle")
     args = parser.parse_args()
     busy = wait_quiet(args.wait_quiet)
     names = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
