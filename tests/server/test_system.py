@@ -166,3 +166,7 @@ def test_oversized_bodies_are_refused_with_413(server: ServerProcess) -> None:
     for response in (declared, streamed):
         assert response.status_code == 413
         assert "too large" in response.json()["message"]
+
+
+def test_latest_revision_constant_is_alembics_head() -> None:
+    assert migrate.LATEST_REVISION == migrate.head_revision()

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,13 +21,14 @@ from stockade.server.authz import check_routes
 from stockade.server.db import migrate
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
+from stockade.server.observability import get_logger
 from stockade.server.services import Services, build_services
 from stockade.server.settings import Settings
 from stockade.server.system import api as system_api
 from stockade.server.users import api as users_api
 from stockade.server.validation import describe_validation_errors
 
-log = structlog.get_logger("stockade.server")
+log = get_logger("stockade.server")
 
 
 def _error_response(

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+from stockade.server.observability import get_logger
 
-log = structlog.get_logger("stockade.background")
+log = get_logger("stockade.background")
 
 
 @dataclass

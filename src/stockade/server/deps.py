@@ -1,4 +1,7 @@
-"""FastAPI dependencies shared by every domain's endpoints."""
+"""FastAPI dependencies shared by every domain's endpoints.
+
+They are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in a
+thread pool, a thread hop on every request for nothing."""
 
 from __future__ import annotations
 
@@ -13,16 +16,16 @@ if TYPE_CHECKING:
     from stockade.server.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_actor(request: Request) -> Actor:
+async def get_actor(request: Request) -> Actor:
     return current_actor(request)
 
 
-def get_audit(request: Request) -> AuditRecord:
+async def get_audit(request: Request) -> AuditRecord:
     record: AuditRecord = request.state.audit
     return record
 

@@ -17,11 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.server.audit.service import AuditRecord, write_record
 from stockade.server.errors import PayloadTooLarge
+from stockade.server.observability import get_logger
 
 if TYPE_CHECKING:
     from stockade.server.services import Services
 
-log = structlog.get_logger("stockade.http")
+log = get_logger("stockade.http")
 
 SESSION_COOKIE = "stockade_session"
 TOKEN_HEADER = "stockade-session-token"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -11,27 +12,56 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import stockade
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}  # fmt: skip
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger that names its source in the ``logger`` field."""
+    return structlog.get_logger(logger_name=name)
+
+
+def _name_field(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # "logger" cannot be an initial value (structlog's own parameter name), so
+    # it is bound as "logger_name" and renamed here to match the stdlib lines.
+    if "logger_name" in event:
+        event["logger"] = event.pop("logger_name")
+    return event
+
 
 def configure_logging(level: str = "info", json_lines: bool = True) -> None:
-    """Route structlog and the standard library (uvicorn, SQLAlchemy) through
-    one renderer; ``request_id`` comes from contextvars bound per request."""
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    """One format for everything on stderr. Our own logs go straight from
+    structlog to the stream (the access log runs on every request, and the
+    standard library's handler machinery costs several times more); the
+    standard library's (uvicorn, SQLAlchemy, Alembic) pass through a
+    ProcessorFormatter with the same renderer. ``request_id`` comes from
+    contextvars bound per request."""
     renderer: Any = (
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _name_field,
+            timestamper,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -42,11 +72,12 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(_LEVELS[level])
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs requests
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 class Metrics:

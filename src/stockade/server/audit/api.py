@@ -20,7 +20,7 @@ from stockade.server.errors import InvalidInput
 router = APIRouter(prefix="/api/v2/audit", dependencies=[requires(Perm.AUDIT_READ)])
 
 
-def audit_filter(
+async def audit_filter(
     actor: Annotated[str | None, Query(max_length=64, description="username or user id")] = None,
     action: Annotated[str | None, Query(max_length=64, description="e.g. user.create")] = None,
     resource_type: Annotated[str | None, Query(max_length=32)] = None,

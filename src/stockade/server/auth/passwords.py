@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import anyio.to_thread
@@ -21,7 +22,10 @@ MAX_LENGTH = 256
 # guesses a rate limit cannot.
 _COMMON = frozenset((Path(__file__).with_name("common_passwords.txt")).read_text().split())
 
-_DUMMY_HASH = _HASHER.hash("stockade-dummy-password-for-timing")
+
+@functools.cache
+def _dummy_hash() -> str:
+    return _HASHER.hash("stockade-dummy-password-for-timing")
 
 
 def check_policy(password: str, *, username: str, email: str) -> None:
@@ -57,7 +61,7 @@ async def hash_password(password: str) -> str:
 
 def _verify(hashed: str | None, password: str) -> bool:
     try:
-        return _HASHER.verify(hashed or _DUMMY_HASH, password) and hashed is not None
+        return _HASHER.verify(hashed or _dummy_hash(), password) and hashed is not None
     except (VerificationError, InvalidHashError):
         return False
 

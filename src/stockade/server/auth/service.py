@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from stockade.sdk import types
@@ -31,6 +31,24 @@ LOGIN_FAILED = "incorrect username or password"
 _TOUCH_INTERVAL = timedelta(seconds=60)
 
 
+_KEY_WITH_USER = (
+    select(
+        ApiKey.id,
+        ApiKey.hashed_secret,
+        ApiKey.user_id,
+        ApiKey.login_type,
+        ApiKey.lifetime_seconds,
+        ApiKey.expires_at,
+        ApiKey.last_used_at,
+        User.username,
+        User.status,
+        User.roles,
+    )
+    .join(User, User.id == ApiKey.user_id)
+    .where(ApiKey.id == bindparam("key_id"))
+)
+
+
 @dataclass(frozen=True)
 class Authentication:
     actor: Actor | None
@@ -51,43 +69,41 @@ class AuthService:
         if parts is None:
             return Authentication(None, "the session token or API token is malformed")
         key_id, secret = parts
-        async with self.db.session() as session:
-            row = (
-                await session.execute(
-                    select(ApiKey, User)
-                    .join(User, User.id == ApiKey.user_id)
-                    .where(ApiKey.id == key_id)
-                )
-            ).one_or_none()
-        if row is None or not keys.matches(secret, row.ApiKey.hashed_secret):
+        # Every authenticated request runs this: one prepared Core query.
+        async with self.db.read() as conn:
+            key = (await conn.execute(_KEY_WITH_USER, {"key_id": key_id})).one_or_none()
+        if key is None or not keys.matches(secret, key.hashed_secret):
             return Authentication(None, "the session or API token is invalid or was revoked")
-        key, user = row.ApiKey, row.User
         now = utcnow()
         if key.expires_at <= now:
             return Authentication(None, "the session or API token has expired; sign in again")
-        if user.status != "active":
+        if key.status != "active":
             return Authentication(None, "your account is suspended; ask an administrator")
         if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
-            await self._touch(key, user, now, ip)
+            sliding = key.lifetime_seconds if key.login_type == "password" else None
+            await self._touch(key.id, key.user_id, sliding, now, ip)
         return Authentication(
             Actor(
-                user_id=user.id,
-                username=user.username,
-                roles=frozenset(Role(r) for r in user.roles) | {Role.MEMBER},
+                user_id=key.user_id,
+                username=key.username,
+                roles=frozenset(Role(r) for r in key.roles) | {Role.MEMBER},
                 api_key_id=key.id,
                 login_type=key.login_type,
             )
         )
 
-    async def _touch(self, key: ApiKey, user: User, now: datetime, ip: str | None) -> None:
+    async def _touch(
+        self, key_id: str, user_id: str, sliding: int | None, now: datetime, ip: str | None
+    ) -> None:
+        """Record use; sessions (``sliding`` = their lifetime) also move their expiry."""
         values: dict[str, object] = {"last_used_at": now}
         if ip:
             values["ip_address"] = ip
-        if key.login_type == "password":  # sliding expiry for sessions only
-            values["expires_at"] = now + timedelta(seconds=key.lifetime_seconds)
+        if sliding is not None:
+            values["expires_at"] = now + timedelta(seconds=sliding)
         async with self.db.transaction() as session:
-            await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(**values))
-            await session.execute(update(User).where(User.id == user.id).values(last_seen_at=now))
+            await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(**values))
+            await session.execute(update(User).where(User.id == user_id).values(last_seen_at=now))
 
     # --- login / logout -----------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 _WRITE_OPTION = "stockade_write"
+_READ_OPTION = "stockade_read"
 
 
 class Database:
@@ -37,13 +39,22 @@ class Database:
         if self.is_sqlite:
             path = url.split("///", 1)[1]
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4)
+            kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=8, max_overflow=12)
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            # No pre-ping: it costs a round trip on every checkout; a dropped
+            # connection is invalidated by the error it raises instead.
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
-        self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
+        # Reads run without BEGIN/COMMIT round trips (each statement is its own
+        # snapshot). PostgreSQL has AUTOCOMMIT for that; on SQLite our BEGIN hook
+        # skips them, since changing the isolation level there would hand
+        # transaction control back to the driver when the connection is pooled.
+        self._read_engine = self.engine.execution_options(
+            **({_READ_OPTION: True} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"})
+        )
+        self._reader = async_sessionmaker(self._read_engine, expire_on_commit=False)
         self._writer = async_sessionmaker(
             self.engine.execution_options(**{_WRITE_OPTION: True}), expire_on_commit=False
         )
@@ -56,6 +67,13 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self._reader() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for Core queries on hot read paths: no ORM session,
+        no identity map, the fewest round trips."""
+        async with self._read_engine.connect() as conn:
+            yield conn
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -90,7 +108,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(_WRITE_OPTION):
+        options = conn.get_execution_options()
+        if options.get(_READ_OPTION):
+            return
+        if options.get(_WRITE_OPTION):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")

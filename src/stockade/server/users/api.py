@@ -46,7 +46,7 @@ async def list_users(
     users, count = await services.users.search(
         actor, q=q, status=status, limit=limit, offset=offset
     )
-    return types.UserList(users=[to_api(u) for u in users], count=count)
+    return types.UserList(users=users, count=count)
 
 
 @router.post("/users", dependencies=[requires(Perm.USER_CREATE)], status_code=201)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select
+from pydantic import TypeAdapter
+from sqlalchemy import bindparam, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,6 +33,15 @@ def to_api(user: User) -> types.User:
     return types.User.model_validate(user)
 
 
+_USER_BY_REF = select(User).where(
+    or_(User.id == bindparam("ref"), User.username == bindparam("name"))
+)
+# Lists read plain columns (no ORM objects) and validate them in one call: the
+# per-row cost is what decides how a 1,000-row page performs.
+_API_COLUMNS = [getattr(User, name) for name in types.User.model_fields]
+_USER_ROWS = TypeAdapter(list[types.User])
+
+
 def _snapshot(user: User) -> dict[str, Any]:
     return {
         "username": user.username,
@@ -48,7 +58,7 @@ async def resolve_user(session: AsyncSession, actor: Actor, ref: str) -> User:
     if ref == "me":
         ref = actor.user_id
     user = (
-        await session.execute(select(User).where(or_(User.id == ref, User.username == ref.lower())))
+        await session.execute(_USER_BY_REF, {"ref": ref, "name": ref.lower()})
     ).scalar_one_or_none()
     if user is None or not can(actor, Perm.USER_READ, owner_id=user.id):
         raise NotFound(f"user {ref!r} not found", reason="user_not_found")
@@ -149,9 +159,9 @@ class UserService:
 
     async def search(
         self, actor: Actor, *, q: str | None, status: str | None, limit: int, offset: int
-    ) -> tuple[list[User], int]:
+    ) -> tuple[list[types.User], int]:
         authorize(actor, Perm.USER_READ, owner_id=None, kind="user")
-        query = select(User)
+        query = select(*_API_COLUMNS)
         if q:
             pattern = f"%{q.lower()}%"
             query = query.where(
@@ -163,14 +173,12 @@ class UserService:
             )
         if status:
             query = query.where(User.status == status)
-        async with self.db.session() as session:
+        async with self.db.read() as conn:
             count = (
-                await session.execute(select(func.count()).select_from(query.subquery()))
+                await conn.execute(select(func.count()).select_from(query.subquery()))
             ).scalar_one()
-            rows = (
-                await session.execute(query.order_by(User.username).limit(limit).offset(offset))
-            ).scalars()
-            return list(rows), int(count)
+            rows = await conn.execute(query.order_by(User.username).limit(limit).offset(offset))
+            return _USER_ROWS.validate_python(rows.mappings().all()), int(count)
 
     async def get(self, actor: Actor, ref: str) -> User:
         async with self.db.session() as session:
