@@ -169,4 +169,4 @@ def test_oversized_bodies_are_refused_with_413(server: ServerProcess) -> None:
 
 
 def test_latest_revision_constant_is_alembics_head() -> None:
-    assert migrate.LATEST_REVISION == migrate.head_revision()
+    assert migrate.head_revision() == migrate.LATEST_REVISION

@@ -94,7 +94,12 @@ class Settings(BaseSettings):
         "X-Forwarded-Proto headers are believed (for client IPs in the audit log and rate "
         "limits). Empty: none; the peer address is the client.",
     )
-    db_pool_size: int = Field(10, ge=1, description="PostgreSQL connection pool size.")
+    db_pool_size: int = Field(
+        20,
+        ge=1,
+        description="Database connections kept open. Size it to the concurrent requests you "
+        "expect: connections beyond it (at most 4 more) are opened and closed per use.",
+    )
 
     @field_validator("address")
     @classmethod

@@ -32,18 +32,18 @@ class Database:
     """Owns the engine. ``session()`` is for reads, ``transaction()`` for writes;
     both commit on success and roll back on error."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20, echo: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             path = url.split("///", 1)[1]
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=8, max_overflow=12)
+            kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=pool_size, max_overflow=4)
         else:
             # No pre-ping: it costs a round trip on every checkout; a dropped
             # connection is invalidated by the error it raises instead.
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
+            kwargs.update(pool_size=pool_size, max_overflow=4, pool_recycle=3600)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)

@@ -178,7 +178,10 @@ class UserService:
                 await conn.execute(select(func.count()).select_from(query.subquery()))
             ).scalar_one()
             rows = await conn.execute(query.order_by(User.username).limit(limit).offset(offset))
-            return _USER_ROWS.validate_python(rows.mappings().all()), int(count)
+            names = list(rows.keys())
+            # Plain dicts: pydantic validates those in Rust, RowMapping in Python.
+            page = [dict(zip(names, row, strict=True)) for row in rows]
+            return _USER_ROWS.validate_python(page), int(count)
 
     async def get(self, actor: Actor, ref: str) -> User:
         async with self.db.session() as session:
