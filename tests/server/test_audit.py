@@ -196,3 +196,18 @@ def test_retention_setting_purges_at_start(start_server: ServerFactory) -> None:
         ).json()
         assert health["workers"]["audit_retention"]["alive"] is True
         assert api.verify_audit().ok
+
+
+def test_requests_refused_before_a_handler_are_recorded_by_route(
+    owner: Client, make_user: UserFactory, server: ServerProcess
+) -> None:
+    member, _ = make_user()
+    with pytest.raises(ApiError):
+        member.create_user(unique("x"), "x@example.com", PASSWORD)
+    long_path = "/api/v2/" + "x" * 300
+    assert httpx.post(server.url + long_path, json={}).status_code == 404
+    entries = owner.list_audit(limit=20).entries
+    refused = next(e for e in entries if e.action == "POST /api/v2/users")
+    assert refused.status_code == 403 and refused.user_id == member.me().id
+    unmatched = next(e for e in entries if e.action == "POST unmatched")
+    assert unmatched.status_code == 404 and unmatched.details["path"] == long_path[:256]

@@ -162,8 +162,14 @@ class RequestMiddleware:
 
     async def _audit(self, scope: Scope, record: AuditRecord, status: int) -> None:
         if record.action is None:
+            # The handler did not describe itself (refused before it ran, or no
+            # such route): name the route template, never the raw path, which
+            # the client controls and may be of any length.
             route: Any = scope.get("route")
-            record.action = f"{scope['method']} {getattr(route, 'path', scope['path'])}"
+            template = getattr(route, "path", None)
+            record.action = f"{scope['method']} {template or 'unmatched'}"[:64]
+            if template is None:
+                record.details["path"] = scope["path"][:256]
         try:
             await write_record(self.services.db, record, status)
         except Exception:
