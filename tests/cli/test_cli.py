@@ -86,6 +86,12 @@ def test_user_and_token_commands(cli: Run, start_server: ServerFactory, tmp_path
     _login_owner(cli, server)
     cli("users", "create", "bob", "--email", "bob@example.com", "--password", PASSWORD,
         "--role", "auditor")  # fmt: skip
+    # Names are data, not Rich markup.
+    cli("users", "create", "carol", "--email", "carol@example.com", "--password", PASSWORD,
+        "--name", "[/bold] [red]x")  # fmt: skip
+    assert "[/bold] [red]x" in cli("users", "show", "carol").stdout
+    assert "carol" in cli("users", "list").stdout
+    cli("users", "delete", "carol", "--yes")
     users = json.loads(cli("users", "list", "-o", "json").stdout)
     assert [u["username"] for u in users] == ["admin", "bob"]
     assert "bob" in cli("users", "list", "--search", "bo").stdout
@@ -119,6 +125,15 @@ def test_user_and_token_commands(cli: Run, start_server: ServerFactory, tmp_path
     cli("users", "delete", "bob", "--yes")
     missing = cli("users", "show", "bob", ok=False)
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+    # The saved session belongs to its server: pointing elsewhere sends nothing.
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "stockade", "whoami"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+        env={**os.environ, "STOCKADE_CONFIG_DIR": str(cli.config_dir),  # type: ignore[attr-defined]
+             "STOCKADE_URL": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    assert elsewhere.returncode == 1 and "not logged in to http://127.0.0.1:9" in elsewhere.stderr
 
     cli("logout")
     after = cli("whoami", ok=False)

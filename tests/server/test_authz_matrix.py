@@ -7,6 +7,8 @@ nobody can add an endpoint without deciding who may call it.
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,14 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("GET", "/api/v2/audit/verify"):                 row("401", "403", "ok", "403", "403", "ok"),
     ("GET", "/api/v2/audit/export"):                 row("401", "403", "ok", "403", "403", "ok"),
     ("GET", "/api/v2/debug/health"):                 row("401", "403", "ok", "403", "403", "403"),
+    ("GET", "/api/v2/templates"):                    row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("GET", "/api/v2/templates/{name}"):             row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("GET", "/api/v2/templates/{name}/versions"):    row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("POST", "/api/v2/templates/{name}/versions"):   row("401", "403", "ok", "403", "ok", "403"),
+    ("GET", "/api/v2/templates/{name}/versions/{number}/archive"):
+                                                     row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("PUT", "/api/v2/templates/{name}/active"):      row("401", "403", "ok", "403", "ok", "403"),
+    ("POST", "/api/v2/templates/{name}/archive"):    row("401", "403", "ok", "403", "ok", "403"),
 }
 # fmt: on
 
@@ -130,6 +140,12 @@ class Walk:
         self.names = names
         self.target = self.new_user("target")
         self.target_token = owner.create_token(unique("tok"), user=self.target).name
+        self.template = self.new_template()
+
+    def new_template(self) -> str:
+        name = unique("tpl")
+        self.owner.push_template(name, template_archive(name))
+        return name
 
     def new_user(self, prefix: str = "victim") -> str:
         name = unique(prefix)
@@ -155,6 +171,9 @@ class Walk:
         if "{token}" in template:
             name = self.owner.create_token(unique("tok"), user=user).name if destructive else ""
             path = path.replace("{token}", name or self.target_token)
+        if "{name}" in template:
+            name = self.new_template() if method != "GET" else self.template
+            path = path.replace("{name}", name).replace("{number}", "1")
         body: Any = None
         key = (method, template)
         if key == ("POST", "/api/v2/users/first"):
@@ -168,17 +187,34 @@ class Walk:
             name = unique("new")
             body = {"username": name, "email": f"{name}@example.com", "password": PASSWORD}
         elif key == ("PUT", "/api/v2/users/{user}/roles"):
-            body = {"roles": ["auditor"]}
+            body = {"roles": ["template-admin"]}
         elif key == ("PUT", "/api/v2/users/{user}/password"):
             body = {"password": "Fresh-Horse-93!"}
         elif key == ("POST", "/api/v2/users/{user}/tokens"):
             body = {"name": unique("tok"), "lifetime_seconds": 3600}
+        elif key == ("POST", "/api/v2/templates/{name}/versions"):
+            body = template_archive(path.split("/")[4])
+        elif key == ("PUT", "/api/v2/templates/{name}/active"):
+            body = {"version": 1}
         return path, body, token
 
     def send(self, method: str, template: str, role: str) -> httpx.Response:
         path, body, token = self.prepare(method, template, role)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if isinstance(body, bytes):
+            headers["Content-Type"] = "application/gzip"
+            return self.http.request(method, path, content=body, headers=headers)
         return self.http.request(method, path, json=body, headers=headers)
+
+
+def template_archive(name: str) -> bytes:
+    manifest = f"name: {name}\nbackend: local\n".encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("stockade.yaml")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -266,8 +302,10 @@ def test_user_admin_cannot_make_or_touch_an_owner(
         assert other_owner_client.me().username == other_owner  # password unchanged: session on
 
         # What a user-admin may do still works.
-        ok = http.put(f"/api/v2/users/{member}/roles", json={"roles": ["auditor"]}, headers=h)
-        assert ok.status_code == 200 and ok.json()["roles"] == ["auditor"], ok.text
+        ok = http.put(
+            f"/api/v2/users/{member}/roles", json={"roles": ["template-admin"]}, headers=h
+        )
+        assert ok.status_code == 200 and ok.json()["roles"] == ["template-admin"], ok.text
 
 
 def test_user_admin_cannot_revoke_an_owners_tokens(

@@ -102,7 +102,7 @@ def test_rate_limits_answer_429_with_retry_after(start_server: ServerFactory) ->
     assert "too many failed logins" in limited.json()["message"]
     # Another username from the same address is still allowed until the IP limit.
     # Other usernames from the same address: refused once the address has made
-    # 30 attempts (3 of them above).
+    # 30 attempts (5 of them above; refused attempts count too).
     codes = [
         httpx.post(
             f"{server.url}/api/v2/users/login",
@@ -110,7 +110,7 @@ def test_rate_limits_answer_429_with_retry_after(start_server: ServerFactory) ->
         ).status_code
         for i in range(28)
     ]
-    assert codes == [401] * 27 + [429]
+    assert codes == [401] * 25 + [429] * 3
     last = httpx.post(f"{server.url}/api/v2/users/login", json={"username": "x", "password": "y"})
     assert "from your address" in last.json()["message"]
 
@@ -145,11 +145,17 @@ def test_api_tokens_lifecycle(owner: Client, make_user: UserFactory, server: Ser
     with Client(server.url, created.token) as as_member:
         assert as_member.me().username == name
         assert as_member.list_tokens()[0].last_used_at is not None
+        with pytest.raises(ApiError) as minted:
+            as_member.create_token("from-a-token")
+        assert minted.value.status == 403 and "signed-in session" in minted.value.message
+        with pytest.raises(ApiError) as logout:
+            as_member.logout()
+        assert logout.value.status == 400 and "tokens revoke" in logout.value.message
         with pytest.raises(ApiError) as dup:
-            as_member.create_token("ci")
+            member.create_token("ci")
         assert dup.value.status == 409
         with pytest.raises(ApiError) as too_long:
-            as_member.create_token("long", lifetime_seconds=10**9)
+            member.create_token("long", lifetime_seconds=10**9)
         assert too_long.value.status == 400 and "maximum" in too_long.value.message
         member.revoke_token("ci")
         with pytest.raises(ApiError) as revoked:
@@ -259,3 +265,20 @@ def _expiry(server: ServerProcess, request: pytest.FixtureRequest, key_id: str) 
             ).fetchone()
         expires = datetime.fromisoformat(text).replace(tzinfo=UTC)
     return (expires - datetime.now(UTC)).total_seconds()
+
+
+def test_revoke_prefers_the_token_id_over_a_same_named_token(make_user: UserFactory) -> None:
+    member, _ = make_user()
+    first = member.create_token("first")
+    impostor = member.create_token(first.id)  # named like the first one's id
+    member.revoke_token(first.id)
+    assert [t.id for t in member.list_tokens()] == [impostor.id]
+    member.revoke_token(first.id)  # now only the name matches
+    assert member.list_tokens() == []
+
+
+def test_path_parameters_stay_one_segment(owner: Client) -> None:
+    # Unquoted, this would have been GET /api/v2/audit (a 200 for an owner).
+    with pytest.raises(ApiError) as odd:
+        owner.get_user("a/../../audit")
+    assert odd.value.status == 404

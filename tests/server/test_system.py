@@ -170,3 +170,29 @@ def test_oversized_bodies_are_refused_with_413(server: ServerProcess) -> None:
 
 def test_latest_revision_constant_is_alembics_head() -> None:
     assert migrate.head_revision() == migrate.LATEST_REVISION
+
+
+async def test_unexpected_errors_are_json_500s_with_request_id_and_audited(tmp_path: Path) -> None:
+    from stockade.server.app import create_app
+    from stockade.server.audit import service as audit
+    from stockade.server.authz import public
+
+    app = create_app(Settings(data_dir=tmp_path))
+
+    async def explode() -> None:
+        raise RuntimeError("secret detail that must stay in the log")
+
+    app.add_api_route("/api/v2/test/explode", explode, methods=["POST"], dependencies=[public()])
+    db = app.state.services.db
+    await migrate.upgrade(db)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://stockade.test") as client:
+        response = await client.post("/api/v2/test/explode")
+    assert response.status_code == 500
+    body = response.json()
+    assert body["reason"] == "internal" and body["request_id"] == response.headers["x-request-id"]
+    assert body["request_id"] in body["message"] and "secret detail" not in response.text
+    flt = audit.AuditFilter(action="POST /api/v2/test/explode")
+    rows, _ = await audit.list_entries(db, flt, limit=5, offset=0)
+    assert [r.status_code for r in rows] == [500]
+    await db.dispose()

@@ -60,13 +60,16 @@ def test_members_see_only_themselves(make_user: UserFactory, owner: Client) -> N
 def test_user_admin_limits(make_user: UserFactory, owner: Client) -> None:
     admin, _ = make_user("user-admin")
     _, target = make_user()
-    assert admin.set_roles(target, ["template-admin", "auditor"]).roles == [
-        "auditor",
-        "template-admin",
-    ]
-    with pytest.raises(ApiError) as make_owner:
-        admin.set_roles(target, ["owner"])
-    assert make_owner.value.status == 403 and "owner" in make_owner.value.message
+    assert admin.set_roles(target, ["template-admin"]).roles == ["template-admin"]
+    # Only owners grant owner, user-admin and auditor: a user-admin must not be
+    # able to hand itself (or a friend) the audit log.
+    for roles in (["owner"], ["auditor"], ["user-admin"]):
+        with pytest.raises(ApiError) as refused:
+            admin.set_roles(target, roles)  # type: ignore[arg-type]
+        assert refused.value.status == 403 and roles[0] in refused.value.message
+    with pytest.raises(ApiError) as itself:
+        admin.set_roles("me", ["user-admin", "auditor"])
+    assert itself.value.status == 403
     for action in (
         lambda: admin.suspend_user("owner"),
         lambda: admin.change_password("owner", "Totally-New-99"),
@@ -81,20 +84,24 @@ def test_user_admin_limits(make_user: UserFactory, owner: Client) -> None:
     assert own_create.value.status == 403
 
 
-def test_the_last_owner_stays(start_server: ServerFactory) -> None:
+def test_no_one_changes_their_own_roles_or_status(start_server: ServerFactory) -> None:
     server: ServerProcess = start_server()
     with Client(server.url) as api:
         api.create_first_user("boss", "boss@example.com", OWNER_PASSWORD)
         api.login("boss", OWNER_PASSWORD)
         with pytest.raises(ApiError) as demote:
             api.set_roles("boss", [])
-        assert demote.value.status == 409 and "last active owner" in demote.value.message
+        assert demote.value.status == 403 and "your own roles" in demote.value.message
         with pytest.raises(ApiError) as self_suspend:
             api.suspend_user("boss")
         assert self_suspend.value.status == 400 and "yourself" in self_suspend.value.message
         api.create_user("heir", "heir@example.com", PASSWORD, roles=["owner"])
-        api.set_roles("boss", [])  # now allowed: heir is an owner
-        assert api.me().roles == []
+        with Client(server.url) as heir:
+            heir.login("heir", PASSWORD)
+            assert heir.set_roles("boss", []).roles == []  # allowed: heir is an owner
+            with pytest.raises(ApiError) as own:
+                heir.set_roles("heir", ["owner", "auditor"])
+            assert own.value.status == 403 and "your own roles" in own.value.message
 
 
 def test_delete_removes_user_and_tokens(

@@ -20,7 +20,7 @@ ActionOpt = Annotated[str | None, typer.Option(help="e.g. user.create, user.logi
 TypeOpt = Annotated[str | None, typer.Option("--resource-type", help="e.g. user, api_key")]
 IdOpt = Annotated[str | None, typer.Option("--resource-id")]
 SinceOpt = Annotated[
-    datetime | None, typer.Option(help="from this time (ISO 8601, UTC if no zone)")
+    datetime | None, typer.Option(help="from this time (ISO 8601; your local time if no zone)")
 ]
 UntilOpt = Annotated[datetime | None, typer.Option(help="before this time")]
 
@@ -73,7 +73,7 @@ def verify(output: OutputOpt = Format.TABLE) -> None:
     if output is Format.JSON:
         print_json(result)
     elif result.ok:
-        console.print(f"[green]ok[/green]: {result.checked} entries verified, chain intact.")
+        console.print(f"ok: {result.checked} entries verified, chain intact.")
     else:
         fail(
             f"audit log tampered: {result.problem} "

@@ -36,10 +36,10 @@ def load() -> Session:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             saved = {}
-    return Session(
-        url=os.environ.get("STOCKADE_URL") or saved.get("url"),
-        token=os.environ.get("STOCKADE_TOKEN") or saved.get("token"),
-    )
+    url = os.environ.get("STOCKADE_URL") or saved.get("url")
+    # The saved token belongs to the saved server: never send it elsewhere.
+    saved_token = saved.get("token") if url == saved.get("url") else None
+    return Session(url=url, token=os.environ.get("STOCKADE_TOKEN") or saved_token)
 
 
 def save(url: str, token: str) -> Path:

@@ -45,15 +45,12 @@ def login(
             email = email or prompt("Email", flag="--email")
             password = password or _new_password()
             api.create_first_user(username, email, password, name)
-            console.print(f"Created the first user [bold]{username}[/bold] (owner).")
+            console.print(f"Created the first user {username} (owner).")
         username = username or prompt("Username", flag="--username")
         password = password or prompt("Password", hide=True, flag="--password")
         result = api.login(username, password)
     path = config.save(url, result.session_token)
-    console.print(
-        f"Logged in to {url} as [bold]{result.user.username}[/bold]. Session saved in {path}.",
-        highlight=False,
-    )
+    console.print(f"Logged in to {url} as {result.user.username}. Session saved in {path}.")
 
 
 def _new_password() -> str:

@@ -11,7 +11,7 @@ import click
 import typer
 from pydantic import ValidationError
 
-from stockade.cli import audit, common, identity, tokens, users
+from stockade.cli import audit, common, identity, templates, tokens, users
 from stockade.cli.output import fail
 from stockade.sdk import ApiError, ConnectionFailed
 
@@ -26,6 +26,7 @@ identity.register(app)
 app.add_typer(users.app, name="users", help="Manage users and their roles.")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
+app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
 
 
 @app.callback()

@@ -12,9 +12,12 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# Data from the server (names, messages) is printed as plain text, never parsed
+# as Rich markup: a display name like "[/x]" must not break the output.
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
 
 
 class Format(StrEnum):
@@ -60,12 +63,11 @@ def show(value: BaseModel | Sequence[BaseModel], fmt: Format, columns: Sequence[
         print_json(value)
     elif isinstance(value, BaseModel):
         for column in columns:
-            console.print(
-                f"[bold]{column.replace('_', ' ')}:[/bold] {_cell(getattr(value, column))}"
-            )
+            label = f"{column.replace('_', ' ')}:"
+            console.print(Text.assemble((label, "bold"), " ", _cell(getattr(value, column))))
     else:
         print_table(value, columns)
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(Text.assemble(("error:", "red"), " ", message))

@@ -30,7 +30,7 @@ def create(
     if output is Format.JSON:
         show(created, output, COLUMNS)
         return
-    console.print(f"Token [bold]{created.name}[/bold] expires {created.expires_at:%Y-%m-%d %H:%M}.")
+    console.print(f"Token {created.name} expires {created.expires_at:%Y-%m-%d %H:%M} UTC.")
     console.print("It is shown only this once:")
     print(created.token)
 

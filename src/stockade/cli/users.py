@@ -53,11 +53,9 @@ def list_(
     """List users."""
     with client() as api:
         page = api.list_users(q=search, status=status, limit=limit, offset=offset)
-    if output is Format.JSON:
-        show(page.users, output, USER_COLUMNS)
-        return
     show(page.users, output, USER_COLUMNS)
-    console.print(f"{len(page.users)} of {page.count} users", style="dim")
+    if output is Format.TABLE:
+        console.print(f"{len(page.users)} of {page.count} users", style="dim")
 
 
 @app.command("show")

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -31,6 +32,11 @@ class ApiError(Exception):
 
 class ConnectionFailed(Exception):
     """The server could not be reached at all."""
+
+
+def _seg(value: str) -> str:
+    """One path segment: a name like "a/../audit" must not become a path."""
+    return quote(value, safe="")
 
 
 def _params(**values: Any) -> dict[str, Any]:
@@ -153,28 +159,30 @@ class Client:
         return self._send("POST", "/api/v2/users", types.User, body)
 
     def get_user(self, user: str) -> types.User:
-        return self._get(f"/api/v2/users/{user}", types.User)
+        return self._get(f"/api/v2/users/{_seg(user)}", types.User)
 
     def suspend_user(self, user: str) -> types.User:
-        return self._send("PUT", f"/api/v2/users/{user}/status/suspend", types.User)
+        return self._send("PUT", f"/api/v2/users/{_seg(user)}/status/suspend", types.User)
 
     def activate_user(self, user: str) -> types.User:
-        return self._send("PUT", f"/api/v2/users/{user}/status/activate", types.User)
+        return self._send("PUT", f"/api/v2/users/{_seg(user)}/status/activate", types.User)
 
     def set_roles(self, user: str, roles: list[types.RoleName]) -> types.User:
         body = types.UpdateRolesRequest.model_construct(roles=roles)
-        return self._send("PUT", f"/api/v2/users/{user}/roles", types.User, body)
+        return self._send("PUT", f"/api/v2/users/{_seg(user)}/roles", types.User, body)
 
     def change_password(self, user: str, password: str, old_password: str | None = None) -> None:
         body = types.UpdatePasswordRequest.model_construct(
             password=password, old_password=old_password
         )
         self.request(
-            "PUT", f"/api/v2/users/{user}/password", json_body=body.model_dump(exclude_none=True)
+            "PUT",
+            f"/api/v2/users/{_seg(user)}/password",
+            json_body=body.model_dump(exclude_none=True),
         )
 
     def delete_user(self, user: str) -> None:
-        self.request("DELETE", f"/api/v2/users/{user}")
+        self.request("DELETE", f"/api/v2/users/{_seg(user)}")
 
     # --- tokens ----------------------------------------------------------------
 
@@ -184,13 +192,56 @@ class Client:
         body = types.CreateTokenRequest.model_construct(
             name=name, lifetime_seconds=lifetime_seconds
         )
-        return self._send("POST", f"/api/v2/users/{user}/tokens", types.CreatedToken, body)
+        return self._send("POST", f"/api/v2/users/{_seg(user)}/tokens", types.CreatedToken, body)
 
     def list_tokens(self, user: str = "me") -> list[types.Token]:
-        return self._get(f"/api/v2/users/{user}/tokens", types.TokenList).tokens
+        return self._get(f"/api/v2/users/{_seg(user)}/tokens", types.TokenList).tokens
 
     def revoke_token(self, token: str, user: str = "me") -> None:
-        self.request("DELETE", f"/api/v2/users/{user}/tokens/{token}")
+        self.request("DELETE", f"/api/v2/users/{_seg(user)}/tokens/{_seg(token)}")
+
+    # --- templates -------------------------------------------------------------
+
+    def list_templates(self, *, include_archived: bool = False) -> types.TemplateList:
+        return self._get(
+            "/api/v2/templates", types.TemplateList, include_archived=include_archived or None
+        )
+
+    def get_template(self, name: str) -> types.Template:
+        return self._get(f"/api/v2/templates/{_seg(name)}", types.Template)
+
+    def list_template_versions(self, name: str) -> list[types.TemplateVersion]:
+        path = f"/api/v2/templates/{_seg(name)}/versions"
+        return self._get(path, types.TemplateVersionList).versions
+
+    def push_template(
+        self, name: str, archive: bytes, *, activate: bool = True, message: str = ""
+    ) -> types.TemplateVersion:
+        """Upload a ``.tar.gz`` (see ``stockade.sdk.templates.build_archive``)."""
+        params = {"activate": str(activate).lower(), "message": message}
+        try:
+            response = self._http.post(
+                f"/api/v2/templates/{_seg(name)}/versions",
+                content=archive,
+                params=params,
+                headers={**self._headers(), "Content-Type": "application/gzip"},
+            )
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach {self.url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _error(response)
+        return types.TemplateVersion.model_validate(response.json())
+
+    def download_template_version(self, name: str, number: int) -> bytes:
+        path = f"/api/v2/templates/{_seg(name)}/versions/{int(number)}/archive"
+        return self.request("GET", path).content
+
+    def set_active_template_version(self, name: str, number: int) -> types.Template:
+        body = types.ActivateTemplateVersionRequest.model_construct(version=number)
+        return self._send("PUT", f"/api/v2/templates/{_seg(name)}/active", types.Template, body)
+
+    def archive_template(self, name: str) -> types.Template:
+        return self._send("POST", f"/api/v2/templates/{_seg(name)}/archive", types.Template)
 
     # --- audit -----------------------------------------------------------------
 

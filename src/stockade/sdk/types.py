@@ -166,14 +166,51 @@ class AuditVerification(Response):
     problem: str | None = None
 
 
-class AuditPurge(Response):
-    purged: int
-    anchor_seq: int
-
-
 class Health(Response):
     status: Literal["ok", "degraded"]
     database: dict[str, Any]
     migrations: dict[str, Any]
     workers: dict[str, Any]
     version: str
+
+
+class Template(Response):
+    id: str
+    name: str
+    display_name: str
+    description: str
+    icon: str | None = None
+    backend: str
+    active_version_id: str | None = None
+    active_version: int | None = Field(None, description="number of the active version")
+    archived_at: datetime | None = None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class TemplateList(Response):
+    templates: list[Template]
+    count: int
+
+
+class TemplateVersion(Response):
+    id: str
+    template_id: str
+    template_name: str
+    number: int
+    active: bool
+    message: str
+    archive_sha256: str
+    size: int
+    manifest: dict[str, Any]
+    created_by: str
+    created_at: datetime
+
+
+class TemplateVersionList(Response):
+    versions: list[TemplateVersion]
+
+
+class ActivateTemplateVersionRequest(Request):
+    version: int = Field(ge=1, le=2**31 - 1, description="the version number to make active")

@@ -25,6 +25,7 @@ from stockade.server.observability import get_logger
 from stockade.server.services import Services, build_services
 from stockade.server.settings import Settings
 from stockade.server.system import api as system_api
+from stockade.server.templates import api as templates_api
 from stockade.server.users import api as users_api
 from stockade.server.validation import describe_validation_errors
 
@@ -87,17 +88,6 @@ def _install_error_handlers(app: FastAPI, services: Services) -> None:
             request, 409, "this conflicts with a change made at the same time; retry", "conflict"
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error")
-        services.metrics.errors.labels("internal").inc()
-        return _error_response(
-            request,
-            500,
-            "internal error; an administrator can find it in the server log by its request id",
-            "internal",
-        )
-
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     services = services or build_services(settings)
@@ -139,7 +129,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     # Routes are added as they are (each router carries its prefix and policy)
     # rather than through include_router, whose lazily merged routes would hide
     # them from the policy check below.
-    for router in (users_api.router, auth_api.router, audit_api.router, system_api.router):
+    for router in (
+        users_api.router,
+        auth_api.router,
+        audit_api.router,
+        system_api.router,
+        templates_api.router,
+    ):
         app.router.routes.extend(router.routes)
     check_routes(app.routes)
     _install_error_handlers(app, services)

@@ -10,7 +10,7 @@ in the service layer, so the same rules serve the API and the web pages.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -44,6 +44,8 @@ class Perm(StrEnum):
     API_KEY_DELETE = "api_key.delete"
     AUDIT_READ = "audit.read"
     DEPLOYMENT_READ = "deployment.read"
+    TEMPLATE_READ = "template.read"  # active, non-archived templates
+    TEMPLATE_WRITE = "template.write"  # push, activate, archive; see archived ones
 
 
 _USER_ADMIN = {
@@ -60,10 +62,10 @@ _USER_ADMIN = {
 # Permissions a role grants on every object of the site.
 SITE_PERMISSIONS: dict[Role, frozenset[Perm]] = {
     Role.OWNER: frozenset(Perm),
-    Role.USER_ADMIN: frozenset(_USER_ADMIN),
-    Role.TEMPLATE_ADMIN: frozenset({Perm.USER_READ}),
-    Role.AUDITOR: frozenset({Perm.USER_READ, Perm.AUDIT_READ}),
-    Role.MEMBER: frozenset(),
+    Role.USER_ADMIN: frozenset({*_USER_ADMIN, Perm.TEMPLATE_READ}),
+    Role.TEMPLATE_ADMIN: frozenset({Perm.USER_READ, Perm.TEMPLATE_READ, Perm.TEMPLATE_WRITE}),
+    Role.AUDITOR: frozenset({Perm.USER_READ, Perm.AUDIT_READ, Perm.TEMPLATE_READ}),
+    Role.MEMBER: frozenset({Perm.TEMPLATE_READ}),
 }
 
 # Permissions every user has on what is their own (their user, their tokens).
@@ -79,16 +81,19 @@ OWNED_PERMISSIONS = frozenset(
 
 # Which roles each role may grant or take away. A user may act on another user
 # only when it could assign every role that user holds: a user-admin can
-# therefore neither make an owner nor reset an owner's password.
+# therefore neither make an owner nor reset an owner's or an auditor's
+# password. Granting user-admin or auditor is for owners alone, otherwise a
+# user-admin could hand itself the audit log.
 ASSIGNABLE_BY: dict[Role, frozenset[Role]] = {
     Role.OWNER: frozenset(ASSIGNABLE_ROLES),
-    Role.USER_ADMIN: frozenset({Role.USER_ADMIN, Role.TEMPLATE_ADMIN, Role.AUDITOR}),
+    Role.USER_ADMIN: frozenset({Role.TEMPLATE_ADMIN}),
 }
 
 # The read permission that decides between 404 and 403 for an object.
 _READ_OF = {
     "user": Perm.USER_READ,
     "api_key": Perm.API_KEY_READ,
+    "template": Perm.TEMPLATE_READ,
 }
 
 
@@ -101,15 +106,6 @@ class Actor:
     roles: frozenset[Role]
     api_key_id: str
     login_type: str
-
-    def has_role(self, role: Role) -> bool:
-        return role in self.roles
-
-
-@dataclass
-class Decision:
-    allowed: bool
-    reason: str = ""
 
 
 def site_permissions(roles: Iterable[Role]) -> frozenset[Perm]:
@@ -160,7 +156,6 @@ class RoutePolicy:
 
     kind: str  # "public", "signed_in" or "permission"
     permission: Perm | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _mark(fn: Callable[..., Any], policy: RoutePolicy) -> Any:

@@ -15,6 +15,7 @@ import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from stockade.sdk.templates import MAX_ARCHIVE_BYTES
 from stockade.server.audit.service import AuditRecord, write_record
 from stockade.server.errors import PayloadTooLarge
 from stockade.server.observability import get_logger
@@ -29,6 +30,8 @@ TOKEN_HEADER = "stockade-session-token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # API bodies are small JSON documents; routes that take uploads will set their own.
 API_BODY_LIMIT = 1024 * 1024
+# Routes that take uploads, with their own limit: (method, path pattern, bytes).
+UPLOAD_LIMITS = (("POST", re.compile(r"^/api/v2/templates/[^/]+/versions$"), MAX_ARCHIVE_BYTES),)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -56,7 +59,9 @@ def _has_nul(scope: Scope) -> bool:
     return "\x00" in scope["path"] or b"\x00" in query
 
 
-async def _reject(send: Send, status: int, message: str, reason: str, request_id: str) -> None:
+async def _reject(
+    send: Send | Any, status: int, message: str, reason: str, request_id: str
+) -> None:
     body = json.dumps({"message": message, "reason": reason, "request_id": request_id}).encode()
     await send(
         {
@@ -70,6 +75,13 @@ async def _reject(send: Send, status: int, message: str, reason: str, request_id
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def body_limit(method: str, path: str) -> int:
+    for upload_method, pattern, limit in UPLOAD_LIMITS:
+        if method == upload_method and pattern.match(path):
+            return limit
+    return API_BODY_LIMIT
 
 
 def _limit_body(receive: Receive, limit: int) -> Receive:
@@ -129,19 +141,34 @@ class RequestMiddleware:
 
         audited = method not in _SAFE_METHODS and path.startswith("/api/")
         status = 500
-        receive = _limit_body(receive, API_BODY_LIMIT)
+        receive = _limit_body(receive, body_limit(method, path))
+
+        started_response = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 MutableHeaders(scope=message)["x-request-id"] = request_id
-                if audited or record.always:
+                if audited:
                     await self._audit(scope, record, status)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # Handled here rather than by Starlette's outermost handler so that
+            # the 500 carries the request id, is logged with it, and is audited.
+            log.exception("unhandled_error", method=method, path=path)
+            self.services.metrics.errors.labels("internal").inc()
+            if started_response:
+                raise
+            message = (
+                "internal error; an administrator can find it in the server log by its "
+                f"request id {request_id}"
+            )
+            await _reject(send_wrapper, 500, message, "internal", request_id)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"

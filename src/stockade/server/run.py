@@ -33,7 +33,9 @@ def serve(settings: Settings) -> None:
     in-flight requests finish and runs the app's shutdown."""
     _return_freed_memory()
     configure_logging(settings.log_level, settings.log_json)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # The database holds password and token hashes and the audit log.
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.data_dir.chmod(0o700)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

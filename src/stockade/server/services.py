@@ -10,6 +10,7 @@ from stockade.server.background import Background
 from stockade.server.db import Database
 from stockade.server.observability import Metrics
 from stockade.server.settings import Settings
+from stockade.server.templates.service import TemplateService
 from stockade.server.users.service import UserService
 
 
@@ -22,6 +23,7 @@ class Services:
     metrics: Metrics
     auth: AuthService
     users: UserService
+    templates: TemplateService
     background: Background
 
 
@@ -33,5 +35,6 @@ def build_services(settings: Settings) -> Services:
         metrics=Metrics(),
         auth=AuthService(db, settings),
         users=UserService(db),
+        templates=TemplateService(db),
         background=Background(),
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -166,8 +165,3 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
-
-
-def load_settings(**overrides: Any) -> Settings:
-    """Build settings from flags (``overrides``), environment and config file."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from stockade.server.db import AuditEntry, AuditHead, Database
 from stockade.server.db.models import new_id, utcnow
 
-GENESIS_HASH = "0" * 64
 REDACTED = "[redacted]"
 SECRET_FIELDS = frozenset(
     {"password", "old_password", "hashed_password", "token", "secret", "session_token"}
@@ -62,7 +61,6 @@ class AuditRecord:
     # changes during it.
     user_id: str | None = None
     username: str | None = None
-    always: bool = False  # record even a read (login attempts are GETless POSTs anyway)
 
     def describe(
         self,
@@ -304,7 +302,9 @@ async def verify(db: Database, *, batch: int = 1000) -> Verification:
                 (
                     await session.execute(
                         select(AuditEntry)
-                        .where(AuditEntry.seq >= expected_seq)
+                        # Entries appended while we walk are not part of the
+                        # head we compare against at the end.
+                        .where(AuditEntry.seq >= expected_seq, AuditEntry.seq <= last_seq)
                         .order_by(AuditEntry.seq)
                         .limit(batch)
                     )

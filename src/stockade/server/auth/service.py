@@ -119,13 +119,6 @@ class AuthService:
                 f"too many login attempts from your address; try again in {ip_wait} s",
                 retry_after=ip_wait,
             )
-        user_wait = self.user_failures.retry_after(ident)
-        if user_wait:
-            record.details["result"] = "rate_limited_user"
-            raise TooManyRequests(
-                f"too many failed logins for this username; try again in {user_wait} s",
-                retry_after=user_wait,
-            )
         self.ip_attempts.hit(ip)
 
         async with self.db.session() as session:
@@ -134,8 +127,19 @@ class AuthService:
                     select(User).where(or_(User.username == ident, User.email == ident))
                 )
             ).scalar_one_or_none()
+        # One budget per account however it is named (username or email), and
+        # the attempt counts before the password is checked, so concurrent
+        # guesses cannot all slip in before the first failure is recorded.
+        budget = f"user:{user.id}" if user else f"name:{ident}"
+        user_wait = self.user_failures.retry_after(budget)
+        if user_wait:
+            record.details["result"] = "rate_limited_user"
+            raise TooManyRequests(
+                f"too many failed logins for this username; try again in {user_wait} s",
+                retry_after=user_wait,
+            )
+        self.user_failures.hit(budget)
         if not await passwords.verify_password(user.hashed_password if user else None, password):
-            self.user_failures.hit(ident)
             record.details["result"] = "failure"
             if user is not None:
                 record.resource_id, record.resource_name = user.id, user.username
@@ -146,7 +150,7 @@ class AuthService:
         if user.status != "active":
             record.details["result"] = "suspended"
             raise Forbidden("your account is suspended; ask an administrator", reason="suspended")
-        self.user_failures.reset(ident)
+        self.user_failures.reset(budget)
         record.details["result"] = "success"
 
         async with self.db.transaction() as session:
@@ -170,6 +174,12 @@ class AuthService:
 
     async def logout(self, actor: Actor, record: AuditRecord) -> None:
         record.describe("user.logout", "user", actor.user_id, actor.username)
+        if actor.login_type != "password":
+            raise InvalidInput(
+                "this request used an API token, not a session: revoke tokens with "
+                "`stockade tokens revoke`",
+                reason="logout_with_token",
+            )
         async with self.db.transaction() as session:
             await session.execute(delete(ApiKey).where(ApiKey.id == actor.api_key_id))
 
@@ -212,6 +222,13 @@ class AuthService:
                 f"{self.settings.max_token_lifetime_seconds} s "
                 f"({self.settings.max_token_lifetime_seconds // 86400} days)",
                 reason="token_lifetime_too_long",
+            )
+        if actor.login_type != "password":
+            # A leaked token must not be able to mint longer-lived ones.
+            raise Forbidden(
+                "API tokens can only be created from a signed-in session (stockade login), "
+                "not with another API token",
+                reason="token_from_token",
             )
         async with self.db.transaction() as session:
             user = await resolve_user(session, actor, user_ref)
@@ -263,14 +280,12 @@ class AuthService:
             user = await resolve_user(session, actor, user_ref)
             authorize(actor, Perm.API_KEY_DELETE, owner_id=user.id, kind="api_key")
             check_may_manage(actor, user)
+            tokens = select(ApiKey).where(ApiKey.user_id == user.id, ApiKey.login_type == "token")
+            # By id first: a token may be named like another token's id.
             key = (
-                await session.execute(
-                    select(ApiKey).where(
-                        ApiKey.user_id == user.id,
-                        ApiKey.login_type == "token",
-                        or_(ApiKey.id == token_ref, ApiKey.token_name == token_ref),
-                    )
-                )
+                await session.execute(tokens.where(ApiKey.id == token_ref))
+            ).scalar_one_or_none() or (
+                await session.execute(tokens.where(ApiKey.token_name == token_ref))
             ).scalar_one_or_none()
             if key is None:
                 raise NotFound(

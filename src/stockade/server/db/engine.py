@@ -35,10 +35,11 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 20, echo: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {"echo": echo}
+        # hide_parameters: error logs must not carry bound values (hashes, emails).
+        kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
         if self.is_sqlite:
             path = url.split("///", 1)[1]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=pool_size, max_overflow=4)
         else:
             # No pre-ping: it costs a round trip on every checkout; a dropped

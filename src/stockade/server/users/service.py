@@ -87,12 +87,14 @@ class UserService:
 
     async def create_first_user(self, body: types.FirstUserRequest, record: AuditRecord) -> User:
         record.describe("user.create_first", "user", resource_name=body.username)
-        _check_username(body.username)
-        passwords.check_policy(body.password, username=body.username, email=body.email)
-        hashed = await passwords.hash_password(body.password)
         closed = Conflict(
             "the first user already exists; sign in instead", reason="first_user_exists"
         )
+        if not await self.first_user_required():  # before hashing: argon2 is not free
+            raise closed
+        _check_username(body.username)
+        passwords.check_policy(body.password, username=body.username, email=body.email)
+        hashed = await passwords.hash_password(body.password)
         try:
             async with self.db.transaction() as session:
                 if await session.get(SetupState, 1) is not None:
@@ -163,12 +165,12 @@ class UserService:
         authorize(actor, Perm.USER_READ, owner_id=None, kind="user")
         query = select(*_API_COLUMNS)
         if q:
-            pattern = f"%{q.lower()}%"
+            text = q.lower()
             query = query.where(
                 or_(
-                    User.username.like(pattern),
-                    User.email.like(pattern),
-                    func.lower(User.name).like(pattern),
+                    User.username.contains(text, autoescape=True),
+                    User.email.contains(text, autoescape=True),
+                    func.lower(User.name).contains(text, autoescape=True),
                 )
             )
         if status:
@@ -211,6 +213,11 @@ class UserService:
             user = await resolve_user(session, actor, ref)
             record.describe("user.roles", "user", user.id, user.username)
             authorize(actor, Perm.USER_ROLES, owner_id=None, kind="user")
+            if user.id == actor.user_id:
+                raise Forbidden(
+                    "you cannot change your own roles; ask another owner", reason="self_roles"
+                )
+            check_may_manage(actor, user)
             old, new = set(user.roles), set(roles)
             self._check_may_assign(actor, old, new)
             if Role.OWNER.value in old - new:
@@ -235,7 +242,11 @@ class UserService:
     async def _keep_an_owner(session: AsyncSession, leaving: User) -> None:
         others = (
             await session.execute(
-                select(User.roles).where(User.id != leaving.id, User.status == "active")
+                # FOR UPDATE (PostgreSQL): two owners demoting each other at once
+                # are serialised, and the second sees the first's change.
+                select(User.roles)
+                .where(User.id != leaving.id, User.status == "active")
+                .with_for_update()
             )
         ).scalars()
         if not any(Role.OWNER.value in roles for roles in others):

@@ -1,0 +1,245 @@
+"""stockade templates ..."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stockade.cli.common import OutputOpt, UserError, YesOpt, client, confirm
+from stockade.cli.output import Format, console, print_json, show
+from stockade.sdk.templates import (
+    MANIFEST_NAME,
+    ArchiveError,
+    ManifestError,
+    build_archive,
+    extract_archive,
+    parse_manifest,
+)
+
+app = typer.Typer(no_args_is_help=True)
+COLUMNS = ["name", "display_name", "backend", "active_version", "archived_at", "updated_at"]
+VERSION_COLUMNS = ["number", "active", "message", "size", "archive_sha256", "created_at"]
+DirOpt = Annotated[Path, typer.Option("--directory", "-d", help="the template directory")]
+
+_STARTERS = {
+    "local": """\
+# A Stockade template: see README.md next to this file.
+name: {name}
+display_name: {title}
+description: A workspace on the Stockade host, sandboxed with bubblewrap.
+backend: local
+parameters:
+  - name: repo
+    display_name: Git repository
+    description: Cloned into the home directory at first start (empty for none).
+    type: string
+    default: ""
+    validation:
+      regex: "^$|^(https?|ssh|git)://.+$"
+    mutable: false
+  - name: dotfiles
+    type: bool
+    description: Apply ~/.dotfiles/install.sh at start if it exists.
+    default: false
+    mutable: true
+compute:
+  home_size: 10GiB
+agent:
+  startup_script: |
+    set -eu
+    echo "workspace started in $HOME"
+  metadata:
+    - key: disk
+      display_name: Home disk usage
+      script: du -sh "$HOME" | cut -f1
+      interval: 300
+apps: []
+""",
+    "docker": """\
+# A Stockade template: see README.md next to this file.
+name: {name}
+display_name: {title}
+description: A workspace in its own container, with a persistent home volume.
+backend: docker
+parameters:
+  - name: cpu
+    display_name: CPU cores
+    type: number
+    default: 2
+    options: [1, 2, 4, 8]
+    mutable: true
+  - name: memory
+    display_name: Memory
+    type: string
+    default: 4GiB
+    options: [2GiB, 4GiB, 8GiB, 16GiB]
+    mutable: true
+compute:
+  image: stockade/workspace:latest
+  cpu: ${{cpu}}
+  memory: ${{memory}}
+  home_size: 20GiB
+agent:
+  startup_script: |
+    set -eu
+    echo "workspace started in $HOME"
+  metadata:
+    - key: load
+      display_name: Load average
+      script: cut -d' ' -f1 /proc/loadavg
+      interval: 30
+apps: []
+""",
+}
+
+_README = """\
+# {title}
+
+A Stockade template for the `{backend}` backend, written by `stockade templates init`.
+
+- `stockade.yaml` is the manifest: parameters users choose at creation, compute
+  settings, the agent's startup script and metadata commands, and apps.
+- Every other file in this directory is uploaded with it (except `.git`).
+
+Push it (as an owner or template-admin) and check the result:
+
+    stockade templates push {name} -d .
+    stockade templates versions {name}
+
+`--no-activate` uploads a version without making it the one new workspaces use.
+"""
+
+
+def _default_name(directory: Path) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", directory.resolve().name.lower()).strip("-")[:32]
+    return name.strip("-") or "my-template"
+
+
+@app.command("init")
+def init(
+    directory: Annotated[Path, typer.Argument(help="where to write the starter")],
+    backend: Annotated[str, typer.Option(help="local or docker")] = "local",
+    name: Annotated[str | None, typer.Option(help="template name (default: from DIR)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="write into a non-empty dir")] = False,
+) -> None:
+    """Write a working starter template (stockade.yaml and README.md) into DIR."""
+    if backend not in _STARTERS:
+        raise UserError(f"unknown backend {backend!r}; choose local or docker")
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise UserError(f"{directory} is not empty; pass --force to write into it anyway")
+    name = name or _default_name(directory)
+    title = name.replace("-", " ").title()
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = _STARTERS[backend].format(name=name, title=title)
+    parse_manifest(manifest)  # a starter that does not validate is a bug here
+    (directory / MANIFEST_NAME).write_text(manifest)
+    (directory / "README.md").write_text(_README.format(name=name, title=title, backend=backend))
+    console.print(f"Wrote a {backend} template {name!r} to {directory}.")
+    console.print(f"Push it with: stockade templates push {name} -d {directory}")
+
+
+@app.command("push")
+def push(
+    name: str,
+    directory: DirOpt = Path("."),
+    no_activate: Annotated[
+        bool, typer.Option("--no-activate", help="upload without making it active")
+    ] = False,
+    message: Annotated[str, typer.Option("--message", "-m", help="what changed")] = "",
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Upload DIR as a new immutable version of template NAME."""
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path} not found; create one with `stockade templates init`")
+    try:
+        parse_manifest(manifest_path.read_bytes(), expected_name=name)
+    except ManifestError as exc:
+        prefix = f"{directory}/" if str(directory) not in ("", ".") else ""
+        lines = [f"{prefix}{problem}" for problem in exc.problems]
+        raise UserError("invalid manifest:\n" + "\n".join(lines)) from exc
+    try:
+        archive = build_archive(directory)
+    except ArchiveError as exc:
+        raise UserError(str(exc)) from exc
+    with client() as api:
+        version = api.push_template(name, archive, activate=not no_activate, message=message)
+    if output is Format.JSON:
+        print_json(version)
+        return
+    state = "active" if version.active else "not active"
+    console.print(f"Pushed {name} version {version.number} ({version.size} bytes, {state}).")
+
+
+@app.command("list")
+def list_(
+    include_archived: Annotated[
+        bool, typer.Option("--include-archived", help="also archived templates (admins)")
+    ] = False,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """List templates."""
+    with client() as api:
+        show(api.list_templates(include_archived=include_archived).templates, output, COLUMNS)
+
+
+@app.command("versions")
+def versions(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """List a template's versions, oldest first."""
+    with client() as api:
+        show(api.list_template_versions(name), output, VERSION_COLUMNS)
+
+
+@app.command("pull")
+def pull(
+    name: str,
+    directory: DirOpt,
+    version: Annotated[int | None, typer.Option(help="version number (default: active)")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="allow a non-empty DIR (never overwrites files)")
+    ] = False,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Download a version (the active one by default) into DIR."""
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise UserError(f"{directory} is not empty; pass --force to write into it anyway")
+    with client() as api:
+        number = version
+        if number is None:
+            number = api.get_template(name).active_version
+            if number is None:
+                raise UserError(f"template {name} has no active version; pass --version")
+        data = api.download_template_version(name, number)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as staging:
+        try:
+            extract_archive(data, Path(staging))
+        except ArchiveError as exc:
+            raise UserError(f"the downloaded archive is unsafe: {exc}") from exc
+        for item in sorted(Path(staging).iterdir()):
+            target = directory / item.name
+            if target.exists() or target.is_symlink():
+                raise UserError(f"{target} already exists; pull into an empty directory")
+            item.rename(target)
+    if output is Format.JSON:
+        print_json({"name": name, "version": number, "directory": str(directory)})
+        return
+    console.print(f"Pulled {name} version {number} into {directory}.")
+
+
+@app.command("archive")
+def archive(name: str, yes: YesOpt = False, output: OutputOpt = Format.TABLE) -> None:
+    """Archive a template: hidden from members, no new pushes or activations."""
+    confirm(f"Archive template {name}?", yes)
+    with client() as api:
+        result = api.archive_template(name)
+    if output is Format.JSON:
+        print_json(result)
+        return
+    console.print(f"Archived {name}.")

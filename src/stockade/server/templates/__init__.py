@@ -1,0 +1,1 @@
+"""Templates: versioned, immutable template archives and their manifests."""
