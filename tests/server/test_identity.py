@@ -282,3 +282,41 @@ def test_path_parameters_stay_one_segment(owner: Client) -> None:
     with pytest.raises(ApiError) as odd:
         owner.get_user("a/../../audit")
     assert odd.value.status == 404
+
+
+def test_the_browser_cookie_slides_with_the_session(
+    make_user: UserFactory, server: ServerProcess, request: pytest.FixtureRequest
+) -> None:
+    _, name = make_user()
+    login = httpx.post(
+        f"{server.url}/api/v2/users/login", json={"username": name, "password": PASSWORD}
+    )
+    token = login.json()["session_token"]
+    assert "Max-Age=86400" in login.headers["set-cookie"]
+    fresh = httpx.get(f"{server.url}/api/v2/users/me", cookies={"stockade_session": token})
+    assert "set-cookie" not in fresh.headers  # used within the minute: nothing to slide
+    two_minutes_ago = (
+        "CURRENT_TIMESTAMP - INTERVAL '2 minutes'"
+        if server.postgres_url
+        else "datetime('now', '-2 minutes')"
+    )
+    key_id = token.split("-")[0]
+    run_sql(
+        server,
+        request,
+        f"UPDATE api_keys SET last_used_at = {two_minutes_ago} WHERE id = '{key_id}'",
+    )
+    slid = httpx.get(f"{server.url}/api/v2/users/me", cookies={"stockade_session": token})
+    cookie = slid.headers["set-cookie"]
+    assert cookie.startswith(f"stockade_session={token}") and "Max-Age=86400" in cookie
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    # A bearer client gets no cookie it did not ask for.
+    run_sql(
+        server,
+        request,
+        f"UPDATE api_keys SET last_used_at = {two_minutes_ago} WHERE id = '{key_id}'",
+    )
+    bearer = httpx.get(
+        f"{server.url}/api/v2/users/me", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert "set-cookie" not in bearer.headers

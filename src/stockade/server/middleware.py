@@ -35,21 +35,28 @@ UPLOAD_LIMITS = (("POST", re.compile(r"^/api/v2/templates/[^/]+/versions$"), MAX
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def presented_token(headers: Headers) -> str | None:
-    """The credential a client sent: ``Authorization: Bearer``, our header, or
-    the session cookie (in that order)."""
+def presented_token(headers: Headers) -> tuple[str, bool] | None:
+    """The credential a client sent, and whether it came in the session cookie:
+    ``Authorization: Bearer``, our header, or the cookie (in that order)."""
     auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+            return value.strip(), False
     if headers.get(TOKEN_HEADER):
-        return headers[TOKEN_HEADER].strip()
+        return headers[TOKEN_HEADER].strip(), False
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")
         if name == SESSION_COOKIE and value:
-            return value
+            return value, True
     return None
+
+
+def session_cookie(token: str, max_age: int, *, secure: bool) -> str:
+    """The Set-Cookie value for a session (the login endpoint sets the same)."""
+    return f"{SESSION_COOKIE}={token}; HttpOnly; Max-Age={max_age}; Path=/; SameSite=lax" + (
+        "; Secure" if secure else ""
+    )
 
 
 def _has_nul(scope: Scope) -> bool:
@@ -130,9 +137,15 @@ class RequestMiddleware:
         state["audit"] = record
         state["request_id"] = request_id
         state["actor"] = None
-        token = presented_token(headers)
-        if token is not None and path.startswith("/api/"):
+        presented = presented_token(headers)
+        refreshed_cookie: str | None = None
+        if presented is not None and path.startswith("/api/"):
+            token, from_cookie = presented
             auth = await self.services.auth.authenticate(token, ip)
+            if from_cookie and auth.slid_for:
+                # The server-side expiry slid; the browser's copy must follow.
+                secure = bool(self.services.settings.secure_cookies)
+                refreshed_cookie = session_cookie(token, auth.slid_for, secure=secure)
             state["actor"] = auth.actor
             state["auth_problem"] = auth.problem
             if auth.actor is not None:
@@ -150,7 +163,14 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 started_response = True
                 status = message["status"]
-                MutableHeaders(scope=message)["x-request-id"] = request_id
+                response_headers = MutableHeaders(scope=message)
+                response_headers["x-request-id"] = request_id
+                sets_session = any(
+                    v.startswith(f"{SESSION_COOKIE}=")
+                    for v in response_headers.getlist("set-cookie")
+                )
+                if refreshed_cookie and not sets_session:  # logout's deletion wins
+                    response_headers.append("set-cookie", refreshed_cookie)
                 if audited:
                     await self._audit(scope, record, status)
             await send(message)

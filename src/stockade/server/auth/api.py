@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from stockade.sdk import types
 from stockade.server.authz import public, signed_in
 from stockade.server.deps import ActorDep, AuditDep, ServicesDep, client_ip
-from stockade.server.middleware import SESSION_COOKIE
+from stockade.server.middleware import SESSION_COOKIE, session_cookie
 from stockade.server.users.service import to_api
 
 router = APIRouter(prefix="/api/v2")
@@ -30,14 +30,13 @@ async def login(
     token, expires_at, user = await services.auth.login(
         body.username, body.password, ip=client_ip(request), record=record
     )
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        max_age=services.settings.session_lifetime_seconds,
-        httponly=True,
-        samesite="lax",
-        secure=bool(services.settings.secure_cookies),
-        path="/",
+    response.headers.append(
+        "set-cookie",
+        session_cookie(
+            token,
+            services.settings.session_lifetime_seconds,
+            secure=bool(services.settings.secure_cookies),
+        ),
     )
     return types.LoginResponse(session_token=token, expires_at=expires_at, user=to_api(user))
 

@@ -53,6 +53,7 @@ _KEY_WITH_USER = (
 class Authentication:
     actor: Actor | None
     problem: str | None = None  # why a presented credential was refused
+    slid_for: int | None = None  # a session's new lifetime, when this use extended it
 
 
 class AuthService:
@@ -79,6 +80,7 @@ class AuthService:
             return Authentication(None, "the session or API token has expired; sign in again")
         if key.status != "active":
             return Authentication(None, "your account is suspended; ask an administrator")
+        sliding = None
         if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
             sliding = key.lifetime_seconds if key.login_type == "password" else None
             await self._touch(key.id, key.user_id, sliding, now, ip)
@@ -89,7 +91,8 @@ class AuthService:
                 roles=frozenset(Role(r) for r in key.roles) | {Role.MEMBER},
                 api_key_id=key.id,
                 login_type=key.login_type,
-            )
+            ),
+            slid_for=sliding,
         )
 
     async def _touch(
@@ -204,6 +207,8 @@ class AuthService:
             lifetime_seconds=lifetime,
             created_at=now,
             expires_at=now + timedelta(seconds=lifetime),
+            # A new session counts as used now; a token stays unused until it is.
+            last_used_at=now if login_type == "password" else None,
             ip_address=ip,
         )
         session.add(key)
