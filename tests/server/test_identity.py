@@ -320,3 +320,20 @@ def test_the_browser_cookie_slides_with_the_session(
         f"{server.url}/api/v2/users/me", headers={"Authorization": f"Bearer {token}"}
     )
     assert "set-cookie" not in bearer.headers
+
+
+def test_old_password_guesses_share_the_login_budget(start_server: ServerFactory) -> None:
+    server = start_server(env={"STOCKADE_LOGIN_FAILURES_PER_USER": "3"})
+    with Client(server.url) as api:
+        api.create_first_user("boss", "boss@example.com", OWNER_PASSWORD)
+        api.login("boss", OWNER_PASSWORD)
+        codes = []
+        for _ in range(4):
+            try:
+                api.change_password("me", "Brand-New-Pass-9", old_password="guess-Number-1")
+            except ApiError as exc:
+                codes.append(exc.status)
+        assert codes == [400, 400, 400, 429]
+    with Client(server.url) as other, pytest.raises(ApiError) as login:
+        other.login("boss", OWNER_PASSWORD)  # the account's budget is spent for logins too
+    assert login.value.status == 429

@@ -29,12 +29,13 @@ class Services:
 
 def build_services(settings: Settings) -> Services:
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    auth = AuthService(db, settings)
     return Services(
         settings=settings,
         db=db,
         metrics=Metrics(),
-        auth=AuthService(db, settings),
-        users=UserService(db),
+        auth=auth,
+        users=UserService(db, password_guesses=auth.user_failures),
         templates=TemplateService(db),
         background=Background(),
     )

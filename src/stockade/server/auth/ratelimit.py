@@ -12,6 +12,12 @@ import time
 from collections import deque
 
 
+def account_key(user_id: str) -> str:
+    """The budget of password guesses against one account, shared by login and
+    by the old-password check of a password change."""
+    return f"user:{user_id}"
+
+
 class SlidingWindow:
     """At most ``limit`` events per ``window`` seconds for each key."""
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from stockade.sdk import types
 from stockade.server.audit.service import AuditRecord
 from stockade.server.auth import keys, passwords
-from stockade.server.auth.ratelimit import SlidingWindow
+from stockade.server.auth.ratelimit import SlidingWindow, account_key
 from stockade.server.authz import Actor, Perm, Role, authorize
 from stockade.server.db import ApiKey, Database, User
 from stockade.server.db.models import utcnow
@@ -133,7 +133,7 @@ class AuthService:
         # One budget per account however it is named (username or email), and
         # the attempt counts before the password is checked, so concurrent
         # guesses cannot all slip in before the first failure is recorded.
-        budget = f"user:{user.id}" if user else f"name:{ident}"
+        budget = account_key(user.id) if user else f"name:{ident}"
         user_wait = self.user_failures.retry_after(budget)
         if user_wait:
             record.details["result"] = "rate_limited_user"

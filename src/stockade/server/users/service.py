@@ -13,10 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from stockade.sdk import types
 from stockade.server.audit.service import AuditRecord, diff_fields, redact
 from stockade.server.auth import passwords
+from stockade.server.auth.ratelimit import SlidingWindow, account_key
 from stockade.server.authz import Actor, Perm, Role, assignable_roles, authorize, can
 from stockade.server.db import ApiKey, Database, User
 from stockade.server.db.models import SetupState, utcnow
-from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound
+from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 
 # Names that are also words in the API's paths (/users/me, /users/first...).
 RESERVED_USERNAMES = frozenset({"me", "first", "login", "logout", "admin-api", "system"})
@@ -78,8 +79,11 @@ def check_may_manage(actor: Actor, target: User) -> None:
 
 
 class UserService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, password_guesses: SlidingWindow) -> None:
         self.db = db
+        # Shared with login: a stolen session must not be a way around the
+        # login rate limit for guessing the account's password.
+        self.password_guesses = password_guesses
 
     async def first_user_required(self) -> bool:
         async with self.db.session() as session:
@@ -273,8 +277,17 @@ class UserService:
                     "old_password is required to change your own password",
                     reason="old_password_required",
                 )
+            budget = account_key(user.id)
+            wait = self.password_guesses.retry_after(budget)
+            if wait:
+                raise TooManyRequests(
+                    f"too many wrong passwords for this account; try again in {wait} s",
+                    retry_after=wait,
+                )
+            self.password_guesses.hit(budget)
             if not await passwords.verify_password(user.hashed_password, body.old_password):
                 raise InvalidInput("old_password is incorrect", reason="old_password_wrong")
+            self.password_guesses.reset(budget)
         passwords.check_policy(body.password, username=user.username, email=user.email)
         hashed = await passwords.hash_password(body.password)
         async with self.db.transaction() as session:
