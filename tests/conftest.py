@@ -7,7 +7,7 @@ import itertools
 import os
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ import pytest
 from stockade.devtools.postgres import TempPostgres, find_bindir
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
+from stockade.server.db import Database
 
 IN_CI = os.environ.get("CI") == "true"
 OWNER_PASSWORD = "Correct-Horse-42!"
@@ -144,3 +145,17 @@ def run_sql(server: ServerProcess, request: pytest.FixtureRequest, sql: str) -> 
     else:
         with sqlite3.connect(server.data_dir / "stockade.db") as db:
             db.execute(sql)
+
+
+@pytest.fixture
+async def empty_database(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Database]:
+    """A new, unmigrated database on the current backend, used in-process."""
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_cluster").create_database()
+        db = Database("postgresql+asyncpg://" + url.split("://", 1)[1])
+    else:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'stockade.db'}")
+    yield db
+    await db.dispose()

@@ -4,9 +4,7 @@ retention."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -137,17 +135,9 @@ def test_verify_names_the_tampered_entry(
 
 
 @pytest.fixture
-async def database(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Database]:
-    if backend == "postgres":
-        url = request.getfixturevalue("pg_cluster").create_database()
-        db = Database("postgresql+asyncpg://" + url.split("://", 1)[1])
-    else:
-        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}")
-    await migrate.upgrade(db)
-    yield db
-    await db.dispose()
+async def database(empty_database: Database) -> Database:
+    await migrate.upgrade(empty_database)
+    return empty_database
 
 
 async def test_retention_purge_keeps_the_rest_verifiable(database: Database) -> None:

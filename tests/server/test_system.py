@@ -114,21 +114,14 @@ def test_bad_settings_give_a_usage_error(tmp_path: Path) -> None:
     assert "invalid settings: address" in result.stderr and "Traceback" not in result.stderr
 
 
-async def test_migrations_match_the_models(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
-    if backend == "postgres":
-        url = request.getfixturevalue("pg_cluster").create_database()
-        db = Database("postgresql+asyncpg://" + url.split("://", 1)[1])
-    else:
-        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+async def test_migrations_match_the_models(empty_database: Database) -> None:
+    db = empty_database
     await migrate.upgrade(db)
     await migrate.upgrade(db)  # idempotent
     async with db.engine.connect() as conn:
         diff = await conn.run_sync(
             lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
         )
-    await db.dispose()
     assert diff == [], f"models and migrations differ; add a migration: {diff}"
 
 
