@@ -134,6 +134,9 @@ def test_verify_names_the_tampered_entry(
         assert "newest entries were deleted" in (result.problem or "")
 
 
+KEY = b"test-audit-key"
+
+
 @pytest.fixture
 async def database(empty_database: Database) -> Database:
     await migrate.upgrade(empty_database)
@@ -145,23 +148,27 @@ async def test_retention_purge_keeps_the_rest_verifiable(database: Database) -> 
     async with database.transaction() as session:
         for age_days in (40, 35, 31, 10, 1):
             await audit.append(
-                session, action="test.event", status_code=200, when=now - timedelta(days=age_days)
+                session,
+                key=KEY,
+                action="test.event",
+                status_code=200,
+                when=now - timedelta(days=age_days),
             )
-    assert (await audit.verify(database)).ok
-    assert await audit.purge(database, older_than_days=30, now=now) == 3
-    result = await audit.verify(database)
+    assert (await audit.verify(database, key=KEY)).ok
+    assert await audit.purge(database, key=KEY, older_than_days=30, now=now) == 3
+    result = await audit.verify(database, key=KEY)
     assert result.ok and result.checked == 3  # two kept entries and the purge record
     rows, _ = await audit.list_entries(database, audit.AuditFilter(), limit=10, offset=0)
     assert [r.action for r in rows] == ["audit.purge", "test.event", "test.event"]
     assert rows[0].details["purged"] == 3 and rows[0].details["anchor_seq"] == 3
-    assert await audit.purge(database, older_than_days=30, now=now) == 0
+    assert await audit.purge(database, key=KEY, older_than_days=30, now=now) == 0
 
     # Deleting the oldest remaining entry, as a purge would but without one, shows.
     async with database.transaction() as session:
         from sqlalchemy import delete
 
         await session.execute(delete(AuditEntry).where(AuditEntry.seq == 4))
-    broken = await audit.verify(database)
+    broken = await audit.verify(database, key=KEY)
     assert not broken.ok and broken.first_bad_seq == 5
 
 
@@ -169,10 +176,10 @@ async def test_concurrent_appends_keep_one_chain(database: Database) -> None:
     import asyncio
 
     async def one(i: int) -> None:
-        await audit.write_record(database, audit.AuditRecord(action=f"test.{i}"), 200)
+        await audit.write_record(database, audit.AuditRecord(action=f"test.{i}"), 200, key=KEY)
 
     await asyncio.gather(*(one(i) for i in range(40)))
-    result = await audit.verify(database)
+    result = await audit.verify(database, key=KEY)
     assert result.ok and result.checked == 40
 
 
@@ -201,3 +208,25 @@ def test_requests_refused_before_a_handler_are_recorded_by_route(
     assert refused.status_code == 403 and refused.user_id == member.me().id
     unmatched = next(e for e in entries if e.action == "POST unmatched")
     assert unmatched.status_code == 404 and unmatched.details["path"] == long_path[:256]
+
+
+async def test_rewriting_history_needs_the_key(database: Database) -> None:
+    """Someone who can write the database but not read the key recomputes an
+    edited entry's hash and the next entry's link: the chain still breaks."""
+    from sqlalchemy import select, update
+
+    for i in range(3):
+        await audit.write_record(database, audit.AuditRecord(action=f"test.{i}"), 200, key=KEY)
+    async with database.transaction() as session:
+        second = (await session.execute(select(AuditEntry).where(AuditEntry.seq == 2))).scalar_one()
+        fields = {**audit.row_fields(second), "username": "mallory"}
+        forged = audit.entry_hash(fields, b"a guessed key")
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.seq == 2).values(username="mallory", hash=forged)
+        )
+        await session.execute(
+            update(AuditEntry).where(AuditEntry.seq == 3).values(prev_hash=forged)
+        )
+    result = await audit.verify(database, key=KEY)
+    assert not result.ok and result.first_bad_seq == 2
+    assert "modified" in (result.problem or "")

@@ -145,6 +145,11 @@ def test_state_survives_a_restart(start_server: ServerFactory) -> None:
     with Client(server.url, token) as api:
         assert api.me().username == "boss"
         assert api.verify_audit().ok
+    # The database holds hashes and the audit log; the chain's key sits beside it.
+    import stat
+
+    assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((server.data_dir / "audit.key").stat().st_mode) == 0o600
 
 
 def test_oversized_bodies_are_refused_with_413(server: ServerProcess) -> None:

@@ -99,7 +99,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             days = settings.audit_retention_days
 
             async def purge() -> None:
-                await audit_service.purge(services.db, older_than_days=days)
+                await audit_service.purge(services.db, key=services.audit_key, older_than_days=days)
 
             services.background.every("audit_retention", 3600, purge)
         services.background.start()

@@ -218,7 +218,7 @@ class RequestMiddleware:
             if template is None:
                 record.details["path"] = scope["path"][:256]
         try:
-            await write_record(self.services.db, record, status)
+            await write_record(self.services.db, record, status, key=self.services.audit_key)
         except Exception:
             # The action itself already happened; losing its audit entry must be
             # loud, but turning the answer into an error would mislead the client.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
 from stockade.server.db import Database
@@ -25,6 +26,7 @@ class Services:
     users: UserService
     templates: TemplateService
     background: Background
+    audit_key: bytes
 
 
 def build_services(settings: Settings) -> Services:
@@ -38,4 +40,5 @@ def build_services(settings: Settings) -> Services:
         users=UserService(db, password_guesses=auth.user_failures),
         templates=TemplateService(db),
         background=Background(),
+        audit_key=load_key(settings.audit_key, settings.data_dir),
     )

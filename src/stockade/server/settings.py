@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         None,
         description="Mark session cookies Secure. Default: on when the access URL is https.",
     )
+    audit_key: str = Field(
+        "",
+        description="Secret key of the audit log's HMAC chain. Empty: a random key is "
+        "created in DATA_DIR/audit.key. Keep it away from the database (whoever has both can "
+        "rewrite history); replicas must all use the same one.",
+    )
     trusted_proxies: str = Field(
         "",
         description="Comma-separated IPs of reverse proxies whose X-Forwarded-For and "

@@ -55,7 +55,7 @@ async def list_audit(
 @router.get("/verify")
 async def verify_audit(services: ServicesDep) -> types.AuditVerification:
     """Recompute the hash chain and name the first entry that no longer fits."""
-    result = await service.verify(services.db)
+    result = await service.verify(services.db, key=services.audit_key)
     return types.AuditVerification.model_validate(result)
 
 

@@ -1,8 +1,10 @@
 """Append, query, verify, export and purge the audit log.
 
-Each entry's ``hash`` is SHA-256 over its canonical JSON (every column but
-``hash``, including ``prev_hash``), so an edited, deleted or reordered row no
-longer matches. The chain head (last seq and hash) and its anchor (the last
+Each entry's ``hash`` is an HMAC-SHA-256, under a key kept outside the
+database, of its canonical JSON (every column but ``hash``, including
+``prev_hash``): an edited, deleted or reordered row no longer matches, and
+someone who can write the database but not read the key cannot recompute the
+chain. The chain head (last seq and hash) and its anchor (the last
 purged entry) live in ``audit_head``; a purge moves the anchor and is itself
 recorded as a chained entry, so what remains stays verifiable and a silent
 deletion of the oldest rows still shows.
@@ -11,10 +13,14 @@ deletion of the oldest rows still shows.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, delete, func, or_, select, update
@@ -87,12 +93,29 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
-def entry_hash(fields: dict[str, Any]) -> str:
+def entry_hash(fields: dict[str, Any], key: bytes) -> str:
     body = {k: v for k, v in fields.items() if k != "hash"}
     when = body["time"]
     body["time"] = when.astimezone(UTC).isoformat(timespec="microseconds")
     data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(data.encode()).hexdigest()
+    return hmac.new(key, data.encode(), hashlib.sha256).hexdigest()
+
+
+def load_key(secret: str, data_dir: Path) -> bytes:
+    """The chain's key: the configured secret, or a random one created once in
+    the data directory (0600). Replicas must share a configured secret."""
+    if secret:
+        return secret.encode()
+    path = data_dir / "audit.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 _HASHED_COLUMNS = [
@@ -122,6 +145,7 @@ def row_fields(row: AuditEntry) -> dict[str, Any]:
 async def append(
     session: AsyncSession,
     *,
+    key: bytes,
     action: str,
     status_code: int,
     user_id: str | None = None,
@@ -164,7 +188,7 @@ async def append(
         "status_code": status_code,
         "prev_hash": head.last_hash,
     }
-    fields["hash"] = entry_hash(fields)
+    fields["hash"] = entry_hash(fields, key)
     entry = AuditEntry(**fields)
     session.add(entry)
     await session.execute(
@@ -173,10 +197,13 @@ async def append(
     return entry
 
 
-async def write_record(db: Database, record: AuditRecord, status_code: int) -> AuditEntry:
+async def write_record(
+    db: Database, record: AuditRecord, status_code: int, *, key: bytes
+) -> AuditEntry:
     async with db.transaction() as session:
         return await append(
             session,
+            key=key,
             action=record.action or "unknown",
             status_code=status_code,
             user_id=record.user_id,
@@ -271,7 +298,7 @@ class Verification:
     problem: str | None = None
 
 
-async def verify(db: Database, *, batch: int = 1000) -> Verification:
+async def verify(db: Database, *, key: bytes, batch: int = 1000) -> Verification:
     """Walk the chain from its anchor to its head; report the first entry whose
     content or position no longer matches."""
     async with db.session() as session:
@@ -322,7 +349,7 @@ async def verify(db: Database, *, batch: int = 1000) -> Verification:
                     f"entry {row.seq} does not follow entry {row.seq - 1}: that entry was "
                     "changed, or this one was moved",
                 )  # fmt: skip
-            if entry_hash(row_fields(row)) != row.hash:
+            if entry_hash(row_fields(row), key) != row.hash:
                 return Verification(
                     False, checked, row.seq, row.id,
                     f"entry {row.seq} was modified after it was written",
@@ -344,7 +371,9 @@ async def verify(db: Database, *, batch: int = 1000) -> Verification:
     return Verification(True, checked)
 
 
-async def purge(db: Database, *, older_than_days: int, now: datetime | None = None) -> int:
+async def purge(
+    db: Database, *, key: bytes, older_than_days: int, now: datetime | None = None
+) -> int:
     """Delete the oldest entries older than the retention period, move the
     anchor past them and record the purge in the chain. Returns the count."""
     cutoff = (now or utcnow()) - timedelta(days=older_than_days)
@@ -371,6 +400,7 @@ async def purge(db: Database, *, older_than_days: int, now: datetime | None = No
         )
         await append(
             session,
+            key=key,
             action="audit.purge",
             status_code=200,
             resource_type="audit_log",
