@@ -30,10 +30,6 @@ async def get_audit(request: Request) -> AuditRecord:
     return record
 
 
-def client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 ServicesDep = Annotated["Services", Depends(get_services)]
 ActorDep = Annotated[Actor, Depends(get_actor)]
 AuditDep = Annotated[AuditRecord, Depends(get_audit)]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from stockade.sdk import types
 from stockade.server.authz import public, signed_in
-from stockade.server.deps import ActorDep, AuditDep, ServicesDep, client_ip
+from stockade.server.deps import ActorDep, AuditDep, ServicesDep
 from stockade.server.middleware import SESSION_COOKIE, session_cookie
 from stockade.server.users.service import to_api
 
@@ -20,7 +20,6 @@ router = APIRouter(prefix="/api/v2")
 )
 async def login(
     body: types.LoginRequest,
-    request: Request,
     response: Response,
     services: ServicesDep,
     record: AuditDep,
@@ -28,7 +27,7 @@ async def login(
     """Sign in with a password. Sets the session cookie and returns the same
     token for clients that send it as ``Authorization: Bearer``."""
     token, expires_at, user = await services.auth.login(
-        body.username, body.password, ip=client_ip(request), record=record
+        body.username, body.password, ip=record.ip or "unknown", record=record
     )
     response.headers.append(
         "set-cookie",
@@ -45,7 +44,7 @@ async def login(
 async def logout(
     response: Response, actor: ActorDep, services: ServicesDep, record: AuditDep
 ) -> None:
-    """End the current session (or revoke the token used for this request)."""
+    """End the current session (an API token is revoked with DELETE .../tokens/{token})."""
     await services.auth.logout(actor, record)
     response.delete_cookie(SESSION_COOKIE, path="/")
 
