@@ -77,6 +77,9 @@ class Compute(_Strict):
     cpu: float | str | None = Field(None, description="CPU cores, or ${parameter}")
     memory: str | None = Field(None, description="e.g. 2GiB, or ${parameter}")
     home_size: str | None = Field(None, description="e.g. 10GiB, or ${parameter}")
+    gpus: int | str | None = Field(
+        None, description="GPUs to request (docker device requests), or ${parameter}"
+    )
 
 
 class MetadataItem(_Strict):
@@ -357,7 +360,7 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
                 yield (*at, "default"), f"default {problem}", False
     by_name = {p.name: p for p in manifest.parameters}
     compute = manifest.compute
-    for field in ("image", "cpu", "memory", "home_size"):
+    for field in ("image", "cpu", "memory", "home_size", "gpus"):
         value = getattr(compute, field)
         if not isinstance(value, str):
             continue
@@ -368,10 +371,14 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
             continue
         if field == "cpu":
             yield ("compute", field), "must be a number of cores or ${parameter}", False
+        elif field == "gpus":
+            yield ("compute", field), "must be a number of GPUs or ${parameter}", False
         elif field in ("memory", "home_size") and parse_size(value) is None:
             yield ("compute", field), f"{value!r} is not a size such as 512MiB or 4GiB", False
     if isinstance(compute.cpu, float | int) and compute.cpu <= 0:
         yield ("compute", "cpu"), "must be greater than 0", False
+    if isinstance(compute.gpus, int) and compute.gpus < 0:
+        yield ("compute", "gpus"), "must be 0 or more", False
     if manifest.backend == "docker" and not compute.image:
         yield ("compute", "image"), "the docker backend needs an image", True
     if manifest.backend == "local" and compute.image:
@@ -408,6 +415,84 @@ def parse_size(text: str) -> int | None:
     if not binary and unit:
         base = 1000
     return int(float(number) * base**power)
+
+
+@dataclass(frozen=True)
+class ResolvedCompute:
+    """A manifest's compute settings with ``${parameter}`` references replaced
+    by a workspace's values and sizes in bytes; ``None`` where not set."""
+
+    image: str | None
+    cpu: float | None
+    memory_bytes: int | None
+    home_bytes: int | None
+    gpus: int
+
+
+class ComputeError(ValueError):
+    """A parameter value does not fit the compute field that refers to it."""
+
+    def __init__(self, field: str, parameter: str | None, reason: str) -> None:
+        self.field = field
+        self.parameter = parameter
+        via = (
+            f"parameter {parameter!r} (used as compute.{field})"
+            if parameter
+            else f"compute.{field}"
+        )
+        super().__init__(f"{via}: {reason}")
+
+
+def resolve_compute(compute: Compute, values: dict[str, Any]) -> ResolvedCompute:
+    """Substitute parameter values into ``compute``; raise ``ComputeError``
+    naming the parameter when a value cannot serve as that field."""
+
+    def raw(field: str) -> tuple[Any, str | None]:
+        value = getattr(compute, field)
+        ref = _REFERENCE.match(value) if isinstance(value, str) else None
+        if ref is None:
+            return value, None
+        return values.get(ref.group(1)), ref.group(1)
+
+    image, image_param = raw("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise ComputeError("image", image_param, "must be a non-empty image name")
+    cpu, cpu_param = raw("cpu")
+    if cpu is not None:
+        if isinstance(cpu, bool) or not isinstance(cpu, int | float | str):
+            raise ComputeError("cpu", cpu_param, "must be a number of cores")
+        try:
+            cpu = float(cpu)
+        except ValueError:
+            raise ComputeError("cpu", cpu_param, f"{cpu!r} is not a number of cores") from None
+        if not math.isfinite(cpu) or cpu <= 0:
+            raise ComputeError("cpu", cpu_param, "must be more than 0 cores")
+    sizes: dict[str, int | None] = {}
+    for field in ("memory", "home_size"):
+        value, param = raw(field)
+        if value is None or value == "":
+            sizes[field] = None
+            continue
+        size = parse_size(value) if isinstance(value, str) else None
+        if size is None or size <= 0:
+            raise ComputeError(field, param, f"{value!r} is not a size such as 512MiB or 4GiB")
+        sizes[field] = size
+    gpus, gpu_param = raw("gpus")
+    if gpus is None:
+        gpus = 0
+    if isinstance(gpus, str) and gpus.isdigit():
+        gpus = int(gpus)
+    if isinstance(gpus, float) and gpus.is_integer():
+        gpus = int(gpus)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise ComputeError("gpus", gpu_param, f"{gpus!r} is not a whole number of GPUs")
+    return ResolvedCompute(
+        image=image,
+        cpu=cpu,
+        memory_bytes=sizes["memory"],
+        home_bytes=sizes["home_size"],
+        gpus=gpus,
+    )
 
 
 # --- parsing ----------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Workspace backends behind one contract (``base.Backend``)."""

@@ -1,0 +1,211 @@
+"""The contract every workspace backend keeps.
+
+A backend turns a workspace build into compute: it starts, stops and deletes
+the resources of one workspace, and says whether they run. It is a small
+plug-in in the spirit of JupyterHub's ``Spawner`` (start / stop / poll), with
+three differences that come from builds being jobs in a database queue:
+
+* **State is data, not memory.** Every call gets the JSON ``state`` the
+  previous successful call returned (``{}`` for a new workspace) and returns
+  the new one; the provisioner stores it in the database. Any worker, in any
+  process, may run the next build of a workspace, so a backend keeps nothing
+  about a workspace in its own attributes.
+* **Every call is idempotent and finds its resources by name.** A worker can
+  be killed (``kill -9``) at any point of a build; the job is then retried on
+  another worker with the *old* state. ``start`` must therefore adopt compute
+  that is already there (named after ``spec.workspace_id``) instead of
+  creating a second one; ``stop`` and ``delete`` of something already gone
+  succeed.
+* **Progress and errors are typed.** Calls report what they do through
+  ``progress`` (stages and log lines, shown live to the user and stored with
+  the build) and fail only with ``BackendError``, whose message a user can act
+  on and whose ``reason`` is a short metrics label.
+
+Calls:
+
+``start(spec, state, progress) -> state``
+    Create what is missing (home storage, compute) and start the compute with
+    the workspace init (``INIT_SCRIPT`` until the agent lands: it runs the
+    template's startup script, then waits). Returns once the compute runs and
+    the startup script has ended, its output forwarded to ``progress`` line by
+    line. A startup script that fails is a warning in the log, not a failed
+    build: the compute runs and its owner can get in to fix it. If the compute
+    already runs with the same ``spec.config_hash`` it is adopted (and the
+    startup script's output so far is still forwarded); with another hash it is
+    replaced (an update). The home storage always survives.
+``stop(spec, state, progress) -> state``
+    Stop the compute and release it; the home storage stays.
+``delete(spec, state, progress) -> None``
+    Remove the compute and the home storage. Nothing of the workspace remains.
+``status(workspace_id, state) -> ComputeStatus``
+    Whether the compute runs now (cheap; called by the reconciler).
+``reconcile(live) -> list[Orphan]``
+    Remove every resource this backend made for this deployment whose
+    workspace id is not in ``live`` (workspaces that are not deleted), and
+    return what was removed. Called periodically by the server.
+``close()``
+    Release clients and connections.
+
+Cancellation: a build can be canceled; the worker then cancels the task that
+awaits the call (``asyncio.CancelledError`` is raised inside it). A backend
+cleans up what it must and lets the error propagate.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+from stockade.sdk.templates import Manifest, ResolvedCompute
+
+# What each workspace's compute runs until the agent (a later issue) replaces
+# it: the template's startup script (given in $STOCKADE_STARTUP_SCRIPT), with
+# markers around its output that tell the backend when it has ended, then an
+# idle wait that exits on SIGTERM.
+STARTUP_BEGIN_MARKER = "stockade: startup script begins"
+STARTUP_END_MARKER = "stockade: startup script finished with exit code"
+INIT_SCRIPT = f"""\
+cd "$HOME" 2>/dev/null || cd /
+echo "{STARTUP_BEGIN_MARKER}"
+/bin/sh -c "$STOCKADE_STARTUP_SCRIPT" </dev/null 2>&1
+echo "{STARTUP_END_MARKER} $?"
+trap 'exit 0' TERM INT HUP
+while :; do sleep 3600 & wait $!; done
+"""
+
+
+def startup_exit_code(line: str) -> int | None:
+    """The exit code when ``line`` is the init script's end marker."""
+    if not line.startswith(STARTUP_END_MARKER):
+        return None
+    try:
+        return int(line[len(STARTUP_END_MARKER) :].strip())
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """Everything a backend needs to know about one workspace for one build."""
+
+    workspace_id: str
+    workspace_name: str
+    owner_id: str
+    owner_username: str
+    # Labels resources so that reconcile() only ever touches this deployment's.
+    deployment_id: str
+    build_id: str
+    build_number: int
+    template_name: str
+    template_version: int
+    manifest: Manifest
+    parameters: dict[str, Any]
+    compute: ResolvedCompute
+    # The template's files, extracted; read-only for the backend.
+    files_dir: Path
+    # The URL the compute reaches the control plane at (for the agent).
+    access_url: str
+    # Environment for the workspace's processes (agent token, ids, ...).
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str:
+        """Changes when anything the compute is made from changes."""
+        data = {
+            "version": [self.template_name, self.template_version],
+            "parameters": self.parameters,
+            "compute": self.compute.__dict__,
+            "startup": self.manifest.agent.startup_script,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How the host running the provisioner is set up (server settings or
+    ``stockade provisionerd start`` flags)."""
+
+    # local: each workspace gets WORKSPACES_DIR/<workspace id>/ (home and run files).
+    workspaces_dir: Path
+    # local: run workspaces without bubblewrap when bwrap is missing.
+    allow_unsandboxed: bool = False
+    # docker: the Engine API URL; empty = $DOCKER_HOST or the local socket.
+    docker_host: str = ""
+    # docker: the network workspaces join; empty = stockade-<deployment id[:12]>.
+    docker_network: str = ""
+
+
+class Progress(Protocol):
+    """Where a backend reports what it is doing."""
+
+    async def stage(self, name: str) -> None:
+        """Begin a stage ("Creating home volume", "Starting container"...);
+        the previous one ends. Stages and their timings are shown per build."""
+
+    async def log(self, line: str, *, level: Literal["info", "warn", "error"] = "info") -> None:
+        """One line of output (no trailing newline)."""
+
+
+@dataclass(frozen=True)
+class ComputeStatus:
+    """``running``; ``stopped`` (exists, not running: ``detail`` says why, such
+    as an exit code); or ``missing`` (nothing there)."""
+
+    state: Literal["running", "stopped", "missing"]
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A resource reconcile() removed: kind ("container", "volume", "process",
+    "home"), its name, and the workspace id it belonged to."""
+
+    kind: str
+    name: str
+    workspace_id: str
+
+
+class BackendError(Exception):
+    """A build step failed. ``message`` is for the workspace's owner and says
+    what to do; ``reason`` is a low-cardinality label (``image_missing``,
+    ``docker_unreachable``...); ``log_message`` may add detail for operators."""
+
+    def __init__(self, message: str, *, reason: str, log_message: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.log_message = log_message or message
+
+
+class Backend(abc.ABC):
+    """A workspace backend; see the module docstring for the whole contract."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(
+        self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress
+    ) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def stop(
+        self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress
+    ) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def delete(
+        self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def status(self, workspace_id: str, state: dict[str, Any]) -> ComputeStatus: ...
+
+    @abc.abstractmethod
+    async def reconcile(self, live: set[str]) -> list[Orphan]: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients; the default has nothing to release."""
