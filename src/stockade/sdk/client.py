@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -242,6 +242,103 @@ class Client:
 
     def archive_template(self, name: str) -> types.Template:
         return self._send("POST", f"/api/v2/templates/{_seg(name)}/archive", types.Template)
+
+    # --- workspaces --------------------------------------------------------------
+
+    @staticmethod
+    def _ws(owner: str, name: str) -> str:
+        return f"/api/v2/workspaces/{_seg(owner)}/{_seg(name)}"
+
+    def list_workspaces(self, *, owner: str | None = None) -> types.WorkspaceList:
+        return self._get("/api/v2/workspaces", types.WorkspaceList, owner=owner)
+
+    def create_workspace(
+        self,
+        name: str,
+        template: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        owner: str | None = None,
+    ) -> types.Workspace:
+        body = types.CreateWorkspaceRequest.model_construct(
+            name=name, template=template, parameters=parameters or {}, owner=owner
+        )
+        return self._send("POST", "/api/v2/workspaces", types.Workspace, body)
+
+    def get_workspace(self, owner: str, name: str) -> types.Workspace:
+        return self._get(self._ws(owner, name), types.Workspace)
+
+    def list_builds(self, owner: str, name: str) -> list[types.WorkspaceBuild]:
+        return self._get(f"{self._ws(owner, name)}/builds", types.WorkspaceBuildList).builds
+
+    def get_build(self, owner: str, name: str, number: int) -> types.WorkspaceBuild:
+        return self._get(f"{self._ws(owner, name)}/builds/{number}", types.WorkspaceBuild)
+
+    def create_build(
+        self,
+        owner: str,
+        name: str,
+        transition: Literal["start", "stop", "restart", "delete"],
+        *,
+        update: bool = False,
+        parameters: dict[str, Any] | None = None,
+        cancel_running: bool = False,
+    ) -> types.WorkspaceBuild:
+        """Queue start, stop, restart or delete (see the API for each)."""
+        body = types.CreateBuildRequest.model_construct(
+            transition=transition,
+            update=update,
+            parameters=parameters or {},
+            cancel_running=cancel_running,
+        )
+        return self._send("POST", f"{self._ws(owner, name)}/builds", types.WorkspaceBuild, body)
+
+    def cancel_build(self, owner: str, name: str, number: int) -> types.WorkspaceBuild:
+        return self._send(
+            "POST", f"{self._ws(owner, name)}/builds/{number}/cancel", types.WorkspaceBuild
+        )
+
+    def build_logs(
+        self, owner: str, name: str, *, build: int | None = None, after: int = 0
+    ) -> types.BuildLogList:
+        return self._get(
+            f"{self._ws(owner, name)}/logs", types.BuildLogList, build=build, after=after
+        )
+
+    def follow_build_logs(
+        self, owner: str, name: str, *, build: int | None = None, after: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Events as the server sends them: ``{"type": "log", ...}`` lines,
+        then one ``{"type": "end", "status": ...}``."""
+        params = _params(build=build, after=after, follow="true")
+        try:
+            with self._http.stream(
+                "GET",
+                f"{self._ws(owner, name)}/logs",
+                params=params,
+                headers=self._headers(),
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                for line in response.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"lost the log stream from {self.url}: {exc}") from exc
+
+    # --- provisioner keys ------------------------------------------------------------
+
+    def list_provisioner_keys(self) -> list[types.ProvisionerKey]:
+        return self._get("/api/v2/provisioner-keys", types.ProvisionerKeyList).keys
+
+    def create_provisioner_key(self, name: str) -> types.CreatedProvisionerKey:
+        body = types.CreateProvisionerKeyRequest.model_construct(name=name)
+        return self._send("POST", "/api/v2/provisioner-keys", types.CreatedProvisionerKey, body)
+
+    def delete_provisioner_key(self, name: str) -> None:
+        self.request("DELETE", f"/api/v2/provisioner-keys/{_seg(name)}")
 
     # --- audit -----------------------------------------------------------------
 

@@ -214,3 +214,214 @@ class TemplateVersionList(Response):
 
 class ActivateTemplateVersionRequest(Request):
     version: int = Field(ge=1, le=2**31 - 1, description="the version number to make active")
+
+
+# --- workspaces and builds ----------------------------------------------------------
+
+WORKSPACE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
+WORKSPACE_NAME_HELP = (
+    "1-32 characters: lowercase letters, digits and hyphens, starting and ending "
+    "with a letter or digit (it becomes a host name)"
+)
+WorkspaceStatus = Literal[
+    "pending",
+    "starting",
+    "running",
+    "stopping",
+    "stopped",
+    "failed",
+    "canceling",
+    "canceled",
+    "deleting",
+    "deleted",
+]
+Transition = Literal["start", "stop", "delete"]
+BuildStatus = Literal["pending", "running", "canceling", "succeeded", "failed", "canceled"]
+ParameterValue = str | float | bool | list[str]
+
+
+class BuildStage(Response):
+    name: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    seconds: float | None = None
+
+
+class WorkspaceBuild(Response):
+    id: str
+    workspace_id: str
+    workspace_name: str
+    owner_name: str
+    number: int
+    transition: Transition
+    restart: bool = Field(description="a stop that queues a start when it succeeds")
+    status: BuildStatus
+    reason: str | None = Field(None, description="why it failed or was canceled (a short label)")
+    error: str | None = Field(None, description="what went wrong, for the user")
+    initiator_id: str
+    initiator_name: str
+    template_version_id: str
+    template_version: int
+    parameters: dict[str, Any]
+    stages: list[BuildStage]
+    attempts: int
+    worker_name: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class WorkspaceBuildList(Response):
+    builds: list[WorkspaceBuild]
+
+
+class Workspace(Response):
+    id: str
+    name: str
+    owner_id: str
+    owner_name: str
+    template_id: str
+    template_name: str
+    template_version_id: str
+    template_version: int
+    outdated: bool = Field(description="the template has another active version")
+    backend: str
+    status: WorkspaceStatus
+    parameters: dict[str, Any]
+    compute_status: str | None = Field(
+        None, description="what the reconciler last saw: running, stopped or missing"
+    )
+    compute_detail: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    latest_build: WorkspaceBuild
+
+
+class WorkspaceList(Response):
+    workspaces: list[Workspace]
+    count: int
+
+
+class CreateWorkspaceRequest(Request):
+    name: str = Field(
+        pattern=WORKSPACE_NAME_PATTERN, min_length=1, max_length=32, description=WORKSPACE_NAME_HELP
+    )
+    template: str = Field(min_length=1, max_length=64, description="template name")
+    parameters: dict[str, ParameterValue] = Field(
+        default_factory=dict, description="parameter values by name; defaults fill the rest"
+    )
+    owner: str | None = Field(
+        None, max_length=32, description="create it for another user (owners and user-admins)"
+    )
+
+
+class CreateBuildRequest(Request):
+    transition: Literal["start", "stop", "delete", "restart"]
+    update: bool = Field(
+        False, description="start: build on the template's active version (an update)"
+    )
+    parameters: dict[str, ParameterValue] = Field(
+        default_factory=dict, description="start: new values for mutable parameters"
+    )
+    cancel_running: bool = Field(
+        False, description="cancel the unfinished build instead of refusing with 409"
+    )
+
+
+class BuildLogLine(Response):
+    id: int
+    time: datetime
+    stage: str
+    level: Literal["info", "warn", "error"]
+    line: str
+
+
+class BuildLogList(Response):
+    logs: list[BuildLogLine]
+    build_status: BuildStatus
+
+
+# --- provisioner keys and the provisioner daemon's protocol -------------------------
+
+PROVISIONER_KEY_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
+
+
+class ProvisionerKey(Response):
+    id: str
+    name: str
+    created_by: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+
+class ProvisionerKeyList(Response):
+    keys: list[ProvisionerKey]
+
+
+class CreateProvisionerKeyRequest(Request):
+    name: str = Field(
+        pattern=PROVISIONER_KEY_NAME_PATTERN,
+        min_length=1,
+        max_length=64,
+        description="lowercase letters, digits and hyphens",
+    )
+
+
+class CreatedProvisionerKey(ProvisionerKey):
+    key: str = Field(description="the secret; shown once")
+
+
+class AcquireJobRequest(Request):
+    worker_id: str = Field(min_length=1, max_length=64)
+    worker_name: str = Field("", max_length=128)
+    backends: list[Literal["local", "docker"]] = Field(min_length=1)
+
+
+class ProvisionerJob(Response):
+    """A leased build, with what a worker needs to run it."""
+
+    build_id: str
+    build_number: int
+    transition: Transition
+    workspace_id: str
+    workspace_name: str
+    owner_id: str
+    owner_name: str
+    deployment_id: str
+    template_name: str
+    template_version: int
+    manifest: dict[str, Any]
+    parameters: dict[str, Any]
+    state: dict[str, Any]
+    access_url: str
+    lease_seconds: int
+    timeout_seconds: int
+    archive_sha256: str
+
+
+class JobHeartbeat(Response):
+    cancel: bool = Field(description="the build was canceled: stop working on it")
+
+
+class JobLogLine(Request):
+    stage: str = Field("", max_length=128)
+    level: Literal["info", "warn", "error"] = "info"
+    line: str = Field(max_length=65536)
+
+
+class JobLogs(Request):
+    worker_id: str = Field(min_length=1, max_length=64)
+    stage_started: str | None = Field(None, max_length=128, description="a stage began")
+    lines: list[JobLogLine] = Field(default_factory=list, max_length=1000)
+
+
+class CompleteJobRequest(Request):
+    worker_id: str = Field(min_length=1, max_length=64)
+    status: Literal["succeeded", "failed", "canceled"]
+    state: dict[str, Any] | None = Field(None, description="the backend's new state")
+    reason: str | None = Field(None, max_length=64)
+    error: str | None = Field(None, max_length=8192)
+
+
+class JobHeartbeatRequest(Request):
+    worker_id: str = Field(min_length=1, max_length=64)

@@ -22,12 +22,14 @@ from stockade.server.db import migrate
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
 from stockade.server.observability import get_logger
+from stockade.server.provisioning import api as provisioning_api
 from stockade.server.services import Services, build_services
 from stockade.server.settings import Settings
 from stockade.server.system import api as system_api
 from stockade.server.templates import api as templates_api
 from stockade.server.users import api as users_api
 from stockade.server.validation import describe_validation_errors
+from stockade.server.workspaces import api as workspaces_api
 
 log = get_logger("stockade.server")
 
@@ -102,6 +104,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
                 await audit_service.purge(services.db, key=services.audit_key, older_than_days=days)
 
             services.background.every("audit_retention", 3600, purge)
+        await services.provisioner.start()
+        services.background.every(
+            "build_reaper", max(1.0, settings.job_lease_seconds / 3), services.provisioner.reap
+        )
+        services.background.every(
+            "reconciler", settings.reconcile_interval_seconds, services.provisioner.reconcile
+        )
         services.background.start()
         log.info(
             "server_ready",
@@ -113,6 +122,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             yield
         finally:
             await services.background.stop()
+            await services.provisioner.stop()
             await services.db.dispose()
             log.info("server_stopped")
 
@@ -135,6 +145,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         audit_api.router,
         system_api.router,
         templates_api.router,
+        workspaces_api.router,
+        provisioning_api.router,
     ):
         app.router.routes.extend(router.routes)
     check_routes(app.routes)

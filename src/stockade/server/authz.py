@@ -46,6 +46,10 @@ class Perm(StrEnum):
     DEPLOYMENT_READ = "deployment.read"
     TEMPLATE_READ = "template.read"  # active, non-archived templates
     TEMPLATE_WRITE = "template.write"  # push, activate, archive; see archived ones
+    WORKSPACE_READ = "workspace.read"
+    WORKSPACE_CREATE = "workspace.create"
+    WORKSPACE_BUILD = "workspace.build"  # start, stop, restart, update, delete, cancel
+    PROVISIONER_ADMIN = "provisioner.admin"  # provisioner keys
 
 
 _USER_ADMIN = {
@@ -57,6 +61,9 @@ _USER_ADMIN = {
     Perm.USER_PASSWORD,
     Perm.API_KEY_READ,
     Perm.API_KEY_DELETE,
+    Perm.WORKSPACE_READ,
+    Perm.WORKSPACE_CREATE,
+    Perm.WORKSPACE_BUILD,
 }
 
 # Permissions a role grants on every object of the site.
@@ -76,6 +83,9 @@ OWNED_PERMISSIONS = frozenset(
         Perm.API_KEY_READ,
         Perm.API_KEY_CREATE,
         Perm.API_KEY_DELETE,
+        Perm.WORKSPACE_READ,
+        Perm.WORKSPACE_CREATE,
+        Perm.WORKSPACE_BUILD,
     }
 )
 
@@ -94,6 +104,7 @@ _READ_OF = {
     "user": Perm.USER_READ,
     "api_key": Perm.API_KEY_READ,
     "template": Perm.TEMPLATE_READ,
+    "workspace": Perm.WORKSPACE_READ,
 }
 
 
@@ -154,7 +165,7 @@ _POLICY_MARK = "__stockade_policy__"
 class RoutePolicy:
     """What a route requires; attached to the route as a dependency."""
 
-    kind: str  # "public", "signed_in" or "permission"
+    kind: str  # "public", "signed_in", "provisioner" or "permission"
     permission: Perm | None = None
 
 
@@ -188,6 +199,21 @@ def signed_in() -> Any:
         current_actor(request)
 
     return _mark(_signed_in, RoutePolicy("signed_in"))
+
+
+PROVISIONER_KEY_HEADER = "Stockade-Provisioner-Key"
+
+
+def provisioner() -> Any:
+    """A provisioner daemon, authenticated by a provisioner key header."""
+
+    async def _provisioner(request: Request) -> None:
+        token = request.headers.get(PROVISIONER_KEY_HEADER, "")
+        request.state.provisioner_key = (
+            await request.app.state.services.provisioning.authenticate_key(token)
+        )
+
+    return _mark(_provisioner, RoutePolicy("provisioner"))
 
 
 def requires(perm: Perm) -> Any:

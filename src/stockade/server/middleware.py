@@ -28,6 +28,7 @@ log = get_logger("stockade.http")
 SESSION_COOKIE = "stockade_session"
 TOKEN_HEADER = "stockade-session-token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PROVISIONERD_PREFIX = "/api/v2/provisionerd/"
 # API bodies are small JSON documents; routes that take uploads will set their own.
 API_BODY_LIMIT = 1024 * 1024
 # Routes that take uploads, with their own limit: (method, path pattern, bytes).
@@ -152,7 +153,13 @@ class RequestMiddleware:
                 record.user_id, record.username = auth.actor.user_id, auth.actor.username
                 structlog.contextvars.bind_contextvars(user=auth.actor.username)
 
-        audited = method not in _SAFE_METHODS and path.startswith("/api/")
+        # Provisioner daemons' heartbeats and log batches are not user actions;
+        # the builds they finish are audited by the build queue itself.
+        audited = (
+            method not in _SAFE_METHODS
+            and path.startswith("/api/")
+            and not path.startswith(PROVISIONERD_PREFIX)
+        )
         status = 500
         receive = _limit_body(receive, body_limit(method, path))
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stockade.provisioner.backends.base import BackendOptions
 from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
 from stockade.server.db import Database
+from stockade.server.events import Notifier
 from stockade.server.observability import Metrics
+from stockade.server.provisioning.runner import ProvisionerRunner
+from stockade.server.provisioning.service import ProvisioningService
 from stockade.server.settings import Settings
 from stockade.server.templates.service import TemplateService
 from stockade.server.users.service import UserService
+from stockade.server.workspaces.service import WorkspaceService
 
 
 @dataclass
@@ -25,6 +30,10 @@ class Services:
     auth: AuthService
     users: UserService
     templates: TemplateService
+    workspaces: WorkspaceService
+    provisioning: ProvisioningService
+    provisioner: ProvisionerRunner
+    notifier: Notifier
     background: Background
     audit_key: bytes
 
@@ -32,6 +41,22 @@ class Services:
 def build_services(settings: Settings) -> Services:
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     auth = AuthService(db, settings)
+    notifier = Notifier()
+    audit_key = load_key(settings.audit_key, settings.data_dir)
+    provisioning = ProvisioningService(
+        db,
+        notifier,
+        access_url=settings.access_url,
+        lease_seconds=settings.job_lease_seconds,
+        timeout_seconds=settings.build_timeout_seconds,
+        audit_key=audit_key,
+    )
+    options = BackendOptions(
+        workspaces_dir=settings.workspaces_dir,
+        allow_unsandboxed=settings.local_allow_unsandboxed,
+        docker_host=settings.docker_host,
+        docker_network=settings.docker_network,
+    )
     return Services(
         settings=settings,
         db=db,
@@ -39,6 +64,17 @@ def build_services(settings: Settings) -> Services:
         auth=auth,
         users=UserService(db, password_guesses=auth.user_failures),
         templates=TemplateService(db),
+        workspaces=WorkspaceService(db, notifier),
+        provisioning=provisioning,
+        provisioner=ProvisionerRunner(
+            provisioning,
+            notifier,
+            options,
+            workers=settings.provisioner_workers,
+            backends=settings.backend_list,
+            cache_dir=settings.data_dir / "cache",
+        ),
+        notifier=notifier,
         background=Background(),
-        audit_key=load_key(settings.audit_key, settings.data_dir),
+        audit_key=audit_key,
     )

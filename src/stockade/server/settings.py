@@ -106,6 +106,71 @@ class Settings(BaseSettings):
         "expect: connections beyond it (at most 4 more) are opened and closed per use.",
     )
 
+    provisioner_workers: int = Field(
+        3,
+        ge=0,
+        le=64,
+        description="Build workers run inside the server. 0: builds only run on external "
+        "`stockade provisionerd` daemons.",
+    )
+    provisioner_backends: str = Field(
+        "local,docker",
+        description="Comma-separated backends the built-in workers serve (local, docker). "
+        "Builds of other backends wait for a provisionerd that serves them.",
+    )
+    build_timeout_seconds: int = Field(
+        1800, ge=10, description="A build running longer than this is canceled."
+    )
+    job_lease_seconds: int = Field(
+        15,
+        ge=3,
+        le=3600,
+        description="How long a worker holds a build without a heartbeat. When a worker dies, "
+        "its build is retried (or failed) this long after its last heartbeat.",
+    )
+    reconcile_interval_seconds: int = Field(
+        30,
+        ge=1,
+        description="How often the server looks for orphaned compute (containers, volumes, "
+        "processes whose workspace is gone) and for workspaces whose compute died.",
+    )
+    local_allow_unsandboxed: bool = Field(
+        False,
+        description="Allow local workspaces without bubblewrap (bwrap): they then run as plain "
+        "processes of the server's user, and the server warns at every start. Install "
+        "bubblewrap instead when you can.",
+    )
+    docker_host: str = Field(
+        "",
+        description="Docker Engine API URL for docker workspaces (unix:///var/run/docker.sock, "
+        "tcp://HOST:2376...). Empty: $DOCKER_HOST or the local socket.",
+    )
+    docker_network: str = Field(
+        "",
+        description="Docker network that workspace containers join. Empty: a bridge network "
+        "named stockade-<deployment id>, created when missing.",
+    )
+
+    @field_validator("provisioner_backends")
+    @classmethod
+    def _check_backends(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        unknown = sorted(set(names) - {"local", "docker"})
+        if unknown:
+            raise ValueError(
+                f"unknown backend(s) {', '.join(unknown)}: provisioner_backends takes local "
+                "and/or docker"
+            )
+        return ",".join(names)
+
+    @property
+    def backend_list(self) -> list[str]:
+        return [n for n in self.provisioner_backends.split(",") if n]
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
     @field_validator("address")
     @classmethod
     def _check_address(cls, value: str) -> str:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -184,3 +185,120 @@ class TemplateVersion(Base):
     __table_args__ = (
         Index("uq_template_versions_template_number", "template_id", "number", unique=True),
     )
+
+
+class DeploymentInfo(Base):
+    """One row: the deployment's id, made at the first start. Backends label
+    what they create with it, so two deployments sharing a Docker host never
+    reconcile away each other's workspaces."""
+
+    __tablename__ = "deployment_info"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Workspace(Base):
+    """A workspace. What it is doing is its latest build; ``state`` is the
+    JSON its backend returned from the last build that succeeded. Deleted
+    workspaces keep their row (and builds) with ``deleted`` set, and free
+    their name."""
+
+    __tablename__ = "workspaces"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    template_id: Mapped[str] = mapped_column(ForeignKey("templates.id"), index=True)
+    # The version the latest start build used (an update moves it on).
+    template_version_id: Mapped[str] = mapped_column(ForeignKey("template_versions.id"))
+    backend: Mapped[str] = mapped_column(String(16))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    deleted: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the reconciler last saw of the compute: running, stopped or missing.
+    compute_status: Mapped[str | None] = mapped_column(String(16))
+    compute_detail: Mapped[str | None] = mapped_column(String(256))
+    compute_checked_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index(
+            "uq_workspaces_owner_name",
+            "owner_id",
+            "name",
+            unique=True,
+            sqlite_where=text("deleted = 0"),
+            postgresql_where=text("deleted = false"),
+        ),
+    )
+
+
+class WorkspaceBuild(Base):
+    """One transition of a workspace (start, stop or delete), which is also
+    its provisioner job: workers lease pending builds, heartbeat the lease and
+    finish them. At most one build per workspace is unfinished."""
+
+    __tablename__ = "workspace_builds"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    transition: Mapped[str] = mapped_column(String(8))
+    # A restart is a stop build that queues a start build when it succeeds.
+    then_start: Mapped[bool] = mapped_column(default=False)
+    initiator_id: Mapped[str] = mapped_column(String(36))
+    template_version_id: Mapped[str] = mapped_column(String(36))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    backend: Mapped[str] = mapped_column(String(16))
+    # pending, running, canceling, succeeded, failed, canceled
+    status: Mapped[str] = mapped_column(String(12), index=True)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    stages: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    # The job: who holds it and until when.
+    worker_id: Mapped[str | None] = mapped_column(String(64))
+    worker_name: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+
+    __table_args__ = (
+        Index("uq_workspace_builds_workspace_number", "workspace_id", "number", unique=True),
+    )
+
+
+class BuildLog(Base):
+    """A line of a build's output, in order of ``id``."""
+
+    __tablename__ = "build_logs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    build_id: Mapped[str] = mapped_column(
+        ForeignKey("workspace_builds.id", ondelete="CASCADE"), index=True
+    )
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    stage: Mapped[str] = mapped_column(String(128), default="")
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    line: Mapped[str] = mapped_column(Text)
+
+
+class ProvisionerKey(Base):
+    """A key an external ``stockade provisionerd`` authenticates with; the
+    secret is kept as SHA-256 (128 random bits), as for API keys."""
+
+    __tablename__ = "provisioner_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    hashed_secret: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]

@@ -1,0 +1,198 @@
+"""What the server runs in its own process for builds: a few provisioner
+workers on the build queue, the reaper of lost leases, and the reconciler
+that finds orphaned and dead compute."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from stockade.provisioner.backends import BackendSet
+from stockade.provisioner.backends.base import BackendError, BackendOptions
+from stockade.provisioner.worker import LeaseLostError, Worker
+from stockade.sdk import types
+from stockade.server.events import JOBS, Notifier
+from stockade.server.observability import get_logger
+from stockade.server.provisioning.service import (
+    LeaseLost,
+    ProvisioningService,
+    WorkerIdentity,
+)
+
+log = get_logger("stockade.provisioner")
+
+
+class InProcessSource:
+    """A job source that calls the build queue directly."""
+
+    def __init__(
+        self,
+        service: ProvisioningService,
+        notifier: Notifier,
+        worker: WorkerIdentity,
+        backends: list[str],
+    ) -> None:
+        self.service = service
+        self.notifier = notifier
+        self.worker = worker
+        self.backends = backends
+
+    async def acquire(self) -> types.ProvisionerJob | None:
+        return await self.service.acquire(self.worker, self.backends)
+
+    async def wait(self, timeout: float) -> None:
+        await self.notifier.wait(JOBS, timeout)
+
+    async def heartbeat(self, build_id: str) -> bool:
+        try:
+            return await self.service.heartbeat(build_id, self.worker.worker_id)
+        except LeaseLost as exc:
+            raise LeaseLostError(str(exc)) from exc
+
+    async def logs(
+        self, build_id: str, lines: list[types.JobLogLine], stage_started: str | None
+    ) -> None:
+        try:
+            await self.service.append_logs(
+                build_id, self.worker.worker_id, lines, stage_started=stage_started
+            )
+        except LeaseLost as exc:
+            raise LeaseLostError(str(exc)) from exc
+
+    async def archive(self, build_id: str) -> bytes:
+        try:
+            return await self.service.archive(build_id, self.worker.worker_id)
+        except LeaseLost as exc:
+            raise LeaseLostError(str(exc)) from exc
+
+    async def complete(
+        self,
+        build_id: str,
+        status: Literal["succeeded", "failed", "canceled"],
+        *,
+        state: dict[str, Any] | None,
+        reason: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        try:
+            await self.service.complete(
+                build_id, self.worker.worker_id, status, state=state, reason=reason, error=error
+            )
+        except LeaseLost as exc:
+            raise LeaseLostError(str(exc)) from exc
+
+
+def _log_worker_error(what: str, exc: BaseException) -> None:
+    log.error(what, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+class ProvisionerRunner:
+    """The in-server workers, reaper and reconciler."""
+
+    def __init__(
+        self,
+        service: ProvisioningService,
+        notifier: Notifier,
+        options: BackendOptions,
+        *,
+        workers: int,
+        backends: list[str],
+        cache_dir: Path,
+    ) -> None:
+        self.service = service
+        self.notifier = notifier
+        self.options = options
+        self.worker_count = workers
+        self.backend_names = backends
+        self.cache_dir = cache_dir
+        self.backends: BackendSet | None = None
+        self.workers: list[Worker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.last_orphans: list[dict[str, str]] = []
+
+    async def start(self) -> None:
+        deployment_id = await self.service.deployment_id()
+        self.backends = BackendSet(self.options, deployment_id)
+        if "local" in self.backend_names:
+            local = self.backends.get("local")
+            if not getattr(local, "sandboxed", True):
+                log.warning(
+                    "local_workspaces_unsandboxed",
+                    message="bubblewrap (bwrap) is missing and unsandboxed local workspaces "
+                    "are allowed: local workspaces run as plain processes on this host",
+                )
+        host = socket.gethostname()
+        for i in range(self.worker_count if self.backend_names else 0):
+            identity = WorkerIdentity(
+                worker_id=uuid.uuid4().hex, worker_name=f"{host}:{os.getpid()}/built-in-{i + 1}"
+            )
+            source = InProcessSource(self.service, self.notifier, identity, self.backend_names)
+            worker = Worker(
+                source,
+                self.backends.get,
+                cache_dir=self.cache_dir,
+                name=identity.worker_name,
+                on_error=_log_worker_error,
+            )
+            self.workers.append(worker)
+            self._tasks.append(
+                asyncio.create_task(worker.run_forever(), name=f"stockade:worker-{i + 1}")
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.backends is not None:
+            await self.backends.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "built_in": len(self.workers),
+            "busy": sum(1 for w in self.workers if w.current is not None),
+            "alive": sum(1 for t in self._tasks if not t.done()),
+            "backends": self.backend_names,
+            "last_orphans_removed": self.last_orphans,
+        }
+
+    async def reap(self) -> None:
+        await self.service.reap()
+
+    async def reconcile(self) -> None:
+        """Remove orphans, and record which running workspaces' compute died."""
+        if self.backends is None:
+            return
+        for name in self.backends.started():
+            backend = self.backends.get(name)
+            try:
+                live = await self.service.live_workspaces(name)
+                orphans = await backend.reconcile(live)
+            except BackendError as exc:
+                log.warning("reconcile_failed", backend=name, reason=exc.reason, error=exc.message)
+                continue
+            for orphan in orphans:
+                log.warning(
+                    "orphan_removed",
+                    backend=name,
+                    kind=orphan.kind,
+                    name=orphan.name,
+                    workspace_id=orphan.workspace_id,
+                )
+            if orphans:
+                self.last_orphans = [o.__dict__ for o in orphans][-50:]
+            for workspace_id, state in await self.service.running_workspaces(name):
+                with contextlib.suppress(BackendError):
+                    status = await backend.status(workspace_id, state)
+                    if status.state != "running":
+                        log.warning(
+                            "workspace_compute_down",
+                            workspace_id=workspace_id,
+                            state=status.state,
+                            detail=status.detail,
+                        )
+                    await self.service.record_compute(workspace_id, status.state, status.detail)
