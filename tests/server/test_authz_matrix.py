@@ -78,6 +78,34 @@ EXPECTED: dict[Route, dict[str, str]] = {
                                                      row("401", "ok", "ok", "ok", "ok", "ok"),
     ("PUT", "/api/v2/templates/{name}/active"):      row("401", "403", "ok", "403", "ok", "403"),
     ("POST", "/api/v2/templates/{name}/archive"):    row("401", "403", "ok", "403", "ok", "403"),
+    # Workspaces of another plain member: members create their own (the body
+    # names no owner), and only owners and user-admins reach anyone else's.
+    ("GET", "/api/v2/workspaces"):                   row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("POST", "/api/v2/workspaces"):                  row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}"):    row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}/builds"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("POST", "/api/v2/workspaces/{owner}/{name}/builds"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}/builds/{number}"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("POST", "/api/v2/workspaces/{owner}/{name}/builds/{number}/cancel"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}/logs"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/provisioner-keys"):             row("401", "403", "ok", "403", "403", "403"),
+    ("POST", "/api/v2/provisioner-keys"):            row("401", "403", "ok", "403", "403", "403"),
+    ("DELETE", "/api/v2/provisioner-keys/{name}"):   row("401", "403", "ok", "403", "403", "403"),
+    # The daemon protocol takes a provisioner key, never a user's credentials.
+    ("POST", "/api/v2/provisionerd/acquire"):        row("401", "401", "401", "401", "401", "401"),
+    ("POST", "/api/v2/provisionerd/jobs/{build_id}/heartbeat"):
+                                                     row("401", "401", "401", "401", "401", "401"),
+    ("POST", "/api/v2/provisionerd/jobs/{build_id}/logs"):
+                                                     row("401", "401", "401", "401", "401", "401"),
+    ("GET", "/api/v2/provisionerd/jobs/{build_id}/archive"):
+                                                     row("401", "401", "401", "401", "401", "401"),
+    ("POST", "/api/v2/provisionerd/jobs/{build_id}/complete"):
+                                                     row("401", "401", "401", "401", "401", "401"),
 }
 # fmt: on
 
@@ -141,10 +169,21 @@ class Walk:
         self.target = self.new_user("target")
         self.target_token = owner.create_token(unique("tok"), user=self.target).name
         self.template = self.new_template()
+        # Builds of this template never finish on their own (so there is
+        # always one to cancel); the fixture deletes the workspaces.
+        self.slow_template = self.new_template(startup="sleep 120")
+        self.workspaces: list[str] = []
+        self.workspace = self.new_workspace()
 
-    def new_template(self) -> str:
+    def new_workspace(self) -> str:
+        name = unique("ws")
+        self.owner.create_workspace(name, self.slow_template, owner=self.target)
+        self.workspaces.append(name)
+        return name
+
+    def new_template(self, startup: str = "") -> str:
         name = unique("tpl")
-        self.owner.push_template(name, template_archive(name))
+        self.owner.push_template(name, template_archive(name, startup))
         return name
 
     def new_user(self, prefix: str = "victim") -> str:
@@ -171,7 +210,17 @@ class Walk:
         if "{token}" in template:
             name = self.owner.create_token(unique("tok"), user=user).name if destructive else ""
             path = path.replace("{token}", name or self.target_token)
-        if "{name}" in template:
+        if "{owner}" in template:
+            workspace = self.new_workspace() if method != "GET" else self.workspace
+            path = template.replace("{owner}", self.target).replace("{name}", workspace)
+            path = path.replace("{number}", "1")
+        elif template.startswith("/api/v2/provisioner-keys/"):
+            name = unique("key")
+            self.owner.create_provisioner_key(name)
+            path = template.replace("{name}", name)
+        elif "{build_id}" in template:
+            path = template.replace("{build_id}", "00000000-0000-0000-0000-000000000000")
+        elif "{name}" in template:
             name = self.new_template() if method != "GET" else self.template
             path = path.replace("{name}", name).replace("{number}", "1")
         body: Any = None
@@ -196,6 +245,22 @@ class Walk:
             body = template_archive(path.split("/")[4])
         elif key == ("PUT", "/api/v2/templates/{name}/active"):
             body = {"version": 1}
+        elif key == ("POST", "/api/v2/workspaces"):
+            name = unique("ws")
+            self.workspaces.append(name)
+            body = {"name": name, "template": self.template}
+        elif key == ("POST", "/api/v2/workspaces/{owner}/{name}/builds"):
+            body = {"transition": "stop", "cancel_running": True}
+        elif key == ("POST", "/api/v2/provisioner-keys"):
+            body = {"name": unique("key")}
+        elif key == ("POST", "/api/v2/provisionerd/acquire"):
+            body = {"worker_id": "w", "backends": ["local"]}
+        elif key[1].startswith("/api/v2/provisionerd/jobs/"):
+            body = {"worker_id": "w", "status": "failed"} if key[1].endswith("complete") else {
+                "worker_id": "w"
+            }
+            if key[1].endswith("archive"):
+                body, path = None, f"{path}?worker_id=w"
         return path, body, token
 
     def send(self, method: str, template: str, role: str) -> httpx.Response:
@@ -207,8 +272,10 @@ class Walk:
         return self.http.request(method, path, json=body, headers=headers)
 
 
-def template_archive(name: str) -> bytes:
+def template_archive(name: str, startup: str = "") -> bytes:
     manifest = f"name: {name}\nbackend: local\n".encode()
+    if startup:
+        manifest += f"agent:\n  startup_script: {startup}\n".encode()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         info = tarfile.TarInfo("stockade.yaml")
@@ -225,7 +292,10 @@ def walk(owner: Client, make_user: UserFactory, server: ServerProcess) -> Iterat
         roles = () if role == "member" else (role,)
         clients[role], names[role] = make_user(*roles)
     with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
-        yield Walk(http, owner, clients, names)
+        walk = Walk(http, owner, clients, names)
+        yield walk
+    for ws in owner.list_workspaces().workspaces:
+        owner.create_build(ws.owner_name, ws.name, "delete", cancel_running=True)
 
 
 def test_every_route_for_every_role_matches_the_table(walk: Walk, tmp_path: Path) -> None:

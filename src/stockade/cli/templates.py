@@ -35,7 +35,7 @@ backend: local
 parameters:
   - name: repo
     display_name: Git repository
-    description: Cloned into the home directory at first start (empty for none).
+    description: Cloned into ~/project at first start (empty for none).
     type: string
     default: ""
     validation:
@@ -49,9 +49,16 @@ parameters:
 compute:
   home_size: 10GiB
 agent:
+  # Parameters reach the script as STOCKADE_PARAMETER_<NAME> variables.
   startup_script: |
     set -eu
     echo "workspace started in $HOME"
+    if [ -n "$STOCKADE_PARAMETER_REPO" ] && [ ! -d "$HOME/project" ]; then
+      git clone "$STOCKADE_PARAMETER_REPO" "$HOME/project"
+    fi
+    if [ "$STOCKADE_PARAMETER_DOTFILES" = true ] && [ -x "$HOME/.dotfiles/install.sh" ]; then
+      "$HOME/.dotfiles/install.sh"
+    fi
   metadata:
     - key: disk
       display_name: Home disk usage
@@ -79,7 +86,7 @@ parameters:
     options: [2GiB, 4GiB, 8GiB, 16GiB]
     mutable: true
 compute:
-  image: stockade/workspace:latest
+  image: stockade-base:bookworm
   cpu: ${{cpu}}
   memory: ${{memory}}
   home_size: 20GiB

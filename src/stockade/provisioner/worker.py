@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -244,7 +245,7 @@ class Worker:
                 compute=compute,
                 files_dir=files,
                 access_url=job.access_url,
-                env={},
+                env=parameter_env(job.parameters),
             )
             await progress.log(
                 f"{job.transition} {job.owner_name}/{job.workspace_name} with template "
@@ -269,6 +270,23 @@ class Worker:
                 reason="archive_mismatch",
             )
         return await asyncio.to_thread(_extract, data, target)
+
+
+def parameter_env(parameters: dict[str, Any]) -> dict[str, str]:
+    """Parameters as environment variables for the startup script:
+    ``STOCKADE_PARAMETER_<NAME>``; lists as JSON, booleans as true/false."""
+    env = {}
+    for name, value in parameters.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float) and value.is_integer():
+            text = str(int(value))
+        elif isinstance(value, list):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"STOCKADE_PARAMETER_{name.upper()}"] = text
+    return env
 
 
 def _extract(data: bytes, target: Path) -> Path:

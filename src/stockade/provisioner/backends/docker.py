@@ -1,0 +1,632 @@
+"""The docker backend: one container per workspace, on a Docker Engine.
+
+What a workspace is made of, all found by name and labelled with the
+deployment and the workspace (``stockade.deployment``, ``stockade.workspace_id``,
+``stockade.workspace_name``, ``stockade.owner``, and on the container
+``stockade.config_hash``):
+
+* the container ``stockade-ws-<workspace id>``, made from the template's image
+  (``compute.image``), which runs ``INIT_SCRIPT`` under Docker's init (tini,
+  so signals reach it) as the image's user, with CPU, memory and GPU requests
+  as the template resolves them;
+* the named volume ``stockade-home-<workspace id>`` mounted at the image's home
+  directory: it survives stop and start and goes with delete only;
+* the bridge network of the deployment (``BackendOptions.docker_network``, or
+  ``stockade-<deployment id[:12]>``), shared by the deployment's workspaces and
+  never removed by the backend.
+
+Images are never pulled (the machines are offline): a missing image is an
+error that says how to load it. The Docker SDK is synchronous, so every call
+runs in a worker thread; following a container's logs, which can last as long
+as a startup script, runs in a thread of its own so that it cannot starve the
+default executor.
+
+``start`` adopts a running container with the same config hash, replaces one
+with another hash, and *recreates* a container that exists but does not run
+(exited, created by a worker that died, stopped behind our back): a fresh
+container's log holds only this run's startup output, so the end marker
+cannot come from an earlier run. ``stop`` stops (SIGTERM, then SIGKILL after
+``STOP_TIMEOUT`` seconds) and removes the container; the home volume stays.
+A canceled ``start`` stops following the logs and leaves the container as it
+is: the next ``start`` adopts or replaces it, ``stop`` and ``delete`` remove it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, TypeVar
+
+import docker
+import docker.errors
+import docker.types
+import requests
+
+from stockade.provisioner.backends.base import (
+    INIT_SCRIPT,
+    STARTUP_BEGIN_MARKER,
+    Backend,
+    BackendError,
+    BackendOptions,
+    ComputeStatus,
+    Orphan,
+    Progress,
+    WorkspaceSpec,
+    startup_exit_code,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LABEL_DEPLOYMENT = "stockade.deployment"
+LABEL_WORKSPACE_ID = "stockade.workspace_id"
+LABEL_WORKSPACE_NAME = "stockade.workspace_name"
+LABEL_OWNER = "stockade.owner"
+LABEL_OWNER_ID = "stockade.owner_id"
+LABEL_CONFIG_HASH = "stockade.config_hash"
+LABEL_TEMPLATE = "stockade.template"
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+BASE_IMAGE = "stockade-base:bookworm"
+# Seconds between SIGTERM and SIGKILL when a container stops.
+STOP_TIMEOUT = 10
+# Log lines quoted when a container dies before its startup script ends.
+TAIL_LINES = 20
+# The workspace's own output goes to the container log too; bound it.
+LOG_CONFIG = {"max-size": "10m", "max-file": "3"}
+_HOSTNAME_INVALID = re.compile(r"[^a-z0-9-]+")
+
+
+def container_name(workspace_id: str) -> str:
+    """The name of a workspace's container."""
+    return f"stockade-ws-{workspace_id}"
+
+
+def volume_name(workspace_id: str) -> str:
+    """The name of a workspace's home volume."""
+    return f"stockade-home-{workspace_id}"
+
+
+def network_name(options: BackendOptions, deployment_id: str) -> str:
+    """The network a deployment's workspaces join."""
+    return options.docker_network or f"stockade-{deployment_id[:12]}"
+
+
+def image_home(image_attrs: dict[str, Any]) -> str:
+    """The home directory of an image's user: ``HOME`` from the image's
+    environment, else ``/root`` for root, else ``/home/<user>``."""
+    config = image_attrs.get("Config") or {}
+    for item in config.get("Env") or []:
+        if item.startswith("HOME=") and len(item) > len("HOME="):
+            return str(item[len("HOME=") :])
+    user = str(config.get("User") or "").split(":", 1)[0]
+    if user in ("", "root", "0"):
+        return "/root"
+    return f"/home/{user}"
+
+
+def hostname_for(workspace_name: str) -> str:
+    """A valid host name (RFC 1123 label) made from a workspace name."""
+    name = _HOSTNAME_INVALID.sub("-", workspace_name.lower()).strip("-")[:63].rstrip("-")
+    return name or "workspace"
+
+
+def _gpu_error(explanation: str) -> bool:
+    text = explanation.lower()
+    return "gpu" in text or "device driver" in text or "nvidia" in text
+
+
+class DockerBackend(Backend):
+    """Workspaces as Docker containers with a home volume; see the module
+    docstring. ``deployment_id`` is the deployment this backend works for; it
+    is needed by ``reconcile`` only (the other calls take it from the spec)."""
+
+    name: ClassVar[str] = "docker"
+
+    def __init__(self, options: BackendOptions, *, deployment_id: str | None = None) -> None:
+        self.options = options
+        self.deployment_id = deployment_id
+        self.host = options.docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        # The client is made on first use: making it asks the daemon for its
+        # API version, which blocks and may fail.
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _docker(self) -> Any:
+        """The Docker client (blocking; call from a worker thread)."""
+        with self._client_lock:
+            if self._client is None:
+                if self.options.docker_host:
+                    self._client = docker.DockerClient(
+                        base_url=self.options.docker_host, version="auto"
+                    )
+                else:
+                    self._client = docker.from_env(version="auto")
+            return self._client
+
+    def _unreachable(self, exc: BaseException) -> BackendError:
+        return BackendError(
+            f"Cannot reach Docker at {self.host}: is dockerd running, and may the "
+            "provisioner use its socket? (Set the Docker host with DOCKER_HOST or "
+            "the docker_host option.)",
+            reason="docker_unreachable",
+            log_message=f"Docker at {self.host} unreachable: {exc}",
+        )
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking Docker call in a worker thread; Docker's failures
+        become ``BackendError``s."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except BackendError:
+            raise
+        except requests.exceptions.RequestException as exc:
+            raise self._unreachable(exc) from exc
+        except docker.errors.APIError as exc:
+            raise BackendError(
+                f"Docker at {self.host} refused a request: {exc.explanation or exc}",
+                reason="docker_error",
+                log_message=str(exc),
+            ) from exc
+        except docker.errors.DockerException as exc:
+            # Raised when the client is made (no socket, bad DOCKER_HOST...).
+            raise self._unreachable(exc) from exc
+
+    def _check_owned(
+        self, kind: str, name: str, labels: dict[str, str] | None, deployment: str
+    ) -> None:
+        """Refuse to touch a resource with our name that another deployment made."""
+        owner = (labels or {}).get(LABEL_DEPLOYMENT)
+        if owner != deployment:
+            raise BackendError(
+                f"The Docker {kind} {name} exists but belongs to "
+                f"{'another Stockade deployment' if owner else 'something other than Stockade'}; "
+                "Stockade will not touch it. An administrator must remove or rename it.",
+                reason="name_conflict",
+                log_message=f"{kind} {name}: {LABEL_DEPLOYMENT}={owner!r}, not {deployment!r}",
+            )
+
+    def _find_container(self, name: str) -> Any:
+        try:
+            return self._docker().containers.get(name)
+        except docker.errors.NotFound:
+            return None
+
+    # --- start -----------------------------------------------------------------------
+
+    def _get_image(self, ref: str) -> Any:
+        try:
+            return self._docker().images.get(ref)
+        except docker.errors.ImageNotFound:
+            raise self._image_missing(ref) from None
+
+    def _image_missing(self, ref: str) -> BackendError:
+        how = f"load it with `docker load -i FILE` (a file made by `docker save {ref}` elsewhere)"
+        if ref == BASE_IMAGE:
+            how = f"build it with scripts/build-base-image.sh, or {how}"
+        return BackendError(
+            f"The image {ref} is not on the Docker host {self.host}, and Stockade never "
+            f"pulls images. Ask an administrator to {how}.",
+            reason="image_missing",
+        )
+
+    def _ensure_network(self, deployment_id: str) -> str:
+        name = network_name(self.options, deployment_id)
+        client = self._docker()
+        # The name filter matches substrings; only an exact match is ours.
+        if any(n.name == name for n in client.networks.list(names=[name])):
+            return name
+        try:
+            client.networks.create(
+                name,
+                driver="bridge",
+                check_duplicate=True,
+                labels={LABEL_DEPLOYMENT: deployment_id},
+            )
+        except docker.errors.APIError as exc:
+            # Another worker made it in the meantime.
+            if exc.status_code != 409:
+                raise
+        return name
+
+    def _ensure_volume(self, spec: WorkspaceSpec) -> str:
+        name = volume_name(spec.workspace_id)
+        client = self._docker()
+        try:
+            volume = client.volumes.get(name)
+        except docker.errors.NotFound:
+            volume = client.volumes.create(
+                name=name,
+                driver="local",
+                labels={
+                    LABEL_DEPLOYMENT: spec.deployment_id,
+                    LABEL_WORKSPACE_ID: spec.workspace_id,
+                    LABEL_WORKSPACE_NAME: spec.workspace_name,
+                    LABEL_OWNER: spec.owner_username,
+                    LABEL_OWNER_ID: spec.owner_id,
+                },
+            )
+        self._check_owned("volume", name, volume.attrs.get("Labels"), spec.deployment_id)
+        return name
+
+    def _ensure_container(
+        self, spec: WorkspaceSpec, image: Any, home: str, network: str, volume: str
+    ) -> tuple[Any, Literal["adopted", "created", "replaced", "recreated"]]:
+        """The running container of the workspace, and what was done to get it."""
+        name = container_name(spec.workspace_id)
+        existing = self._find_container(name)
+        action: Literal["created", "replaced", "recreated"] = "created"
+        if existing is not None:
+            self._check_owned("container", name, existing.labels, spec.deployment_id)
+            running = existing.status == "running"
+            if running and existing.labels.get(LABEL_CONFIG_HASH) == spec.config_hash:
+                return existing, "adopted"
+            if running:
+                # Let the workspace's processes write their files before it goes.
+                existing.stop(timeout=STOP_TIMEOUT)
+            existing.remove(force=True)
+            action = "replaced" if running else "recreated"
+        container = self._create_container(spec, image, home, network, volume)
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            # A container that never started must not be adopted or reported
+            # as "stopped" later: nothing of this attempt remains.
+            with contextlib.suppress(docker.errors.APIError):
+                container.remove(force=True)
+            explanation = str(exc.explanation or exc)
+            if spec.compute.gpus > 0 and _gpu_error(explanation):
+                raise BackendError(
+                    f"The workspace asks for {spec.compute.gpus} GPU(s), but the Docker host "
+                    f"{self.host} cannot provide any ({explanation}). Ask an administrator to "
+                    "install a GPU and the NVIDIA container toolkit, or choose no GPU.",
+                    reason="gpu_unavailable",
+                    log_message=str(exc),
+                ) from exc
+            raise BackendError(
+                f"Docker could not start the workspace container: {explanation}",
+                reason="container_start_failed",
+                log_message=str(exc),
+            ) from exc
+        container.reload()
+        return container, action
+
+    def _create_container(
+        self, spec: WorkspaceSpec, image: Any, home: str, network: str, volume: str
+    ) -> Any:
+        compute = spec.compute
+        assert compute.image is not None  # checked by start()
+        env = {
+            **spec.env,
+            "HOME": home,
+            "STOCKADE_WORKSPACE_ID": spec.workspace_id,
+            "STOCKADE_WORKSPACE_NAME": spec.workspace_name,
+            "STOCKADE_ACCESS_URL": spec.access_url,
+            "STOCKADE_STARTUP_SCRIPT": spec.manifest.agent.startup_script,
+        }
+        limits: dict[str, Any] = {}
+        if compute.cpu is not None:
+            limits["nano_cpus"] = round(compute.cpu * 1e9)
+        if compute.memory_bytes is not None:
+            limits["mem_limit"] = compute.memory_bytes
+        if compute.gpus > 0:
+            limits["device_requests"] = [
+                docker.types.DeviceRequest(count=compute.gpus, capabilities=[["gpu"]])
+            ]
+        try:
+            return self._docker().containers.create(
+                # create, never run(): run() pulls a missing image.
+                compute.image,
+                name=container_name(spec.workspace_id),
+                # The entrypoint, not the command, so that an image's own
+                # ENTRYPOINT cannot swallow the init script; "stockade-init" is $0.
+                entrypoint=["/bin/sh", "-c", INIT_SCRIPT, "stockade-init"],
+                environment=env,
+                hostname=hostname_for(spec.workspace_name),
+                init=True,
+                labels={
+                    LABEL_DEPLOYMENT: spec.deployment_id,
+                    LABEL_WORKSPACE_ID: spec.workspace_id,
+                    LABEL_WORKSPACE_NAME: spec.workspace_name,
+                    LABEL_OWNER: spec.owner_username,
+                    LABEL_OWNER_ID: spec.owner_id,
+                    LABEL_CONFIG_HASH: spec.config_hash,
+                    LABEL_TEMPLATE: spec.template_name,
+                },
+                mounts=[docker.types.Mount(target=home, source=volume, type="volume")],
+                network=network,
+                # So that the compute reaches the control plane on the host.
+                extra_hosts={"host.docker.internal": "host-gateway"},
+                log_config=docker.types.LogConfig(type="json-file", config=LOG_CONFIG),
+                detach=True,
+                **limits,
+            )
+        except docker.errors.ImageNotFound:
+            raise self._image_missing(compute.image) from None
+        except docker.errors.APIError as exc:
+            raise BackendError(
+                f"Docker refused the workspace container: {exc.explanation or exc}",
+                reason="container_create_failed",
+                log_message=str(exc),
+            ) from exc
+
+    async def start(
+        self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress
+    ) -> dict[str, Any]:
+        """Create what is missing and run the workspace; see the module docstring."""
+        ref = spec.compute.image
+        if not ref:
+            raise BackendError(
+                "The template sets no compute.image, which the docker backend needs.",
+                reason="image_unset",
+            )
+        await progress.stage("Checking image")
+        image = await self._run(self._get_image, ref)
+        home = image_home(image.attrs)
+        await progress.log(f"Image {ref} ({image.id[:19]}), home directory {home}")
+
+        await progress.stage("Preparing network")
+        network = await self._run(self._ensure_network, spec.deployment_id)
+
+        await progress.stage("Preparing home volume")
+        volume = await self._run(self._ensure_volume, spec)
+        if spec.compute.home_bytes is not None:
+            await progress.log(
+                f"home_size ({spec.compute.home_bytes} bytes) is not enforced: local Docker "
+                "volumes have no size limit.",
+                level="warn",
+            )
+
+        await progress.stage("Starting container")
+        container, action = await self._run(
+            self._ensure_container, spec, image, home, network, volume
+        )
+        said = {
+            "adopted": "Adopted the running container {name}",
+            "created": "Started the container {name}",
+            "replaced": "Replaced the container {name}: the workspace's configuration changed",
+            "recreated": "Recreated the container {name}, which was not running",
+        }[action]
+        await progress.log(said.format(name=container.name))
+
+        await progress.stage("Running startup script")
+        code = await self._follow_startup(container, progress)
+        if code == 0:
+            await progress.log("The startup script finished.")
+        else:
+            await progress.log(
+                f"The startup script failed with exit code {code}; the workspace runs anyway "
+                "so that you can get in and fix it.",
+                level="warn",
+            )
+        return {
+            "container_id": container.id,
+            "container": container.name,
+            "volume": volume,
+            "network": network,
+            "image": ref,
+            "image_id": image.id,
+            "home": home,
+            "config_hash": spec.config_hash,
+        }
+
+    async def _follow_startup(self, container: Any, progress: Progress) -> int:
+        """Forward the container's log to ``progress`` until the startup
+        script's end marker; return its exit code."""
+        stream = await self._run(container.logs, stream=True, follow=True, stdout=True, stderr=True)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+        def put(item: str | BaseException | None) -> None:
+            # The loop may be gone when a canceled build's stream closes late.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def pump() -> None:
+            pending = b""
+            try:
+                for chunk in stream:
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        put(line.rstrip(b"\r").decode("utf-8", "replace"))
+                if pending:
+                    put(pending.decode("utf-8", "replace"))
+            except Exception as exc:
+                put(exc)
+            finally:
+                put(None)
+
+        # A thread of its own: a startup script can run for many minutes.
+        thread = threading.Thread(target=pump, name=f"stockade-logs-{container.name}", daemon=True)
+        thread.start()
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise self._unreachable(item) from item
+                code = startup_exit_code(item)
+                if code is not None:
+                    return code
+                if item == STARTUP_BEGIN_MARKER:
+                    continue
+                tail.append(item)
+                await progress.log(item)
+        finally:
+            # Wakes the pump thread from its read (a socket shutdown), so that
+            # it ends on success, failure and cancellation alike.
+            with contextlib.suppress(Exception):
+                stream.close()
+        # The log ended without the marker: the container stopped.
+        await self._run(container.reload)
+        exit_code = container.attrs.get("State", {}).get("ExitCode")
+        last = "\n".join(tail) or "(no output)"
+        if container.status == "running":
+            raise BackendError(
+                "Docker stopped sending the workspace container's log before its startup "
+                "script finished; try again.",
+                reason="logs_unavailable",
+            )
+        raise BackendError(
+            f"The workspace container exited (code {exit_code}) before its startup script "
+            f"finished. Last lines of its output:\n{last}",
+            reason="compute_exited",
+        )
+
+    # --- stop, delete ------------------------------------------------------------------
+
+    def _remove_container(self, spec: WorkspaceSpec, *, graceful: bool) -> bool:
+        name = container_name(spec.workspace_id)
+        container = self._find_container(name)
+        if container is None:
+            return False
+        self._check_owned("container", name, container.labels, spec.deployment_id)
+        try:
+            if graceful and container.status == "running":
+                container.stop(timeout=STOP_TIMEOUT)
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            return False  # removed by someone else meanwhile
+        except docker.errors.APIError as exc:
+            # "removal already in progress": the other remover wins.
+            if exc.status_code != 409:
+                raise
+        return True
+
+    def _remove_volume(self, spec: WorkspaceSpec) -> bool:
+        name = volume_name(spec.workspace_id)
+        client = self._docker()
+        try:
+            volume = client.volumes.get(name)
+        except docker.errors.NotFound:
+            return False
+        self._check_owned("volume", name, volume.attrs.get("Labels"), spec.deployment_id)
+        try:
+            volume.remove()
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise BackendError(
+                    f"The home volume {name} is still used by another container; remove "
+                    "that container first.",
+                    reason="volume_in_use",
+                    log_message=str(exc),
+                ) from exc
+            raise
+        return True
+
+    async def stop(
+        self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress
+    ) -> dict[str, Any]:
+        """Stop and remove the container; the home volume stays."""
+        await progress.stage("Stopping container")
+        name = container_name(spec.workspace_id)
+        if await self._run(self._remove_container, spec, graceful=True):
+            await progress.log(f"Stopped and removed the container {name}")
+        else:
+            await progress.log(f"The container {name} was already gone")
+        return {**state, "container_id": None, "volume": volume_name(spec.workspace_id)}
+
+    async def delete(self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress) -> None:
+        """Remove the container and the home volume."""
+        await progress.stage("Removing container")
+        name = container_name(spec.workspace_id)
+        # Everything goes: no point in waiting for processes to save files.
+        if await self._run(self._remove_container, spec, graceful=False):
+            await progress.log(f"Removed the container {name}")
+        await progress.stage("Removing home volume")
+        volume = volume_name(spec.workspace_id)
+        if await self._run(self._remove_volume, spec):
+            await progress.log(f"Removed the home volume {volume}")
+        else:
+            await progress.log(f"The home volume {volume} was already gone")
+
+    # --- status, reconcile, close -------------------------------------------------------
+
+    def _status(self, workspace_id: str) -> ComputeStatus:
+        name = container_name(workspace_id)
+        container = self._find_container(name)
+        if container is None:
+            return ComputeStatus("missing")
+        if self.deployment_id and container.labels.get(LABEL_DEPLOYMENT) != self.deployment_id:
+            # Somebody else's container with our name: ours is not there.
+            return ComputeStatus("missing", f"{name} belongs to another deployment")
+        state = container.attrs.get("State", {})
+        if container.status == "running":
+            return ComputeStatus("running", f"container {container.short_id}")
+        if container.status == "exited":
+            detail = f"exited with code {state.get('ExitCode')}"
+            if state.get("OOMKilled"):
+                detail += " (out of memory)"
+            return ComputeStatus("stopped", detail)
+        return ComputeStatus("stopped", str(container.status))
+
+    async def status(self, workspace_id: str, state: dict[str, Any]) -> ComputeStatus:
+        """running, stopped (with the exit code), or missing."""
+        return await self._run(self._status, workspace_id)
+
+    def _reconcile(self, deployment_id: str, live: set[str]) -> list[Orphan]:
+        client = self._docker()
+        mine = {"label": f"{LABEL_DEPLOYMENT}={deployment_id}"}
+        removed: list[Orphan] = []
+        for container in client.containers.list(all=True, filters=mine):
+            # The daemon filtered; check again, as this is about deleting.
+            if container.labels.get(LABEL_DEPLOYMENT) != deployment_id:
+                continue
+            workspace_id = container.labels.get(LABEL_WORKSPACE_ID)
+            if not workspace_id or workspace_id in live:
+                continue
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                continue
+            log.info("removed orphan container %s of workspace %s", container.name, workspace_id)
+            removed.append(Orphan("container", str(container.name), workspace_id))
+        for volume in client.volumes.list(filters=mine):
+            labels = volume.attrs.get("Labels") or {}
+            workspace_id = labels.get(LABEL_WORKSPACE_ID)
+            if labels.get(LABEL_DEPLOYMENT) != deployment_id or not workspace_id:
+                continue
+            if workspace_id in live:
+                continue
+            try:
+                volume.remove()
+            except docker.errors.NotFound:
+                continue
+            except docker.errors.APIError as exc:
+                # Used by a container that is not ours; leave it to an administrator.
+                log.warning("cannot remove orphan volume %s: %s", volume.name, exc)
+                continue
+            log.info("removed orphan volume %s of workspace %s", volume.name, workspace_id)
+            removed.append(Orphan("volume", str(volume.name), workspace_id))
+        return removed
+
+    async def reconcile(self, live: set[str]) -> list[Orphan]:
+        """Remove this deployment's containers and volumes whose workspace is
+        not in ``live``."""
+        if not self.deployment_id:
+            raise BackendError(
+                "The docker backend was made without a deployment id, so it cannot tell "
+                "this deployment's containers from others'.",
+                reason="misconfigured",
+            )
+        return await self._run(self._reconcile, self.deployment_id, set(live))
+
+    async def close(self) -> None:
+        """Close the Docker client."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            await asyncio.to_thread(client.close)
