@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -145,6 +146,15 @@ class DockerBackend(Backend):
         """The Docker client (blocking; call from a worker thread)."""
         with self._client_lock:
             if self._client is None:
+                if self.host.startswith("unix://"):
+                    # docker-py leaks its socket when the connect fails (a
+                    # ResourceWarning per attempt); a probe of our own closes it.
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                        probe.settimeout(10)
+                        try:
+                            probe.connect(self.host[len("unix://") :])
+                        except OSError as exc:
+                            raise self._unreachable(exc) from exc
                 if self.options.docker_host:
                     self._client = docker.DockerClient(
                         base_url=self.options.docker_host, version="auto"
