@@ -237,7 +237,7 @@ WorkspaceStatus = Literal[
 ]
 Transition = Literal["start", "stop", "delete"]
 BuildStatus = Literal["pending", "running", "canceling", "succeeded", "failed", "canceled"]
-ParameterValue = str | float | bool | list[str]
+ParameterValue = bool | int | float | str | list[str]
 
 
 class BuildStage(Response):

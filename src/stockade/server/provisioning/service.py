@@ -311,8 +311,12 @@ class ProvisioningService:
             build.finished_at = now
             build.lease_expires_at = None
             build.stages = _stage_end(build.stages, now)
-            if status != "succeeded":
-                build.reason = reason or build.reason or status
+            if status == "canceled":
+                # Whoever asked for the cancel said why (canceled, superseded, timeout).
+                build.reason = build.reason or reason or status
+                build.error = error
+            elif status == "failed":
+                build.reason = reason or status
                 build.error = error
             if state is not None:
                 ws.state = state
