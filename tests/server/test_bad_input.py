@@ -209,6 +209,9 @@ UNICODE = "Ünïcödé 😀 \u202etxt.exe"
 STRING_VALUES = (12345, ["x"], None, LONG, CONTROL, UNICODE)
 INTEGER_VALUES = ("abc", 0, -1, 10**30, 1.5, True)
 ARRAY_VALUES = ("owner", [123], ["no-such-role"], None)
+OBJECT_VALUES = ("x", [1], {"x" * 300: 1}, {"k": {"nested": [None]}}, {"a\x00b": "c"})
+BOOLEAN_VALUES = ("maybe", 2, None, [True])
+ANY_VALUES = (None, {"x": 1}, LONG, CONTROL)
 
 BAD_PATH_VALUES = (
     "does-not-exist",
@@ -257,6 +260,9 @@ def body_probes(
             "string": STRING_VALUES,
             "integer": INTEGER_VALUES,
             "array": ARRAY_VALUES,
+            "object": OBJECT_VALUES,
+            "boolean": BOOLEAN_VALUES,
+            "None": ANY_VALUES,  # a union of several types
         }[kind]
         for bad in values:
             body = {**sample(), name: bad}
@@ -284,6 +290,20 @@ def query_probes(op: Op, path: str, params: list[dict[str, Any]], token: str) ->
                     or (high is not None and number > high)
                 )
                 yield probe(f"{name}={raw:.20}", {name: raw}, refuse)
+        elif kind == "number":
+            low, high = schema.get("minimum"), schema.get("maximum")
+            for raw in ("-1", "abc", "nan", "inf", "1e999", "0.5"):
+                try:
+                    value: float | None = float(raw)
+                except ValueError:
+                    value = None
+                refuse = (
+                    value is None
+                    or value != value  # NaN
+                    or (low is not None and value < low)
+                    or (high is not None and value > high)
+                )
+                yield probe(f"{name}={raw}", {name: raw}, refuse)
         elif kind == "string" and schema.get("format") == "date-time":
             for raw, refuse in (
                 ("not-a-date", True),
