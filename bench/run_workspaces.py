@@ -1,0 +1,210 @@
+"""Workspace benchmark: create -> running, on the local and docker backends.
+
+For each backend: 20 workspaces created one after another (each one's time
+from the create request to its start build's end, as the client sees it by
+following the build log, and the build's own time as the server recorded it),
+then 20 created at once. Prints p50/p95/max against the brief's targets and
+writes ``bench/results/workspaces-<time>.json``.
+
+    .venv/bin/python bench/run_workspaces.py [--backend local|docker|both] [--count 20]
+
+The docker backend needs dockerd and the base image (scripts/build-base-image.sh).
+Until the agent lands, "running" means the start build succeeded: the compute
+runs and the template's startup script (here: `true`) has ended.
+All traffic goes to the server under test on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from stockade.devtools.server import ServerProcess
+from stockade.sdk import Client
+from stockade.sdk.templates import build_archive
+
+PASSWORD = "bench-Horse-Battery-42"
+BASE_IMAGE = "stockade-base:bookworm"
+TARGETS = {"local": 1.0, "docker": 1.5}
+RESULTS_DIR = Path(__file__).parent / "results"
+console = Console(width=None if sys.stdout.isatty() else 110)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def push_template(client: Client, backend: str, root: Path) -> str:
+    name = f"bench-{backend}"
+    directory = root / name
+    directory.mkdir()
+    compute = f"compute:\n  image: {BASE_IMAGE}\n  cpu: 1\n  memory: 512MiB\n"
+    manifest = f"name: {name}\nbackend: {backend}\nagent:\n  startup_script: 'true'\n"
+    if backend == "docker":
+        manifest += compute
+    (directory / "stockade.yaml").write_text(manifest)
+    client.push_template(name, build_archive(directory))
+    return name
+
+
+def create_until_running(url: str, token: str, template: str, name: str) -> dict[str, Any]:
+    """One workspace: create, follow its first build's log to the end."""
+    with Client(url, token) as client:
+        started = time.perf_counter()
+        ws = client.create_workspace(name, template)
+        end: dict[str, Any] = {}
+        for event in client.follow_build_logs(ws.owner_name, name, build=1):
+            if event["type"] == "end":
+                end = event
+        seen = time.perf_counter() - started
+        build = client.get_build(ws.owner_name, name, 1)
+    server_seconds = None
+    if build.finished_at is not None:
+        server_seconds = (build.finished_at - ws.created_at).total_seconds()
+    queued = None
+    if build.started_at is not None:
+        queued = (build.started_at - ws.created_at).total_seconds()
+    return {
+        "name": name,
+        "status": end.get("status"),
+        "client_seconds": seen,
+        "server_seconds": server_seconds,
+        "queued_seconds": queued,
+        "stages": {s.name: s.seconds for s in build.stages},
+    }
+
+
+def delete_all(client: Client, names: list[str]) -> None:
+    me = client.me().username
+    for name in names:
+        client.create_build(me, name, "delete", cancel_running=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not {w.name for w in client.list_workspaces().workspaces} & set(names):
+            return
+        time.sleep(0.2)
+    console.print("warning: some workspaces were not deleted in 300 s")
+
+
+def summarise(label: str, runs: list[dict[str, Any]], wall: float | None) -> dict[str, Any]:
+    ok = [r for r in runs if r["status"] == "succeeded"]
+    client = [r["client_seconds"] for r in ok]
+    server = [r["server_seconds"] for r in ok if r["server_seconds"] is not None]
+    return {
+        "label": label,
+        "runs": len(runs),
+        "succeeded": len(ok),
+        "client_p50": statistics.median(client) if client else None,
+        "client_p95": percentile(client, 95) if client else None,
+        "client_max": max(client) if client else None,
+        "server_p50": statistics.median(server) if server else None,
+        "server_p95": percentile(server, 95) if server else None,
+        "wall_seconds": wall,
+        "details": runs,
+    }
+
+
+def bench_backend(
+    url: str, token: str, backend: str, count: int, root: Path
+) -> list[dict[str, Any]]:
+    with Client(url, token) as client:
+        template = push_template(client, backend, root)
+        # One warm-up workspace (first network, first template extraction).
+        warm = create_until_running(url, token, template, f"warm-{backend}")
+        delete_all(client, [warm["name"]])
+        sequential = [
+            create_until_running(url, token, template, f"seq-{backend}-{i}") for i in range(count)
+        ]
+        delete_all(client, [r["name"] for r in sequential])
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            burst = list(
+                pool.map(
+                    lambda i: create_until_running(url, token, template, f"par-{backend}-{i}"),
+                    range(count),
+                )
+            )
+        wall = time.perf_counter() - started
+        delete_all(client, [r["name"] for r in burst])
+    return [
+        summarise(f"{backend}: {count} one after another", sequential, None),
+        summarise(f"{backend}: {count} at once", burst, wall),
+    ]
+
+
+def docker_ready() -> bool:
+    try:
+        subprocess.run(
+            ["docker", "image", "inspect", BASE_IMAGE], check=True, capture_output=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["local", "docker", "both"], default="both")
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=None, help="built-in build workers")
+    args = parser.parse_args()
+    backends = ["local", "docker"] if args.backend == "both" else [args.backend]
+    if "docker" in backends and not docker_ready():
+        console.print(f"docker: skipped (no daemon or no {BASE_IMAGE}; see scripts/)")
+        backends.remove("docker")
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="stockade-bench-ws-") as tmp:
+        root = Path(tmp)
+        env = {}
+        if args.workers is not None:
+            env["STOCKADE_PROVISIONER_WORKERS"] = str(args.workers)
+        server = ServerProcess(data_dir=root / "data", env=env).start()
+        try:
+            client = Client(server.url)
+            client.create_first_user("owner", "owner@example.com", PASSWORD)
+            token = client.login("owner", PASSWORD).session_token
+            for backend in backends:
+                results += bench_backend(server.url, token, backend, args.count, root)
+        finally:
+            server.stop()
+    table = Table(title="create -> running (start build succeeded)", show_edge=False)
+    for column in ("scenario", "ok", "client p50", "client p95", "max", "server p50", "wall"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r["label"],
+            f"{r['succeeded']}/{r['runs']}",
+            fmt(r["client_p50"]),
+            fmt(r["client_p95"]),
+            fmt(r["client_max"]),
+            fmt(r["server_p50"]),
+            fmt(r["wall_seconds"]),
+        )
+    console.print(table)
+    console.print("targets: p50 " + ", ".join(f"{b} < {t:.1f} s" for b, t in TARGETS.items()))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"workspaces-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    console.print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
