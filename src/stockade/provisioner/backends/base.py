@@ -42,7 +42,9 @@ Calls:
 ``reconcile(live) -> list[Orphan]``
     Remove every resource this backend made for this deployment whose
     workspace id is not in ``live`` (workspaces that are not deleted), and
-    return what was removed. Called periodically by the server.
+    return what was removed. Called periodically by the server. Resources
+    younger than ``RECONCILE_GRACE_SECONDS`` are left alone: ``live`` was read
+    before the backend looked, so a workspace created in between is not in it.
 ``close()``
     Release clients and connections.
 
@@ -76,6 +78,9 @@ echo "{STARTUP_END_MARKER} $?"
 trap 'exit 0' TERM INT HUP
 while :; do sleep 3600 & wait $!; done
 """
+
+
+RECONCILE_GRACE_SECONDS = 60.0
 
 
 def startup_exit_code(line: str) -> int | None:
@@ -185,6 +190,8 @@ class Backend(abc.ABC):
     """A workspace backend; see the module docstring for the whole contract."""
 
     name: ClassVar[str]
+    # See reconcile(); tests set it to 0 to reconcile what they just made.
+    reconcile_grace_seconds: float = RECONCILE_GRACE_SECONDS
 
     @abc.abstractmethod
     async def start(

@@ -42,6 +42,7 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
 import docker
@@ -51,6 +52,7 @@ import requests
 
 from stockade.provisioner.backends.base import (
     INIT_SCRIPT,
+    RECONCILE_GRACE_SECONDS,
     STARTUP_BEGIN_MARKER,
     Backend,
     BackendError,
@@ -598,6 +600,8 @@ class DockerBackend(Backend):
             workspace_id = container.labels.get(LABEL_WORKSPACE_ID)
             if not workspace_id or workspace_id in live:
                 continue
+            if _age_seconds(container.attrs.get("Created")) < self.reconcile_grace_seconds:
+                continue  # its workspace may be newer than ``live``
             try:
                 container.remove(force=True)
             except docker.errors.NotFound:
@@ -610,6 +614,8 @@ class DockerBackend(Backend):
             if labels.get(LABEL_DEPLOYMENT) != deployment_id or not workspace_id:
                 continue
             if workspace_id in live:
+                continue
+            if _age_seconds(volume.attrs.get("CreatedAt")) < self.reconcile_grace_seconds:
                 continue
             try:
                 volume.remove()
@@ -640,3 +646,23 @@ class DockerBackend(Backend):
             client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)
+
+
+def _age_seconds(created: object) -> float:
+    """Seconds since Docker's RFC 3339 creation time (nanoseconds and all);
+    unreadable times count as old."""
+    if not isinstance(created, str) or not created:
+        return float("inf")
+    text = created.replace("Z", "+00:00")
+    main, dot, rest = text.partition(".")
+    if dot:  # Python parses at most microseconds
+        zone_at = next((i for i, c in enumerate(rest) if not c.isdigit()), len(rest))
+        digits, zone = rest[:zone_at], rest[zone_at:]
+        text = f"{main}.{digits[:6]}{zone}"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return float("inf")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - when).total_seconds()
