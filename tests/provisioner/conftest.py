@@ -187,3 +187,24 @@ async def docker_backend(
     backend = DockerBackend(BackendOptions(workspaces_dir=tmp_path), deployment_id=deployment_id)
     yield backend
     await backend.close()
+
+
+# --- local backend ---------------------------------------------------------------------
+
+
+def stop_local_workspaces(workspaces_dir: Path) -> list[str]:
+    """Kill the processes of every local workspace under ``workspaces_dir`` and
+    remove their directories; the workspace ids found. Local workspaces run
+    detached and outlive the server that started them (by design), so a
+    fixture that stops a server must call this on its data dir's workspaces
+    dir, or their sandboxes keep running after the test. Synchronous: for
+    fixtures without an event loop."""
+    import asyncio
+
+    from stockade.provisioner.backends.local import LocalBackend
+
+    if not workspaces_dir.is_dir():
+        return []
+    backend = LocalBackend(BackendOptions(workspaces_dir=workspaces_dir))
+    orphans = asyncio.run(backend.reconcile(set()))
+    return sorted({orphan.workspace_id for orphan in orphans})

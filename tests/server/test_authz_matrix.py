@@ -256,9 +256,11 @@ class Walk:
         elif key == ("POST", "/api/v2/provisionerd/acquire"):
             body = {"worker_id": "w", "backends": ["local"]}
         elif key[1].startswith("/api/v2/provisionerd/jobs/"):
-            body = {"worker_id": "w", "status": "failed"} if key[1].endswith("complete") else {
-                "worker_id": "w"
-            }
+            body = (
+                {"worker_id": "w", "status": "failed"}
+                if key[1].endswith("complete")
+                else {"worker_id": "w"}
+            )
             if key[1].endswith("archive"):
                 body, path = None, f"{path}?worker_id=w"
         return path, body, token

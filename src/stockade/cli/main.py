@@ -11,7 +11,16 @@ import click
 import typer
 from pydantic import ValidationError
 
-from stockade.cli import audit, common, identity, templates, tokens, users
+from stockade.cli import (
+    audit,
+    common,
+    identity,
+    provisioners,
+    templates,
+    tokens,
+    users,
+    workspaces,
+)
 from stockade.cli.output import fail
 from stockade.sdk import ApiError, ConnectionFailed
 
@@ -27,6 +36,17 @@ app.add_typer(users.app, name="users", help="Manage users and their roles.")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
 app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
+workspaces.register(app)
+app.add_typer(
+    provisioners.keys_app,
+    name="provisioner-keys",
+    help="Create, list and delete keys for provisioner daemons (owners).",
+)
+app.add_typer(
+    provisioners.daemon_app,
+    name="provisionerd",
+    help="Run builds on this host for a Stockade server.",
+)
 
 
 @app.callback()

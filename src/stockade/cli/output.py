@@ -16,8 +16,8 @@ from rich.text import Text
 
 # Data from the server (names, messages) is printed as plain text, never parsed
 # as Rich markup: a display name like "[/x]" must not break the output.
-console = Console(markup=False, highlight=False)
-err_console = Console(stderr=True, markup=False, highlight=False)
+console = Console(markup=False, highlight=False, emoji=False)
+err_console = Console(stderr=True, markup=False, highlight=False, emoji=False)
 
 
 class Format(StrEnum):

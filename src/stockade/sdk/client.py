@@ -21,13 +21,20 @@ class ApiError(Exception):
     """The server refused: ``message`` is meant for the user."""
 
     def __init__(
-        self, status: int, message: str, reason: str = "", request_id: str | None = None
+        self,
+        status: int,
+        message: str,
+        reason: str = "",
+        request_id: str | None = None,
+        detail: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason
         self.request_id = request_id
+        # Per-field problems when the server gives them (parameters, manifest lines).
+        self.detail = detail or []
 
 
 class ConnectionFailed(Exception):
@@ -379,4 +386,5 @@ def _error(response: httpx.Response) -> ApiError:
         str(body["message"]),
         str(body.get("reason", "")),
         body.get("request_id"),
+        body.get("detail") if isinstance(body.get("detail"), list) else None,
     )

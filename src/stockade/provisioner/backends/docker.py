@@ -52,7 +52,6 @@ import requests
 
 from stockade.provisioner.backends.base import (
     INIT_SCRIPT,
-    RECONCILE_GRACE_SECONDS,
     STARTUP_BEGIN_MARKER,
     Backend,
     BackendError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from stockade.sdk import types
@@ -60,6 +60,7 @@ async def delete_key(
 )
 async def acquire(
     body: types.AcquireJobRequest,
+    request: Request,
     services: ServicesDep,
     wait: Annotated[
         float, Query(ge=0, le=30, description="seconds to wait for a build before a 204")
@@ -71,6 +72,10 @@ async def acquire(
     job = await services.provisioning.acquire(worker, backends)
     if job is None and wait > 0:
         await services.notifier.wait(JOBS, wait)
+        # A daemon that went away while waiting must not be handed a build:
+        # it would hold it until the lease ran out and cost it an attempt.
+        if await request.is_disconnected():
+            return Response(status_code=204)
         job = await services.provisioning.acquire(worker, backends)
     return job if job is not None else Response(status_code=204)
 
