@@ -53,6 +53,14 @@ def backend(request: pytest.FixtureRequest) -> str:
 ServerFactory = Callable[..., ServerProcess]
 
 
+def stop_workspaces(server: ServerProcess) -> None:
+    """Local workspaces outlive their server by design; a test's must not
+    outlive the test run."""
+    from tests.provisioner.conftest import stop_local_workspaces
+
+    stop_local_workspaces(server.data_dir / "workspaces")
+
+
 @pytest.fixture
 def start_server(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -77,6 +85,7 @@ def start_server(
     yield factory
     for server in started:
         server.stop()
+        stop_workspaces(server)
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +101,7 @@ def server(
     ).start()
     yield proc
     proc.stop()
+    stop_workspaces(proc)
 
 
 @pytest.fixture(scope="session")

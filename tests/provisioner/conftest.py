@@ -206,5 +206,6 @@ def stop_local_workspaces(workspaces_dir: Path) -> list[str]:
     if not workspaces_dir.is_dir():
         return []
     backend = LocalBackend(BackendOptions(workspaces_dir=workspaces_dir))
+    backend.reconcile_grace_seconds = 0
     orphans = asyncio.run(backend.reconcile(set()))
     return sorted({orphan.workspace_id for orphan in orphans})

@@ -338,6 +338,10 @@ class LocalBackend(Backend):
                     # files here made it).
                     await asyncio.to_thread(_unlink, lock_path)
                     continue
+                if await asyncio.to_thread(_age_seconds, paths.root) < (
+                    self.reconcile_grace_seconds
+                ):
+                    continue  # its workspace may be newer than ``live``
                 run = await asyncio.to_thread(_read_run, paths)
                 uid = await asyncio.to_thread(self._known_uid, paths)
                 killed = await self._terminate(paths, run, uid)
@@ -1190,3 +1194,13 @@ def _free_uid(root: Path) -> int:
     if uid > UID_LIMIT:
         raise BackendError("this server has run out of workspace user ids", reason="uids_exhausted")
     return uid
+
+
+def _age_seconds(path: Path) -> float:
+    """Seconds since ``path`` (a workspace dir) last changed; its run files
+    are rewritten at every start and stop."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return float("inf")
+    return time.time() - max(info.st_mtime, info.st_ctime)

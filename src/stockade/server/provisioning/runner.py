@@ -19,6 +19,7 @@ from stockade.sdk import types
 from stockade.server.events import JOBS, Notifier
 from stockade.server.observability import get_logger
 from stockade.server.provisioning.service import (
+    BUILT_IN_MARK,
     LeaseLost,
     ProvisioningService,
     WorkerIdentity,
@@ -114,6 +115,8 @@ class ProvisionerRunner:
         self.workers: list[Worker] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.last_orphans: list[dict[str, str]] = []
+        # Built-in workers are named "<host>:<pid>/built-in-<n>".
+        self.host_prefix = f"{socket.gethostname()}:"
 
     async def start(self) -> None:
         deployment_id = await self.service.deployment_id()
@@ -126,10 +129,11 @@ class ProvisionerRunner:
                     message="bubblewrap (bwrap) is missing and unsandboxed local workspaces "
                     "are allowed: local workspaces run as plain processes on this host",
                 )
-        host = socket.gethostname()
+        host = self.host_prefix.rstrip(":")
         for i in range(self.worker_count if self.backend_names else 0):
             identity = WorkerIdentity(
-                worker_id=uuid.uuid4().hex, worker_name=f"{host}:{os.getpid()}/built-in-{i + 1}"
+                worker_id=uuid.uuid4().hex,
+                worker_name=f"{host}:{os.getpid()}{BUILT_IN_MARK}{i + 1}",
             )
             source = InProcessSource(self.service, self.notifier, identity, self.backend_names)
             worker = Worker(
@@ -185,7 +189,8 @@ class ProvisionerRunner:
                 )
             if orphans:
                 self.last_orphans = [o.__dict__ for o in orphans][-50:]
-            for workspace_id, state in await self.service.running_workspaces(name):
+            running = await self.service.running_workspaces(name, built_by=self.host_prefix)
+            for workspace_id, state in running:
                 with contextlib.suppress(BackendError):
                     status = await backend.status(workspace_id, state)
                     if status.state != "running":

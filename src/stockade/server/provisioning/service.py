@@ -45,6 +45,8 @@ from stockade.server.observability import get_logger
 log = get_logger("stockade.provisioning")
 
 MAX_ATTEMPTS = 2
+# In the names of the server's own workers: "<host>:<pid>/built-in-<n>".
+BUILT_IN_MARK = "/built-in-"
 MAX_LOG_LINES = 20_000  # per build; later lines are dropped with one notice
 
 
@@ -455,8 +457,12 @@ class ProvisioningService:
             )
             return {r[0] for r in rows}
 
-    async def running_workspaces(self, backend: str) -> list[tuple[str, dict[str, Any]]]:
-        """(id, state) of the workspaces whose latest build started them."""
+    async def running_workspaces(
+        self, backend: str, *, built_by: str
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(id, state) of the workspaces whose latest build started them, on a
+        built-in worker whose name starts with ``built_by`` (the compute of a workspace
+        built by a provisionerd elsewhere is not this host's to check)."""
         latest = (
             select(WorkspaceBuild.workspace_id, func.max(WorkspaceBuild.number).label("n"))
             .group_by(WorkspaceBuild.workspace_id)
@@ -478,6 +484,8 @@ class ProvisioningService:
                     Workspace.deleted.is_(False),
                     WorkspaceBuild.transition == "start",
                     WorkspaceBuild.status == "succeeded",
+                    WorkspaceBuild.worker_name.startswith(built_by, autoescape=True),
+                    WorkspaceBuild.worker_name.contains(BUILT_IN_MARK, autoescape=True),
                 )
             )
             return [(r.id, r.state) for r in rows]
