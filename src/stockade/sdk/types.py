@@ -171,6 +171,7 @@ class Health(Response):
     database: dict[str, Any]
     migrations: dict[str, Any]
     workers: dict[str, Any]
+    provisioners: dict[str, Any] = Field(default_factory=dict)
     version: str
 
 

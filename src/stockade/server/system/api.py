@@ -39,7 +39,8 @@ async def buildinfo(services: ServicesDep) -> types.BuildInfo:
 
 @router.get("/api/v2/debug/health", dependencies=[requires(Perm.DEPLOYMENT_READ)])
 async def debug_health(services: ServicesDep) -> types.Health:
-    """Database reachability and latency, migration state, background workers."""
+    """Database reachability and latency, migration state, background jobs,
+    the built-in build workers and the orphans the reconciler last removed."""
     started = time.perf_counter()
     database: dict[str, object] = {"dialect": services.db.dialect, **services.db.pool_status()}
     try:
@@ -53,11 +54,18 @@ async def debug_health(services: ServicesDep) -> types.Health:
         current = None
     head = migrate.head_revision()
     workers = services.background.status()
-    healthy = bool(database["ok"]) and current == head and all(w["alive"] for w in workers.values())
+    provisioners = services.provisioner.status()
+    healthy = (
+        bool(database["ok"])
+        and current == head
+        and all(w["alive"] for w in workers.values())
+        and provisioners["alive"] == provisioners["built_in"]
+    )
     return types.Health(
         status="ok" if healthy else "degraded",
         database=database,
         migrations={"current": current, "head": head, "up_to_date": current == head},
         workers=workers,
+        provisioners=provisioners,
         version=stockade.__version__,
     )
