@@ -376,3 +376,20 @@ def test_builds_are_audited(owner: Client, make_user: UserFactory, template: str
     assert done.username == alice_name
     assert done.details["transition"] == "start"
     delete(alice, ws)
+
+
+def test_a_user_with_workspaces_cannot_be_deleted(
+    owner: Client, make_user: UserFactory, template: str
+) -> None:
+    alice, alice_name = make_user()
+    ws = alice.create_workspace("keep", template)
+    with pytest.raises(ApiError) as exc:
+        owner.delete_user(alice_name)
+    assert exc.value.status == 409 and exc.value.reason == "user_has_workspaces"
+    assert "1 workspace" in problem(exc)
+    wait_status(alice, alice_name, "keep")
+    delete(alice, ws)
+    owner.delete_user(alice_name)  # the deleted workspace's row goes with its owner
+    with pytest.raises(ApiError) as exc:
+        owner.get_user(alice_name)
+    assert exc.value.status == 404

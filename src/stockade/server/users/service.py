@@ -16,7 +16,7 @@ from stockade.server.auth import passwords
 from stockade.server.auth.ratelimit import SlidingWindow, account_key
 from stockade.server.authz import Actor, Perm, Role, assignable_roles, authorize, can
 from stockade.server.db import ApiKey, Database, User
-from stockade.server.db.models import SetupState, utcnow
+from stockade.server.db.models import SetupState, Workspace, utcnow
 from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 
 # Names that are also words in the API's paths (/users/me, /users/first...).
@@ -316,6 +316,22 @@ class UserService:
                 raise InvalidInput("you cannot delete yourself", reason="self_delete")
             if Role.OWNER.value in user.roles:
                 await self._keep_an_owner(session, user)
+            owned = (
+                await session.execute(
+                    select(func.count()).where(
+                        Workspace.owner_id == user.id, Workspace.deleted.is_(False)
+                    )
+                )
+            ).scalar_one()
+            if owned:
+                raise Conflict(
+                    f"{user.username} still has {owned} workspace(s); delete them first "
+                    f"(stockade list --owner {user.username}), or suspend the user instead",
+                    reason="user_has_workspaces",
+                )
             record.diff = diff_fields(_snapshot(user), {})
             await session.execute(delete(ApiKey).where(ApiKey.user_id == user.id))
+            # Deleted workspaces keep their rows (and builds) until their owner
+            # goes; the audit log keeps what happened to them.
+            await session.execute(delete(Workspace).where(Workspace.owner_id == user.id))
             await session.delete(user)
