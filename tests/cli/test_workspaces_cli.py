@@ -353,7 +353,7 @@ def test_provisioner_keys(
     assert created["name"] == first and created["key"]
     shown = cli("provisioner-keys", "create", second).stdout
     key = shown.splitlines()[1]
-    assert f"stockade provisionerd start --url {server.url} --key {key}" in shown
+    assert f"STOCKADE_PROVISIONER_KEY={key} stockade provisionerd start --url {server.url}" in shown
     listed = as_json(cli("provisioner-keys", "list", "-o", "json"))
     assert {first, second} <= {k["name"] for k in listed}
     assert all("key" not in k for k in listed)

@@ -136,6 +136,8 @@ async def test_start_runs_a_labelled_limited_container_with_a_home_volume(
 
     host_config = container.attrs["HostConfig"]
     assert host_config["NanoCpus"] == 500_000_000
+    assert host_config["SecurityOpt"] == ["no-new-privileges"]
+    assert host_config["PidsLimit"] == 4096
     assert host_config["Memory"] == 256 * 1024 * 1024
     assert host_config["Init"] is True
     assert "host.docker.internal:host-gateway" in host_config["ExtraHosts"]

@@ -36,8 +36,12 @@ def create(name: str, output: OutputOpt = Format.TABLE) -> None:
         return
     console.print(f"Created provisioner key {created.name}. It is shown only this once:")
     console.print(created.key, soft_wrap=True)
-    console.print("Run a provisioner daemon with it:")
-    console.print(f"  stockade provisionerd start --url {url} --key {created.key}", soft_wrap=True)
+    # In the environment, not on the command line: /proc/*/cmdline is world-readable.
+    console.print("Run a provisioner daemon with it (keep the key out of command lines):")
+    console.print(
+        f"  STOCKADE_PROVISIONER_KEY={created.key} stockade provisionerd start --url {url}",
+        soft_wrap=True,
+    )
 
 
 @keys_app.command("delete")

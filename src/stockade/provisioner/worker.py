@@ -104,9 +104,10 @@ class _Progress:
                 await self.source.logs(self.build_id, lines, None)
 
     async def close(self) -> None:
+        """Send what is buffered. A pending delayed flush is awaited, not
+        canceled: it may be sending lines already taken from the buffer."""
         if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LeaseLostError):
+            with contextlib.suppress(LeaseLostError):
                 await self._flusher
         await self.flush()
 
@@ -131,17 +132,22 @@ class Worker:
         self.current: str | None = None
 
     async def run_forever(self, idle_wait: float = 5.0) -> None:
+        """Take and run builds until canceled. Nothing but cancellation ends
+        the loop: a failing database or server is retried after a pause (a
+        build in hand then ends by its lease)."""
         while True:
             try:
                 job = await self.source.acquire()
-            except (OSError, ConnectionError) as exc:
-                self.on_error("acquire_failed", exc)
+                if job is None:
+                    await self.source.wait(idle_wait)
+                    continue
+                await self.run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.current = None
+                self.on_error("worker_error", exc)
                 await asyncio.sleep(2.0)
-                continue
-            if job is None:
-                await self.source.wait(idle_wait)
-                continue
-            await self.run(job)
 
     async def run(self, job: types.ProvisionerJob) -> None:
         """Run one leased build to its end (or until the lease is lost)."""
@@ -187,7 +193,10 @@ class Worker:
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await beat
+                try:
+                    await beat
+                except Exception as exc:  # reported; the outcome stands
+                    self.on_error("heartbeat_failed", exc)
         status, new_state, reason, error = outcome
         try:
             if error:
@@ -212,7 +221,7 @@ class Worker:
                 why.append("lease_lost")
                 task.cancel()
                 return
-            except (OSError, ConnectionError) as exc:
+            except Exception as exc:  # the next beat may get through before the lease ends
                 self.on_error("heartbeat_failed", exc)
                 continue
             if cancel:

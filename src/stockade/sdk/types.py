@@ -23,17 +23,43 @@ Password = Annotated[str, Field(min_length=1, max_length=256)]
 RoleName = Literal["owner", "user-admin", "template-admin", "auditor"]
 
 
+def _unstorable(value: Any) -> str | None:
+    """Why a text (or any text inside a list or mapping) cannot be stored:
+    PostgreSQL refuses NUL, and a lone surrogate cannot be encoded at all."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid Unicode text (it holds a lone surrogate)"
+        return None
+    if isinstance(value, dict):
+        items: list[Any] = [*value.keys(), *value.values()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        return None
+    for item in items:
+        problem = _unstorable(item)
+        if problem:
+            return problem
+    return None
+
+
 class Request(BaseModel):
     """A request body: unknown fields are an error, not silently dropped, and
-    no text may hold a NUL byte (PostgreSQL cannot store one)."""
+    no text, however deep, may hold a NUL byte (PostgreSQL cannot store one)
+    or a lone surrogate."""
 
     model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="after")
     @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        if isinstance(value, str) and "\x00" in value:
-            raise ValueError("must not contain a NUL character")
+    def _storable(cls, value: Any) -> Any:
+        problem = _unstorable(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 
@@ -239,6 +265,33 @@ WorkspaceStatus = Literal[
 Transition = Literal["start", "stop", "delete"]
 BuildStatus = Literal["pending", "running", "canceling", "succeeded", "failed", "canceled"]
 ParameterValue = bool | int | float | str | list[str]
+MAX_PARAMETER_TEXT = 4096
+MAX_PARAMETER_ITEMS = 256
+
+
+def check_parameter_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The shape of parameter values (the template decides the rest): a
+    string, a number, true/false or a list of strings, of bounded size."""
+    for name, value in values.items():
+        where = f"parameter {name[:64]!r}"
+        if isinstance(value, str):
+            if len(value) > MAX_PARAMETER_TEXT:
+                raise ValueError(f"{where} is longer than {MAX_PARAMETER_TEXT} characters")
+        elif isinstance(value, bool | int):
+            continue
+        elif isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{where} must be a finite number")
+        elif isinstance(value, list):
+            if len(value) > MAX_PARAMETER_ITEMS:
+                raise ValueError(f"{where} has more than {MAX_PARAMETER_ITEMS} items")
+            if not all(isinstance(v, str) and len(v) <= MAX_PARAMETER_TEXT for v in value):
+                raise ValueError(
+                    f"{where} must be a list of strings of at most {MAX_PARAMETER_TEXT} characters"
+                )
+        else:
+            raise ValueError(f"{where} must be a string, a number, true/false or a list of strings")
+    return values
 
 
 class BuildStage(Response):
@@ -308,12 +361,17 @@ class CreateWorkspaceRequest(Request):
         pattern=WORKSPACE_NAME_PATTERN, min_length=1, max_length=32, description=WORKSPACE_NAME_HELP
     )
     template: str = Field(min_length=1, max_length=64, description="template name")
-    parameters: dict[str, ParameterValue] = Field(
-        default_factory=dict, description="parameter values by name; defaults fill the rest"
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="parameter values by name (string, number, true/false or list of "
+        "strings); defaults fill the rest",
     )
     owner: str | None = Field(
         None, max_length=32, description="create it for another user (owners and user-admins)"
     )
+
+    _parameters = field_validator("parameters")(check_parameter_values)
 
 
 class CreateBuildRequest(Request):
@@ -321,12 +379,16 @@ class CreateBuildRequest(Request):
     update: bool = Field(
         False, description="start: build on the template's active version (an update)"
     )
-    parameters: dict[str, ParameterValue] = Field(
-        default_factory=dict, description="start: new values for mutable parameters"
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="start or restart: new values for mutable parameters",
     )
     cancel_running: bool = Field(
         False, description="cancel the unfinished build instead of refusing with 409"
     )
+
+    _parameters = field_validator("parameters")(check_parameter_values)
 
 
 class BuildLogLine(Response):

@@ -83,6 +83,7 @@ STOP_TIMEOUT = 10
 TAIL_LINES = 20
 # The workspace's own output goes to the container log too; bound it.
 LOG_CONFIG = {"max-size": "10m", "max-file": "3"}
+PIDS_LIMIT = 4096  # processes per workspace container
 _HOSTNAME_INVALID = re.compile(r"[^a-z0-9-]+")
 
 
@@ -358,6 +359,9 @@ class DockerBackend(Backend):
                 # So that the compute reaches the control plane on the host.
                 extra_hosts={"host.docker.internal": "host-gateway"},
                 log_config=docker.types.LogConfig(type="json-file", config=LOG_CONFIG),
+                # No setuid escalation inside; a fork bomb stops at a bound.
+                security_opt=["no-new-privileges"],
+                pids_limit=PIDS_LIMIT,
                 detach=True,
                 **limits,
             )

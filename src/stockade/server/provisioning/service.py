@@ -48,6 +48,7 @@ MAX_ATTEMPTS = 2
 # In the names of the server's own workers: "<host>:<pid>/built-in-<n>".
 BUILT_IN_MARK = "/built-in-"
 MAX_LOG_LINES = 20_000  # per build; later lines are dropped with one notice
+MAX_LOG_LINE = 4096  # characters kept of one line
 
 
 class LeaseLost(Conflict):
@@ -130,16 +131,18 @@ class ProvisioningService:
         )
         candidate = (
             select(WorkspaceBuild.id)
+            .join(Workspace, Workspace.id == WorkspaceBuild.workspace_id)
             .where(
                 WorkspaceBuild.status == "pending",
                 WorkspaceBuild.backend.in_(backends),
+                Workspace.deleted.is_(False),
                 ~busy,
             )
             .order_by(WorkspaceBuild.created_at, WorkspaceBuild.id)
             .limit(1)
         )
         if self.db.dialect == "postgresql":
-            candidate = candidate.with_for_update(skip_locked=True)
+            candidate = candidate.with_for_update(of=WorkspaceBuild, skip_locked=True)
         now = utcnow()
         async with self.db.transaction() as session:
             build_id = (await session.execute(candidate)).scalar_one_or_none()
@@ -270,7 +273,7 @@ class ProvisioningService:
                         time=now,
                         stage=line.stage or current,
                         level=line.level,
-                        line=line.line.replace("\x00", ""),
+                        line=line.line.replace("\x00", "")[:MAX_LOG_LINE],
                     )
                     for line in lines
                 )
@@ -322,13 +325,31 @@ class ProvisioningService:
                 build.error = error
             if state is not None:
                 ws.state = state
+            newer = list(
+                (
+                    await session.execute(
+                        select(WorkspaceBuild).where(
+                            WorkspaceBuild.workspace_id == ws.id,
+                            WorkspaceBuild.number > build.number,
+                            WorkspaceBuild.status == "pending",
+                        )
+                    )
+                ).scalars()
+            )
             if status == "succeeded":
+                build.reason = None
                 if build.transition == "delete":
                     ws.deleted = True
+                    # What was queued behind a delete has nothing left to act on.
+                    for later in newer:
+                        later.status = "canceled"
+                        later.reason = "workspace_deleted"
+                        later.error = "the workspace was deleted before this build ran"
+                        later.finished_at = now
                 ws.compute_status = "running" if build.transition == "start" else "missing"
                 ws.compute_detail = None
                 ws.compute_checked_at = now
-                if build.then_start:
+                if build.then_start and not build.cancel_requested and not newer:
                     session.add(
                         WorkspaceBuild(
                             workspace_id=ws.id,
@@ -432,6 +453,21 @@ class ProvisioningService:
                         line=f"the build ran longer than {self.timeout_seconds} s; canceling it",
                     )
                 )
+            unclaimed = select(WorkspaceBuild).where(
+                WorkspaceBuild.status == "pending",
+                WorkspaceBuild.created_at < now - timedelta(seconds=self.timeout_seconds),
+            )
+            for build in (await session.execute(unclaimed)).scalars():
+                changed.append(build.id)
+                build.status = "failed"
+                build.reason = "no_provisioner"
+                build.error = (
+                    f"no provisioner took this build in {self.timeout_seconds} s: is a worker "
+                    f"serving the {build.backend} backend running (the server's "
+                    "--provisioner-backends, or a stockade provisionerd)?"
+                )
+                build.finished_at = now
+                session.add(BuildLog(build_id=build.id, level="error", line=build.error))
         for build_id in changed:
             log.warning("build_reaped", build_id=build_id)
             self.notifier.notify(build_key(build_id))

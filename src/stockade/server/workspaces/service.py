@@ -467,7 +467,7 @@ class WorkspaceService:
     # --- writes -----------------------------------------------------------------------
 
     async def _template_for_create(
-        self, session: AsyncSession, actor: Actor, name: str
+        self, session: AsyncSession, name: str
     ) -> tuple[Template, TemplateVersion]:
         template = (
             await session.execute(select(Template).where(Template.name == name))
@@ -502,7 +502,7 @@ class WorkspaceService:
                         raise NotFound(f"user {body.owner!r} not found", reason="user_not_found")
                     owner_id = owner.id
                 authorize(actor, Perm.WORKSPACE_CREATE, owner_id=owner_id, kind="workspace")
-                template, version = await self._template_for_create(session, actor, body.template)
+                template, version = await self._template_for_create(session, body.template)
                 manifest = Manifest.model_validate(version.manifest)
                 values = resolve_parameters(manifest, dict(body.parameters), None)
                 taken = (
@@ -573,10 +573,11 @@ class WorkspaceService:
     ) -> types.WorkspaceBuild:
         action = "update" if body.update else body.transition
         record.describe(f"workspace.{action}", "workspace", resource_name=f"{owner}/{name}")
-        if body.transition != "start" and (body.update or body.parameters):
+        if body.update and body.transition != "start":
+            raise InvalidInput("update goes with a start", reason="invalid_build_request")
+        if body.parameters and body.transition not in ("start", "restart"):
             raise InvalidInput(
-                "update and parameters go with a start (or restart without update)",
-                reason="invalid_build_request",
+                "parameters go with a start or a restart", reason="invalid_build_request"
             )
         async with self.db.transaction() as session:
             ws, template = await self._find(session, actor, owner, name)
@@ -602,7 +603,7 @@ class WorkspaceService:
                 cancel_build_row(latest, reason="superseded")
             version_id = ws.template_version_id
             if body.update:
-                _, version = await self._template_for_create(session, actor, template.name)
+                _, version = await self._template_for_create(session, template.name)
                 version_id = version.id
             version_row = (
                 await session.execute(
@@ -646,20 +647,11 @@ class WorkspaceService:
         return view
 
     async def cancel(
-        self, actor: Actor, owner: str, name: str, number: int | None, record: AuditRecord
+        self, actor: Actor, owner: str, name: str, number: int, record: AuditRecord
     ) -> types.WorkspaceBuild:
         record.describe("workspace.cancel", "workspace", resource_name=f"{owner}/{name}")
         async with self.db.transaction() as session:
-            if number is None:
-                ws, _ = await self._find(session, actor, owner, name)
-                number = (
-                    await session.execute(
-                        select(func.max(WorkspaceBuild.number)).where(
-                            WorkspaceBuild.workspace_id == ws.id
-                        )
-                    )
-                ).scalar_one()
-            ws, build = await self._build(session, actor, owner, name, int(number or 0))
+            ws, build = await self._build(session, actor, owner, name, number)
             record.resource_id = ws.id
             authorize(actor, Perm.WORKSPACE_BUILD, owner_id=ws.owner_id, kind="workspace")
             if build.status not in UNFINISHED:
