@@ -92,6 +92,9 @@ class MetadataItem(_Strict):
 
 class Agent(_Strict):
     startup_script: str = ""
+    startup_timeout: int = Field(
+        600, ge=1, le=86400, description="seconds before the agent gives up on the script"
+    )
     metadata: list[MetadataItem] = Field(default_factory=list)
 
 

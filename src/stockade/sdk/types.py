@@ -349,6 +349,50 @@ class Workspace(Response):
     created_at: datetime
     updated_at: datetime
     latest_build: WorkspaceBuild
+    agent: WorkspaceAgent | None = Field(
+        None, description="the agent of the latest start build, while it is not revoked"
+    )
+
+
+class AgentMetadataItem(Response):
+    key: str
+    display_name: str = ""
+    value: str
+    error: str | None = None
+    collected_at: datetime
+
+
+class WorkspaceAgent(Response):
+    id: str
+    status: Literal["connecting", "connected", "disconnected"] = Field(
+        description="connecting: never connected yet"
+    )
+    lifecycle_state: Literal[
+        "created", "starting", "ready", "start_error", "start_timeout", "shutting_down", "off"
+    ]
+    version: str | None = None
+    hostname: str | None = None
+    os: str | None = None
+    arch: str | None = None
+    python: str | None = None
+    created_at: datetime
+    first_connected_at: datetime | None = None
+    last_connected_at: datetime | None = None
+    disconnected_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    ready_at: datetime | None = None
+    metadata: list[AgentMetadataItem] = Field(default_factory=list)
+
+
+class AgentLogLine(Response):
+    id: int
+    time: datetime
+    line: str
+
+
+class AgentLogList(Response):
+    logs: list[AgentLogLine]
+    lifecycle_state: str | None = None
 
 
 class WorkspaceList(Response):
@@ -460,6 +504,9 @@ class ProvisionerJob(Response):
     lease_seconds: int
     timeout_seconds: int
     archive_sha256: str
+    agent_token: str | None = Field(
+        None, description="start builds: the new agent's token (the workspace's compute gets it)"
+    )
 
 
 class JobHeartbeat(Response):

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 import stockade
 from stockade.sdk import types
+from stockade.server.agents import api as agents_api
 from stockade.server.audit import api as audit_api
 from stockade.server.audit import service as audit_service
 from stockade.server.auth import api as auth_api
@@ -147,6 +148,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         templates_api.router,
         workspaces_api.router,
         provisioning_api.router,
+        agents_api.router,
     ):
         app.router.routes.extend(router.routes)
     check_routes(app.routes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stockade.provisioner.backends.base import BackendOptions
+from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
@@ -31,6 +32,7 @@ class Services:
     users: UserService
     templates: TemplateService
     workspaces: WorkspaceService
+    agents: AgentService
     provisioning: ProvisioningService
     provisioner: ProvisionerRunner
     notifier: Notifier
@@ -43,6 +45,7 @@ def build_services(settings: Settings) -> Services:
     auth = AuthService(db, settings)
     notifier = Notifier()
     audit_key = load_key(settings.audit_key, settings.data_dir)
+    agents = AgentService(db, notifier)
     provisioning = ProvisioningService(
         db,
         notifier,
@@ -50,6 +53,7 @@ def build_services(settings: Settings) -> Services:
         lease_seconds=settings.job_lease_seconds,
         timeout_seconds=settings.build_timeout_seconds,
         audit_key=audit_key,
+        agents=agents,
     )
     options = BackendOptions(
         workspaces_dir=settings.workspaces_dir,
@@ -64,7 +68,8 @@ def build_services(settings: Settings) -> Services:
         auth=auth,
         users=UserService(db, password_guesses=auth.user_failures),
         templates=TemplateService(db),
-        workspaces=WorkspaceService(db, notifier),
+        workspaces=WorkspaceService(db, notifier, agents),
+        agents=agents,
         provisioning=provisioning,
         provisioner=ProvisionerRunner(
             provisioning,

@@ -302,3 +302,58 @@ class ProvisionerKey(Base):
     created_by: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
+
+
+class WorkspaceAgent(Base):
+    """The agent of one start build of a workspace. Its token (SHA-256 at
+    rest, like API keys) is made when a worker takes the build and revoked at
+    the next stop, delete or start."""
+
+    __tablename__ = "workspace_agents"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    build_id: Mapped[str] = mapped_column(String(36))
+    hashed_token: Mapped[str] = mapped_column(String(64))
+    lifecycle_state: Mapped[str] = mapped_column(String(16), default="created")
+    version: Mapped[str | None] = mapped_column(String(64))
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    os: Mapped[str | None] = mapped_column(String(64))
+    arch: Mapped[str | None] = mapped_column(String(64))
+    python: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    first_connected_at: Mapped[datetime | None]
+    last_connected_at: Mapped[datetime | None]
+    disconnected_at: Mapped[datetime | None]
+    last_seen_at: Mapped[datetime | None]
+    ready_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AgentLog(Base):
+    """A line of an agent's startup script output, in order of ``id``."""
+
+    __tablename__ = "agent_logs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(
+        ForeignKey("workspace_agents.id", ondelete="CASCADE"), index=True
+    )
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    line: Mapped[str] = mapped_column(Text)
+
+
+class AgentMetadata(Base):
+    """The latest value of one metadata item an agent collects."""
+
+    __tablename__ = "agent_metadata"
+
+    agent_id: Mapped[str] = mapped_column(
+        ForeignKey("workspace_agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    collected_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from stockade.sdk import types
+from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import AuditRecord, append
 from stockade.server.auth import keys
 from stockade.server.authz import Actor, Perm, authorize
@@ -86,7 +87,9 @@ class ProvisioningService:
         lease_seconds: int,
         timeout_seconds: int,
         audit_key: bytes,
+        agents: AgentService,
     ) -> None:
+        self.agents = agents
         self.db = db
         self.notifier = notifier
         self.access_url = access_url
@@ -167,7 +170,13 @@ class ProvisioningService:
                     .where(Workspace.id == build.workspace_id)
                 )
             ).one()
+            agent_token = None
+            if build.transition == "start":
+                # New at every attempt: a retry replaces the compute the
+                # previous attempt may have left with the old token.
+                agent_token = await self.agents.issue(session, ws.id, build.id)
             job = types.ProvisionerJob(
+                agent_token=agent_token,
                 build_id=build.id,
                 build_number=build.number,
                 transition=build.transition,
@@ -308,10 +317,20 @@ class ProvisioningService:
         now = utcnow()
         queued_next = False
         async with self.db.transaction() as session:
+            # Lock the workspace before its build, in the order the API's build
+            # requests take them: the other order deadlocks on PostgreSQL.
+            workspace_query = select(Workspace).where(
+                Workspace.id
+                == select(WorkspaceBuild.workspace_id)
+                .where(WorkspaceBuild.id == build_id)
+                .scalar_subquery()
+            )
+            if self.db.dialect == "postgresql":
+                workspace_query = workspace_query.with_for_update(key_share=True)
+            ws = (await session.execute(workspace_query)).scalar_one_or_none()
+            if ws is None:
+                raise _lease_lost(build_id)
             build = await self._held(session, build_id, worker_id)
-            ws = (
-                await session.execute(select(Workspace).where(Workspace.id == build.workspace_id))
-            ).scalar_one()
             build.status = status
             build.finished_at = now
             build.lease_expires_at = None
@@ -336,8 +355,11 @@ class ProvisioningService:
                     )
                 ).scalars()
             )
+            revoked: list[str] = []
             if status == "succeeded":
                 build.reason = None
+                if build.transition in ("stop", "delete"):
+                    revoked = await self.agents.revoke(session, ws.id)
                 if build.transition == "delete":
                     ws.deleted = True
                     # What was queued behind a delete has nothing left to act on.
@@ -392,6 +414,7 @@ class ProvisioningService:
                 },
                 request_id=None,
             )
+        await self.agents.disconnect(revoked)
         log.info(
             "build_finished",
             build_id=build_id,

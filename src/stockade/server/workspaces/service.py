@@ -26,6 +26,7 @@ from stockade.sdk.templates import (
     check_value,
     resolve_compute,
 )
+from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import AuditRecord
 from stockade.server.authz import Actor, Perm, authorize, can
 from stockade.server.db import Database
@@ -250,7 +251,7 @@ def _workspace_view(
 
 
 async def _views(
-    session: AsyncSession, rows: list[tuple[Workspace, Template]]
+    session: AsyncSession, rows: list[tuple[Workspace, Template]], agents: AgentService
 ) -> list[types.Workspace]:
     if not rows:
         return []
@@ -281,16 +282,24 @@ async def _views(
         {ws.template_version_id for ws, _ in rows}
         | {b.template_version_id for b in builds.values()},
     )
-    return [_workspace_view(ws, t, builds[ws.id], names) for ws, t in rows if ws.id in builds]
+    live_agents = await agents.views(session, ids)
+    return [
+        _workspace_view(ws, t, builds[ws.id], names).model_copy(
+            update={"agent": live_agents.get(ws.id)}
+        )
+        for ws, t in rows
+        if ws.id in builds
+    ]
 
 
 # --- the service -----------------------------------------------------------------
 
 
 class WorkspaceService:
-    def __init__(self, db: Database, notifier: Notifier) -> None:
+    def __init__(self, db: Database, notifier: Notifier, agents: AgentService) -> None:
         self.db = db
         self.notifier = notifier
+        self.agents = agents
 
     # --- reads ----------------------------------------------------------------------
 
@@ -315,7 +324,9 @@ class WorkspaceService:
         if self.db.dialect == "postgresql":
             # Serialise builds of one workspace across server processes
             # (SQLite's BEGIN IMMEDIATE already serialises every writer).
-            query = query.with_for_update(of=Workspace)
+            # NO KEY UPDATE: rows that merely reference the workspace (agents,
+            # logs) can still be inserted by the build queue meanwhile.
+            query = query.with_for_update(of=Workspace, key_share=True)
         row = (await session.execute(query)).first()
         if row is None:
             raise _not_found()
@@ -335,13 +346,13 @@ class WorkspaceService:
             elif not can(actor, Perm.WORKSPACE_READ):
                 query = query.where(Workspace.owner_id == actor.user_id)
             rows = [(ws, t) for ws, t in (await session.execute(query)).all()]
-            views = await _views(session, rows)
+            views = await _views(session, rows, self.agents)
         return types.WorkspaceList(workspaces=views, count=len(views))
 
     async def get(self, actor: Actor, owner: str, name: str) -> types.Workspace:
         async with self.db.session() as session:
             ws, template = await self._find(session, actor, owner, name)
-            return (await _views(session, [(ws, template)]))[0]
+            return (await _views(session, [(ws, template)], self.agents))[0]
 
     async def builds(self, actor: Actor, owner: str, name: str) -> types.WorkspaceBuildList:
         async with self.db.session() as session:
@@ -409,6 +420,15 @@ class WorkspaceService:
             _, build = await self._build(session, actor, owner, name, number)
             lines = await self._lines(session, build.id, after)
             return types.BuildLogList(logs=lines, build_status=build.status)
+
+    async def agent_logs(
+        self, actor: Actor, owner: str, name: str, *, after: int
+    ) -> types.AgentLogList:
+        """The startup script output its agent reported (the live agent's)."""
+        async with self.db.session() as session:
+            ws, _ = await self._find(session, actor, owner, name)
+            workspace_id = ws.id
+        return await self.agents.logs(workspace_id, after=after)
 
     @staticmethod
     async def _lines(

@@ -1,0 +1,368 @@
+"""Workspace agents on the control plane: their tokens, the WebSocket they
+connect out on (protocol in ``stockade.agent.protocol``), what they report
+(lifecycle, startup script output, metadata) and how the API shows it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi import WebSocket, WebSocketDisconnect
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, LIFECYCLE_STATES, PROTOCOL_VERSION
+from stockade.provisioner.worker import parameter_env
+from stockade.sdk import types
+from stockade.sdk.templates import Manifest
+from stockade.server.auth import keys
+from stockade.server.db import Database
+from stockade.server.db.models import (
+    AgentLog,
+    AgentMetadata,
+    TemplateVersion,
+    User,
+    Workspace,
+    WorkspaceAgent,
+    utcnow,
+)
+from stockade.server.events import Notifier
+from stockade.server.observability import get_logger
+
+log = get_logger("stockade.agents")
+
+MAX_AGENT_LOG_LINES = 10_000
+MAX_LINE = 4096
+MAX_METADATA_ITEMS = 100
+SEEN_EVERY = timedelta(seconds=5)  # last_seen_at is written at most this often
+
+
+def agent_logs_key(agent_id: str) -> str:
+    return f"agent-logs:{agent_id}"
+
+
+def _parse_time(value: Any) -> datetime:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is not None:
+                return parsed
+    return utcnow()
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "")
+    return text.encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
+class AgentService:
+    def __init__(self, db: Database, notifier: Notifier) -> None:
+        self.db = db
+        self.notifier = notifier
+        # Agents connected to this process, by agent id.
+        self._connections: dict[str, WebSocket] = {}
+
+    # --- tokens (called inside the build queue's transactions) ---------------------
+
+    @staticmethod
+    async def issue(session: AsyncSession, workspace_id: str, build_id: str) -> str:
+        """A new agent for a start build; earlier agents of the workspace are
+        revoked. Returns the token, which exists nowhere else afterwards."""
+        await AgentService.revoke(session, workspace_id)
+        agent_id, token, hashed = keys.generate()
+        session.add(
+            WorkspaceAgent(
+                id=agent_id, workspace_id=workspace_id, build_id=build_id, hashed_token=hashed
+            )
+        )
+        return token
+
+    @staticmethod
+    async def revoke(session: AsyncSession, workspace_id: str) -> list[str]:
+        """Revoke every live agent of a workspace; their ids (the caller
+        disconnects them once the transaction has committed)."""
+        ids = list(
+            (
+                await session.execute(
+                    select(WorkspaceAgent.id).where(
+                        WorkspaceAgent.workspace_id == workspace_id,
+                        WorkspaceAgent.revoked_at.is_(None),
+                    )
+                )
+            ).scalars()
+        )
+        if ids:
+            await session.execute(
+                update(WorkspaceAgent).where(WorkspaceAgent.id.in_(ids)).values(revoked_at=utcnow())
+            )
+        return ids
+
+    async def disconnect(self, agent_ids: Iterable[str]) -> None:
+        """Close the connections of revoked agents (those on this process)."""
+        for agent_id in agent_ids:
+            websocket = self._connections.pop(agent_id, None)
+            if websocket is not None:
+                with contextlib.suppress(Exception):
+                    await websocket.close(code=CLOSE_TOKEN_REFUSED, reason="agent token revoked")
+
+    # --- the connection ----------------------------------------------------------
+
+    async def _authenticate(self, websocket: WebSocket) -> WorkspaceAgent | None:
+        header = websocket.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        parts = keys.split(token.strip()) if scheme.lower() == "bearer" else None
+        if parts is None:
+            return None
+        agent_id, secret = parts
+        async with self.db.session() as session:
+            agent = (
+                await session.execute(select(WorkspaceAgent).where(WorkspaceAgent.id == agent_id))
+            ).scalar_one_or_none()
+        if agent is None or agent.revoked_at is not None:
+            return None
+        if not keys.matches(secret, agent.hashed_token):
+            return None
+        return agent
+
+    async def serve(self, websocket: WebSocket) -> None:
+        """One agent connection, from the upgrade to the disconnect."""
+        agent = await self._authenticate(websocket)
+        if agent is None:
+            # Refused before the upgrade: the agent sees a 403 and stops retrying.
+            log.info("agent_refused", client=str(websocket.client))
+            await websocket.close(code=CLOSE_TOKEN_REFUSED)
+            return
+        await websocket.accept()
+        previous = self._connections.get(agent.id)
+        self._connections[agent.id] = websocket
+        if previous is not None:  # the agent reconnected before we saw it leave
+            with contextlib.suppress(Exception):
+                await previous.close(code=1000, reason="replaced by a new connection")
+        log.info("agent_connected", agent_id=agent.id, workspace_id=agent.workspace_id)
+        last_seen = utcnow()
+        try:
+            while True:
+                try:
+                    message = await websocket.receive_json()
+                except (ValueError, KeyError):
+                    await websocket.close(code=1003, reason="frames must be JSON objects")
+                    return
+                if not isinstance(message, dict):
+                    continue
+                await self._handle(websocket, agent.id, message)
+                now = utcnow()
+                if now - last_seen > SEEN_EVERY:
+                    last_seen = now
+                    await self._update(agent.id, last_seen_at=now)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self._connections.get(agent.id) is websocket:
+                del self._connections[agent.id]
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(
+                        self._update(agent.id, disconnected_at=utcnow(), last_seen_at=utcnow())
+                    )
+            log.info("agent_disconnected", agent_id=agent.id)
+
+    async def _update(self, agent_id: str, **values: Any) -> None:
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(WorkspaceAgent).where(WorkspaceAgent.id == agent_id).values(**values)
+            )
+
+    async def _handle(self, websocket: WebSocket, agent_id: str, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        now = utcnow()
+        if kind == "hello":
+            async with self.db.transaction() as session:
+                agent = (
+                    await session.execute(
+                        select(WorkspaceAgent).where(WorkspaceAgent.id == agent_id)
+                    )
+                ).scalar_one()
+                agent.version = _text(message.get("version"), 64)
+                agent.hostname = _text(message.get("hostname"), 255)
+                agent.os = _text(message.get("os"), 64)
+                agent.arch = _text(message.get("arch"), 64)
+                agent.python = _text(message.get("python"), 64)
+                agent.first_connected_at = agent.first_connected_at or now
+                agent.last_connected_at = now
+                agent.last_seen_at = now
+                agent.disconnected_at = None
+                manifest = await self._manifest(session, agent)
+            await websocket.send_json(manifest)
+        elif kind == "lifecycle":
+            state = message.get("state")
+            if state in LIFECYCLE_STATES:
+                values: dict[str, Any] = {"lifecycle_state": state, "last_seen_at": now}
+                if state == "ready":
+                    values["ready_at"] = _parse_time(message.get("time"))
+                await self._update(agent_id, **values)
+                self.notifier.notify(agent_logs_key(agent_id))
+        elif kind == "startup_log":
+            lines = message.get("lines")
+            if isinstance(lines, list) and lines:
+                await self._store_lines(agent_id, lines)
+        elif kind == "metadata":
+            items = message.get("items")
+            if isinstance(items, list):
+                await self._store_metadata(agent_id, items[:MAX_METADATA_ITEMS])
+
+    async def _manifest(self, session: AsyncSession, agent: WorkspaceAgent) -> dict[str, Any]:
+        ws, owner, manifest_data = (
+            await session.execute(
+                select(Workspace, User.username, TemplateVersion.manifest)
+                .join(User, User.id == Workspace.owner_id)
+                .join(TemplateVersion, TemplateVersion.id == Workspace.template_version_id)
+                .where(Workspace.id == agent.workspace_id)
+            )
+        ).one()
+        manifest = Manifest.model_validate(manifest_data)
+        return {
+            "type": "manifest",
+            "protocol": PROTOCOL_VERSION,
+            "agent_id": agent.id,
+            "workspace_id": ws.id,
+            "workspace_name": ws.name,
+            "owner": owner,
+            "startup_script": manifest.agent.startup_script,
+            "startup_timeout": manifest.agent.startup_timeout,
+            "metadata": [item.model_dump() for item in manifest.agent.metadata],
+            "env": parameter_env(ws.parameters),
+        }
+
+    async def _store_lines(self, agent_id: str, lines: list[Any]) -> None:
+        async with self.db.transaction() as session:
+            count = (
+                await session.execute(select(func.count()).where(AgentLog.agent_id == agent_id))
+            ).scalar_one()
+            room = MAX_AGENT_LOG_LINES - count
+            if room <= 0:
+                return
+            for item in lines[:room]:
+                if isinstance(item, dict):
+                    text = _text(item.get("line"), MAX_LINE)
+                    if text is not None:
+                        session.add(
+                            AgentLog(
+                                agent_id=agent_id, time=_parse_time(item.get("time")), line=text
+                            )
+                        )
+        self.notifier.notify(agent_logs_key(agent_id))
+
+    async def _store_metadata(self, agent_id: str, items: list[Any]) -> None:
+        async with self.db.transaction() as session:
+            existing = {
+                row.key: row
+                for row in (
+                    await session.execute(
+                        select(AgentMetadata).where(AgentMetadata.agent_id == agent_id)
+                    )
+                ).scalars()
+            }
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                key = _text(item.get("key"), 64)
+                if not key:
+                    continue
+                row = existing.get(key)
+                if row is None:
+                    if len(existing) >= MAX_METADATA_ITEMS:
+                        continue
+                    row = AgentMetadata(agent_id=agent_id, key=key)
+                    session.add(row)
+                    existing[key] = row
+                row.value = _text(item.get("value"), MAX_LINE) or ""
+                row.error = _text(item.get("error"), MAX_LINE)
+                row.collected_at = _parse_time(item.get("collected_at"))
+
+    # --- views ------------------------------------------------------------------------
+
+    async def views(
+        self, session: AsyncSession, workspace_ids: list[str]
+    ) -> dict[str, types.WorkspaceAgent]:
+        """The live (not revoked) agent of each workspace, by workspace id."""
+        if not workspace_ids:
+            return {}
+        agents = list(
+            (
+                await session.execute(
+                    select(WorkspaceAgent).where(
+                        WorkspaceAgent.workspace_id.in_(workspace_ids),
+                        WorkspaceAgent.revoked_at.is_(None),
+                    )
+                )
+            ).scalars()
+        )
+        metadata: dict[str, list[types.AgentMetadataItem]] = {}
+        if agents:
+            rows = await session.execute(
+                select(AgentMetadata)
+                .where(AgentMetadata.agent_id.in_([a.id for a in agents]))
+                .order_by(AgentMetadata.key)
+            )
+            for row in rows.scalars():
+                metadata.setdefault(row.agent_id, []).append(
+                    types.AgentMetadataItem(
+                        key=row.key, value=row.value, error=row.error, collected_at=row.collected_at
+                    )
+                )
+        out = {}
+        for agent in agents:
+            if agent.last_connected_at is None:
+                status = "connecting"
+            elif agent.disconnected_at is not None:
+                status = "disconnected"
+            else:
+                status = "connected"
+            out[agent.workspace_id] = types.WorkspaceAgent(
+                id=agent.id,
+                status=status,
+                lifecycle_state=agent.lifecycle_state,
+                version=agent.version,
+                hostname=agent.hostname,
+                os=agent.os,
+                arch=agent.arch,
+                python=agent.python,
+                created_at=agent.created_at,
+                first_connected_at=agent.first_connected_at,
+                last_connected_at=agent.last_connected_at,
+                disconnected_at=agent.disconnected_at,
+                last_seen_at=agent.last_seen_at,
+                ready_at=agent.ready_at,
+                metadata=metadata.get(agent.id, []),
+            )
+        return out
+
+    async def logs(self, workspace_id: str, *, after: int, limit: int = 1000) -> types.AgentLogList:
+        """The startup script output of the workspace's live agent."""
+        async with self.db.session() as session:
+            agent = (
+                await session.execute(
+                    select(WorkspaceAgent).where(
+                        WorkspaceAgent.workspace_id == workspace_id,
+                        WorkspaceAgent.revoked_at.is_(None),
+                    )
+                )
+            ).scalar_one_or_none()
+            if agent is None:
+                return types.AgentLogList(logs=[], lifecycle_state=None)
+            rows = await session.execute(
+                select(AgentLog)
+                .where(AgentLog.agent_id == agent.id, AgentLog.id > after)
+                .order_by(AgentLog.id)
+                .limit(limit)
+            )
+            return types.AgentLogList(
+                logs=[
+                    types.AgentLogLine(id=r.id, time=r.time, line=r.line) for r in rows.scalars()
+                ],
+                lifecycle_state=agent.lifecycle_state,
+            )
