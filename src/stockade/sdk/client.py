@@ -335,6 +335,10 @@ class Client:
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"lost the log stream from {self.url}: {exc}") from exc
 
+    def agent_logs(self, owner: str, name: str, *, after: int = 0) -> types.AgentLogList:
+        """The startup script output the workspace's agent reported."""
+        return self._get(f"{self._ws(owner, name)}/agent/logs", types.AgentLogList, after=after)
+
     # --- provisioner keys ------------------------------------------------------------
 
     def list_provisioner_keys(self) -> list[types.ProvisionerKey]:
