@@ -5,6 +5,7 @@ agent itself, as a backend's compute would."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from stockade.sdk import Client, types
@@ -152,3 +154,18 @@ def test_a_wrong_or_old_token_is_refused(setup: tuple[str, Client, Daemon], tmp_
             agent.wait()
         if agent.stderr:
             agent.stderr.close()
+
+
+def test_the_bundle_is_served_with_its_sha(setup: tuple[str, Client, Daemon]) -> None:
+    url, _, _ = setup
+    first = httpx.get(f"{url}/api/v2/agent/bundle.pyz")
+    assert first.status_code == 200
+    sha = first.headers["x-stockade-sha256"]
+    assert hashlib.sha256(first.content).hexdigest() == sha
+    assert first.content[:2] == b"#!" or first.content[:2] == b"PK"
+    again = httpx.get(f"{url}/api/v2/agent/bundle.pyz", headers={"If-None-Match": f'"{sha}"'})
+    assert again.status_code == 304
+    # The bootstrap asks with HEAD whether its cached bundle is current.
+    head = httpx.head(f"{url}/api/v2/agent/bundle.pyz")
+    assert head.status_code == 200 and head.headers["x-stockade-sha256"] == sha
+    assert head.content == b""

@@ -95,6 +95,7 @@ EXPECTED: dict[Route, dict[str, str]] = {
                                                      row("401", "404", "ok", "ok", "404", "404"),
     ("GET", "/api/v2/workspaces/{owner}/{name}/agent/logs"):
                                                      row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/agent/bundle.pyz"):             public("ok"),
     ("GET", "/api/v2/provisioner-keys"):             row("401", "403", "ok", "403", "403", "403"),
     ("POST", "/api/v2/provisioner-keys"):            row("401", "403", "ok", "403", "403", "403"),
     ("DELETE", "/api/v2/provisioner-keys/{name}"):   row("401", "403", "ok", "403", "403", "403"),

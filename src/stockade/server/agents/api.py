@@ -3,13 +3,16 @@ logs for the workspace's users."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, WebSocket
+from fastapi import APIRouter, Path, Query, Request, WebSocket
+from fastapi.responses import Response
 
+from stockade.agent.bundle import BUNDLE_PATH, agent_bundle
 from stockade.agent.protocol import CONNECT_PATH
 from stockade.sdk import types
-from stockade.server.authz import signed_in
+from stockade.server.authz import public, signed_in
 from stockade.server.deps import ActorDep, ServicesDep
 
 router = APIRouter()
@@ -35,3 +38,25 @@ async def agent_logs(
 ) -> types.AgentLogList:
     """What the workspace's startup script printed, as its agent reported it."""
     return await services.workspaces.agent_logs(actor, owner, name, after=after)
+
+
+@router.api_route(
+    BUNDLE_PATH,
+    methods=["GET", "HEAD"],
+    dependencies=[public()],
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+async def bundle(request: Request) -> Response:
+    """The agent as one file (a Python zipapp: the agent, wsproto and h11),
+    which every workspace's bootstrap downloads from here and caches by its
+    sha256 (``X-Stockade-Sha256``). Public: it is this release's open code."""
+    data, sha256 = await asyncio.to_thread(agent_bundle)
+    etag = f'"{sha256}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={"X-Stockade-Sha256": sha256, "ETag": etag, "Cache-Control": "no-cache"},
+    )
