@@ -42,7 +42,12 @@ class Daemon:
 @pytest.fixture
 def queue(start_server: ServerFactory, tmp_path: Path) -> Iterator[tuple[Client, Daemon]]:
     server = start_server(
-        env={"STOCKADE_PROVISIONER_WORKERS": "0", "STOCKADE_BUILD_TIMEOUT_SECONDS": "10"}
+        env={
+            "STOCKADE_PROVISIONER_WORKERS": "0",
+            "STOCKADE_BUILD_TIMEOUT_SECONDS": "10",
+            # The reaper runs every lease/3 seconds.
+            "STOCKADE_JOB_LEASE_SECONDS": "3",
+        }
     )
     client = Client(server.url)
     client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
