@@ -21,6 +21,15 @@ from tests.provisioner.conftest import BASE_IMAGE, docker_available, image_prese
 SLOW_START = "echo startup begins; sleep 4; echo startup ends"
 
 
+def require_backend(kind: str) -> None:
+    """What a workspace backend needs on this machine (fails in CI when missing)."""
+    if kind == "docker":
+        require("Docker", docker_available(), "apt-get install docker.io and start dockerd")
+        require("the base image", image_present(BASE_IMAGE), "run scripts/build-base-image.sh")
+    else:
+        require("bubblewrap", os.path.exists("/usr/bin/bwrap"), "apt-get install bubblewrap")
+
+
 def sandbox_inits(workspace_id: str) -> list[int]:
     """Host pids of the local workspace's init shells (read from /proc)."""
     found = []
@@ -87,11 +96,7 @@ def settle(client: Client, owner: str, name: str, timeout: float = 90) -> str:
 def test_kill_9_mid_start_build(
     start_server: ServerFactory, tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "docker":
-        require("Docker", docker_available(), "apt-get install docker.io and start dockerd")
-        require("the base image", image_present(BASE_IMAGE), "run scripts/build-base-image.sh")
-    else:
-        require("bubblewrap", os.path.exists("/usr/bin/bwrap"), "apt-get install bubblewrap")
+    require_backend(kind)
     server: ServerProcess = start_server(
         env={"STOCKADE_JOB_LEASE_SECONDS": "3", "STOCKADE_RECONCILE_INTERVAL_SECONDS": "2"}
     )

@@ -12,20 +12,21 @@ import pytest
 
 from stockade.sdk import Client
 from stockade.sdk.templates import build_archive
-from tests.conftest import OWNER_PASSWORD, ServerFactory, require
-from tests.provisioner.conftest import BASE_IMAGE, docker_available, image_present
-from tests.server.test_durability import docker_resources, sandbox_inits, settle
+from tests.conftest import OWNER_PASSWORD, ServerFactory
+from tests.provisioner.conftest import BASE_IMAGE
+from tests.server.test_durability import (
+    docker_resources,
+    require_backend,
+    sandbox_inits,
+    settle,
+)
 
 
 @pytest.mark.parametrize("kind", ["local", "docker"])
 def test_a_dead_compute_is_recorded(
     start_server: ServerFactory, tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "docker":
-        require("Docker", docker_available(), "apt-get install docker.io and start dockerd")
-        require("the base image", image_present(BASE_IMAGE), "run scripts/build-base-image.sh")
-    else:
-        require("bubblewrap", os.path.exists("/usr/bin/bwrap"), "apt-get install bubblewrap")
+    require_backend(kind)
     server = start_server(env={"STOCKADE_RECONCILE_INTERVAL_SECONDS": "1"})
     client = Client(server.url)
     request.addfinalizer(client.close)
