@@ -185,6 +185,12 @@ def main() -> None:
                 results += bench_backend(server.url, token, backend, args.count, root)
         finally:
             server.stop()
+            if "docker" in backends:  # the deployment's network; Docker has room for ~30
+                subprocess.run(
+                    ["docker", "network", "prune", "-f", "--filter", "label=stockade.deployment"],
+                    capture_output=True,
+                    check=False,
+                )
     table = Table(title="create -> running (start build succeeded)", show_edge=False)
     for column in ("scenario", "ok", "client p50", "client p95", "max", "server p50", "wall"):
         table.add_column(column)

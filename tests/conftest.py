@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -55,10 +56,19 @@ ServerFactory = Callable[..., ServerProcess]
 
 def stop_workspaces(server: ServerProcess) -> None:
     """Local workspaces outlive their server by design; a test's must not
-    outlive the test run."""
+    outlive the test run. Nor may its deployment's Docker network: Docker has
+    address pools for about 30 networks, and each test server is a deployment."""
     from tests.provisioner.conftest import stop_local_workspaces
 
     stop_local_workspaces(server.data_dir / "workspaces")
+    if shutil.which("docker") and Path("/var/run/docker.sock").exists():
+        # Only networks no container uses; tests run one at a time.
+        subprocess.run(
+            ["docker", "network", "prune", "-f", "--filter", "label=stockade.deployment"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
 
 
 @pytest.fixture

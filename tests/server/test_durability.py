@@ -101,6 +101,7 @@ def test_kill_9_mid_start_build(
         env={"STOCKADE_JOB_LEASE_SECONDS": "3", "STOCKADE_RECONCILE_INTERVAL_SECONDS": "2"}
     )
     client = Client(server.url)
+    request.addfinalizer(client.close)
     client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
     client.login("owner", OWNER_PASSWORD)
     directory = tmp_path / "tpl"
@@ -121,7 +122,6 @@ def test_kill_9_mid_start_build(
     server.stop(signal.SIGKILL)
 
     server.start()
-    client.close()
     client = Client(server.url)
     request.addfinalizer(client.close)
     client.login("owner", OWNER_PASSWORD)
