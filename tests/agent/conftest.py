@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from stockade.agent.bundle import BUNDLE_PATH, SHA256_HEADER, build_bundle
 from stockade.agent.protocol import CONNECT_PATH
 from stockade.devtools.ports import free_port
+from tests.conftest import require
 
 TOKEN = "agent-token-0123456789abcdef-SECRET"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -247,8 +248,7 @@ class PrivateCA:
 @pytest.fixture(scope="session")
 def private_ca(tmp_path_factory: pytest.TempPathFactory) -> PrivateCA:
     """Make the CA and the certificate with the openssl CLI."""
-    if not shutil.which("openssl"):
-        pytest.skip("openssl CLI not available")
+    require("openssl", shutil.which("openssl") is not None, "apt-get install openssl")
     d = tmp_path_factory.mktemp("pki")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
@@ -315,25 +315,6 @@ def system_python() -> str:
     return SYSTEM_PYTHON if os.path.exists(SYSTEM_PYTHON) else (shutil.which("python3") or "")
 
 
-def python_version(version: str) -> str:
-    """An interpreter for Python ``version`` (e.g. "3.9") if this machine has
-    one (on PATH or installed by pyenv), else ""."""
-    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    for candidate in sorted(pyenv.glob(f"{version}.*/bin/python{version}")):
-        return str(candidate)
-    found = shutil.which(f"python{version}")
-    # pyenv's shims need pyenv's environment, which the agent does not get.
-    return found if found and "shims" not in found else ""
-
-
-def interpreter_for(how: str) -> str:
-    """The python that runs the bundle: "bundle" = the system python3,
-    "bundle-3.9" = a Python 3.9 (the oldest the agent supports)."""
-    if how == "bundle":
-        return system_python()
-    return python_version(how.removeprefix("bundle-"))
-
-
 @pytest.fixture
 async def run_agent(tmp_path: Path, bundle_file: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start real agents: ``await run_agent(plane, how="module"|"bundle")``."""
@@ -351,9 +332,8 @@ async def run_agent(tmp_path: Path, bundle_file: Path) -> AsyncIterator[Callable
         if how == "module":
             argv = [sys.executable, "-m", "stockade.agent"]
         else:
-            python = interpreter_for(how)
-            if not python:
-                pytest.skip(f"no interpreter for {how} on this machine")
+            python = system_python()
+            require("python3", bool(python), "apt-get install python3")
             argv = [python, "-I", str(bundle_file)]
         log_path = tmp_path / f"agent{len(started)}.log"
         with log_path.open("wb") as log_file:

@@ -27,7 +27,7 @@ def read_environ(pid: int) -> bytes:
     return Path(f"/proc/{pid}/environ").read_bytes()
 
 
-@pytest.mark.parametrize("how", ["module", "bundle", "bundle-3.9", "bundle-3.13"])
+@pytest.mark.parametrize("how", ["module", "bundle"])
 async def test_startup_metadata_and_shutdown(
     control_plane: MakePlane, run_agent: RunAgent, how: str
 ) -> None:
@@ -296,7 +296,7 @@ async def test_agent_waits_for_a_server_that_is_not_up_yet(
     assert await agent.stop() == 0
 
 
-@pytest.mark.parametrize("how", ["module", "bundle", "bundle-3.9"])
+@pytest.mark.parametrize("how", ["module", "bundle"])
 async def test_refused_token_on_upgrade_exits(
     control_plane: MakePlane, run_agent: RunAgent, how: str
 ) -> None:

@@ -31,9 +31,9 @@ from tests.agent.conftest import (
     PrivateCA,
     agent_env,
     manifest,
-    python_version,
     system_python,
 )
+from tests.conftest import require
 
 MakePlane = Callable[..., FakeControlPlane]
 
@@ -104,8 +104,7 @@ async def bootstrap(tmp_path: Path) -> AsyncIterator[StartBootstrap]:
     started: list[Bootstrap] = []
     home = tmp_path / "home"
     python = system_python()
-    if not python:
-        pytest.skip("no python3 to bootstrap with")
+    require("python3", bool(python), "apt-get install python3")
     path = str(Path(python).parent) + ":/bin"
 
     async def start(access_url: str, python: str = "", **extra: str) -> Bootstrap:
@@ -194,36 +193,6 @@ async def test_bootstrap_over_https_with_a_private_ca(
     assert plane.bundle_downloads == 1
     run.process.terminate()
     assert await asyncio.wait_for(run.process.wait(), 10) == 0
-
-
-async def test_bootstrap_and_agent_on_python_3_9(
-    control_plane: MakePlane, bootstrap: StartBootstrap, bundle_bytes: bytes
-) -> None:
-    """The oldest Python the agent supports, as a workspace image's python3."""
-    python = python_version("3.9")
-    if not python:
-        pytest.skip("no Python 3.9 on this machine")
-    sha = hashlib.sha256(bundle_bytes).hexdigest()
-    plane = control_plane(
-        manifest=manifest(startup_script="python3 -V"), bundle=bundle_bytes, bundle_sha256=sha
-    )
-    await plane.start()
-    run = await bootstrap(plane.url, python=python, **{BUNDLE_SHA256_ENV: sha})
-    await plane.wait_for(lambda: "ready" in plane.states(), timeout=15, what="ready")
-    assert plane.of_type("hello")[0]["python"].startswith("3.9.")
-    assert plane.log_lines()[0].startswith("Python 3.9.")
-    run.process.terminate()
-    assert await asyncio.wait_for(run.process.wait(), 10) == 0
-
-
-async def test_bootstrap_refuses_python_3_8(bootstrap: StartBootstrap) -> None:
-    python = python_version("3.8")
-    if not python:
-        pytest.skip("no Python 3.8 on this machine")
-    run = await bootstrap("http://127.0.0.1:9", python=python)
-    assert await asyncio.wait_for(run.process.wait(), 10) == 1
-    assert "Python 3.8" in run.log()
-    assert "needs Python 3.9 or newer" in run.log()
 
 
 @pytest.mark.parametrize("pinned", [False, True])

@@ -497,8 +497,7 @@ async def test_unsandboxed_opt_in_runs_and_warns_at_every_start(
 async def test_unsandboxed_home_out_of_reach_is_warned_about(
     tmp_path: Path, make_spec: SpecFactory, progress: RecordedProgress
 ) -> None:
-    if not ROOT:
-        pytest.skip("only a root server gives workspaces their own uid")
+    require("root", ROOT, "run the tests as root (.ci/run does): only root gives own uids")
     # pytest's base temporary directory is 0700, as a data dir is.
     workspaces = tmp_path / "workspaces"
     backend = LocalBackend(
