@@ -507,6 +507,11 @@ class ProvisionerJob(Response):
     agent_token: str | None = Field(
         None, description="start builds: the new agent's token (the workspace's compute gets it)"
     )
+    agent_bundle_sha256: str | None = Field(
+        None,
+        description="the sha256 of the agent bundle the server serves: workspaces pin it, so "
+        "a restart runs the cached bundle without a request",
+    )
 
 
 class JobHeartbeat(Response):

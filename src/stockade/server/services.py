@@ -49,7 +49,8 @@ def build_services(settings: Settings) -> Services:
     provisioning = ProvisioningService(
         db,
         notifier,
-        access_url=settings.access_url,
+        # The URL agents get (a provisionerd's workspaces use it as it is).
+        access_url=settings.agent_url or settings.access_url,
         lease_seconds=settings.job_lease_seconds,
         timeout_seconds=settings.build_timeout_seconds,
         audit_key=audit_key,

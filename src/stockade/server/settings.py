@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         description="The URL users and workspace agents use to reach this server. "
         "Defaults to http://ADDRESS.",
     )
+    agent_url: str = Field(
+        "",
+        description="URL workspaces' agents use to reach this server; default: the access URL, "
+        "or for docker workspaces on a loopback access URL the Docker network's gateway (the "
+        "server then also listens on that gateway address, same port).",
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Directory for the embedded database and workspace data.",
@@ -200,6 +205,9 @@ class Settings(BaseSettings):
         self.access_url = self.access_url.rstrip("/")
         if urlsplit(self.access_url).scheme not in ("http", "https"):
             raise ValueError("access_url must be an http:// or https:// URL")
+        self.agent_url = self.agent_url.rstrip("/")
+        if self.agent_url and urlsplit(self.agent_url).scheme not in ("http", "https"):
+            raise ValueError("agent_url must be an http:// or https:// URL")
         if self.secure_cookies is None:
             self.secure_cookies = self.access_url.startswith("https://")
         if self.default_token_lifetime_seconds > self.max_token_lifetime_seconds:
