@@ -46,6 +46,7 @@ class Settings(BaseSettings):
         description="URL workspaces' agents use to reach this server; default: the access URL, "
         "or for docker workspaces on a loopback access URL the Docker network's gateway (the "
         "server then also listens on that gateway address, same port).",
+    )
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Directory for the embedded database and workspace data.",
