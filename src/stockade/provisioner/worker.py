@@ -255,6 +255,8 @@ class Worker:
                 files_dir=files,
                 access_url=job.access_url,
                 env=parameter_env(job.parameters),
+                agent_token=job.agent_token,
+                agent_bundle_sha256=job.agent_bundle_sha256,
             )
             await progress.log(
                 f"{job.transition} {job.owner_name}/{job.workspace_name} with template "

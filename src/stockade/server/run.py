@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import ipaddress
+import socket
 import sys
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from stockade.server.app import create_app
 from stockade.server.observability import configure_logging
+from stockade.server.services import Services
 from stockade.server.settings import Settings
 
 
@@ -26,6 +31,56 @@ def _return_freed_memory() -> None:
         return
     m_mmap_threshold = -3
     libc.mallopt(m_mmap_threshold, 256 * 1024)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, able to listen on more addresses once it runs: the
+    gateway of the Docker network that docker workspaces' agents reach the
+    server at. The app's own sockets and these share one protocol, state and
+    graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._extra: dict[str, asyncio.base_events.Server] = {}
+        self._extra_lock = asyncio.Lock()
+
+    async def listen_also(self, host: str) -> None:
+        """Listen on ``host`` at the configured port too (idempotent); raises
+        ``OSError`` when the address cannot be bound."""
+        async with self._extra_lock:
+            if host in self._extra:
+                return
+            config = self.config
+
+            def protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+                # As uvicorn makes its own (Server.startup).
+                made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config,
+                    server_state=self.server_state,
+                    app_state=self.lifespan.state,
+                    _loop=_loop,
+                )
+                return made
+
+            loop = asyncio.get_running_loop()
+            self._extra[host] = await loop.create_server(
+                protocol, host=host, port=config.port, backlog=config.backlog
+            )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self._extra.values():
+            server.close()
+        await super().shutdown(sockets)
+
+
+def _on_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(settings: Settings) -> None:
@@ -49,4 +104,14 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    server = _Server(config)
+    if not settings.agent_url and _on_loopback(settings.access_url):
+        # Containers cannot reach the host's loopback: docker workspaces get
+        # the gateway of their network, where the server listens too (unless
+        # it listens on every address already).
+        everywhere = settings.host in ("0.0.0.0", "::", "[::]", "*")
+        services: Services = app.state.services
+        services.provisioner.reach_docker_agents(
+            None if everywhere else server.listen_also, settings.access_url
+        )
+    server.run()

@@ -25,16 +25,21 @@ Calls:
 
 ``start(spec, state, progress) -> state``
     Create what is missing (home storage, compute) and start the compute with
-    the workspace init (``INIT_SCRIPT`` until the agent lands: it runs the
-    template's startup script, then waits). Returns once the compute runs and
-    the startup script has ended, its output forwarded to ``progress`` line by
-    line. A startup script that fails is a warning in the log, not a failed
-    build: the compute runs and its owner can get in to fix it. If the compute
-    already runs with the same ``spec.config_hash`` it is adopted (and the
-    startup script's output so far is still forwarded); with another hash it is
-    replaced (an update). The home storage always survives.
+    the workspace agent as its main process: ``BOOTSTRAP_SCRIPT`` (from
+    ``stockade.agent.bundle``) under ``/bin/sh``, given ``agent_environment(spec)``
+    (the control plane's URL, the agent token, the bundle's sha256). Returns
+    once the compute runs and the agent has been launched: the build does not
+    wait for the agent to connect nor for the template's startup script, which
+    the agent runs and reports (its lifecycle and output are on the workspace's
+    agent, not in the build log). If the compute already runs with the same
+    ``spec.config_hash`` *and* the same agent token it is adopted; otherwise
+    it is replaced (an update, or a new start build: every start build brings
+    a new token and revokes the old one, so an agent left running with the
+    old token could never connect again). The home storage always survives.
 ``stop(spec, state, progress) -> state``
-    Stop the compute and release it; the home storage stays.
+    Stop the compute and release it; the home storage stays. The agent gets
+    SIGTERM first and a few seconds (``AGENT_STOP_SECONDS`` at least) to
+    report ``shutting_down`` and ``off`` before the compute is killed.
 ``delete(spec, state, progress) -> None``
     Remove the compute and the home storage. Nothing of the workspace remains.
 ``status(workspace_id, state) -> ComputeStatus``
@@ -58,39 +63,41 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+from stockade.agent.bundle import BUNDLE_SHA256_ENV
 from stockade.sdk.templates import Manifest, ResolvedCompute
 
-# What each workspace's compute runs until the agent (a later issue) replaces
-# it: the template's startup script (given in $STOCKADE_STARTUP_SCRIPT), with
-# markers around its output that tell the backend when it has ended, then an
-# idle wait that exits on SIGTERM.
-STARTUP_BEGIN_MARKER = "stockade: startup script begins"
-STARTUP_END_MARKER = "stockade: startup script finished with exit code"
-INIT_SCRIPT = f"""\
-cd "$HOME" 2>/dev/null || cd /
-echo "{STARTUP_BEGIN_MARKER}"
-/bin/sh -c "$STOCKADE_STARTUP_SCRIPT" </dev/null 2>&1
-echo "{STARTUP_END_MARKER} $?"
-trap 'exit 0' TERM INT HUP
-while :; do sleep 3600 & wait $!; done
-"""
-
-
 RECONCILE_GRACE_SECONDS = 60.0
+# What a stopping agent gets, at least, between SIGTERM and SIGKILL: it
+# reports shutting_down and off (each flushed for up to 2 s) before it exits.
+AGENT_STOP_SECONDS = 5.0
+
+AGENT_TOKEN_ENV = "STOCKADE_AGENT_TOKEN"
+ACCESS_URL_ENV = "STOCKADE_ACCESS_URL"
 
 
-def startup_exit_code(line: str) -> int | None:
-    """The exit code when ``line`` is the init script's end marker."""
-    if not line.startswith(STARTUP_END_MARKER):
-        return None
-    try:
-        return int(line[len(STARTUP_END_MARKER) :].strip())
-    except ValueError:
-        return None
+def agent_environment(spec: WorkspaceSpec, access_url: str | None = None) -> dict[str, str]:
+    """What the agent's bootstrap needs in its environment: where the control
+    plane is (``access_url``, default ``spec.access_url``), its token, and the
+    bundle's sha256 (a restart then runs the cached bundle without a request)."""
+    env = {ACCESS_URL_ENV: access_url or spec.access_url}
+    if spec.agent_token:
+        env[AGENT_TOKEN_ENV] = spec.agent_token
+    if spec.agent_bundle_sha256:
+        env[BUNDLE_SHA256_ENV] = spec.agent_bundle_sha256
+    return env
+
+
+def token_fingerprint(token: str | None) -> str:
+    """Tells whether running compute has this build's agent token, without
+    storing the token: a truncated sha256 of a random secret reveals nothing."""
+    if not token:
+        return ""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,14 @@ class WorkspaceSpec:
     files_dir: Path
     # The URL the compute reaches the control plane at (for the agent).
     access_url: str
-    # Environment for the workspace's processes (agent token, ids, ...).
+    # Environment for the workspace's processes (ids, parameters...).
     env: dict[str, str] = field(default_factory=dict)
+    # Start builds: the new agent's token (a secret: never logged, never in
+    # a build log, kept out of command lines and, where possible, of metadata
+    # others can read such as `docker inspect`).
+    agent_token: str | None = field(default=None, repr=False)
+    # The sha256 of the agent bundle the control plane serves, when known.
+    agent_bundle_sha256: str | None = None
 
     @property
     def config_hash(self) -> str:
@@ -142,6 +155,13 @@ class BackendOptions:
     docker_host: str = ""
     # docker: the network workspaces join; empty = stockade-<deployment id[:12]>.
     docker_network: str = ""
+    # docker: how agents in containers reach the control plane when the
+    # access URL is on loopback, which a container cannot reach. Called with
+    # the gateway address of the workspaces' network before a container
+    # starts, it makes the server listen there and returns the URL to give
+    # the agents. None (a provisionerd, or an explicit agent URL): the access
+    # URL as it is.
+    docker_agent_url: Callable[[str], Awaitable[str]] | None = None
 
 
 class Progress(Protocol):

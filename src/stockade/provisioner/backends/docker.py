@@ -6,53 +6,65 @@ deployment and the workspace (``stockade.deployment``, ``stockade.workspace_id``
 ``stockade.config_hash``):
 
 * the container ``stockade-ws-<workspace id>``, made from the template's image
-  (``compute.image``), which runs ``INIT_SCRIPT`` under Docker's init (tini,
-  so signals reach it) as the image's user, with CPU, memory and GPU requests
-  as the template resolves them;
+  (``compute.image``), whose main process is the workspace agent (the
+  bootstrap in ``stockade.agent.bundle``, which fetches the agent bundle from
+  the control plane, caches it in the home and execs it) under Docker's init
+  (tini, so SIGTERM reaches the agent), as the image's user, with CPU, memory
+  and GPU requests as the template resolves them;
 * the named volume ``stockade-home-<workspace id>`` mounted at the image's home
   directory: it survives stop and start and goes with delete only;
 * the bridge network of the deployment (``BackendOptions.docker_network``, or
   ``stockade-<deployment id[:12]>``), shared by the deployment's workspaces and
   never removed by the backend.
 
+The agent's token never appears in the container's configuration (``docker
+inspect`` shows the environment to anyone with access to Docker): it is
+copied into the created container as a file (``TOKEN_FILE``, in a directory
+nobody can list) before it starts, and the entrypoint reads it into the
+agent's environment and removes it. The agent reaches the control plane at
+the access URL, or, when that is on loopback (which a container cannot
+reach) and the server asks for it (``BackendOptions.docker_agent_url``), at
+the network's gateway, where the server then listens too.
+
 Images are never pulled (the machines are offline): a missing image is an
 error that says how to load it. The Docker SDK is synchronous, so every call
-runs in a worker thread; following a container's logs, which can last as long
-as a startup script, runs in a thread of its own so that it cannot starve the
-default executor.
+runs in a worker thread.
 
-``start`` adopts a running container with the same config hash, replaces one
-with another hash, and *recreates* a container that exists but does not run
-(exited, created by a worker that died, stopped behind our back): a fresh
-container's log holds only this run's startup output, so the end marker
-cannot come from an earlier run. ``stop`` stops (SIGTERM, then SIGKILL after
+``start`` adopts a running container with the same config hash and agent
+token (``stockade.agent`` label: a fingerprint, not the token), replaces one
+with another, and *recreates* a container that exists but does not run
+(exited, created by a worker that died, stopped behind our back). ``stop``
+stops (SIGTERM, so the agent reports shutting_down and off; SIGKILL after
 ``STOP_TIMEOUT`` seconds) and removes the container; the home volume stays.
-A canceled ``start`` stops following the logs and leaves the container as it
-is: the next ``start`` adopts or replaces it, ``stop`` and ``delete`` remove it.
+A canceled ``start`` leaves the container as it is: the next ``start``
+replaces it, ``stop`` and ``delete`` remove it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import ipaddress
 import logging
 import os
 import re
 import socket
+import tarfile
 import threading
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import docker
 import docker.errors
 import docker.types
 import requests
 
+from stockade.agent.bundle import BOOTSTRAP_SCRIPT
 from stockade.provisioner.backends.base import (
-    INIT_SCRIPT,
-    STARTUP_BEGIN_MARKER,
+    AGENT_TOKEN_ENV,
     Backend,
     BackendError,
     BackendOptions,
@@ -60,7 +72,8 @@ from stockade.provisioner.backends.base import (
     Orphan,
     Progress,
     WorkspaceSpec,
-    startup_exit_code,
+    agent_environment,
+    token_fingerprint,
 )
 
 log = logging.getLogger(__name__)
@@ -74,13 +87,28 @@ LABEL_OWNER = "stockade.owner"
 LABEL_OWNER_ID = "stockade.owner_id"
 LABEL_CONFIG_HASH = "stockade.config_hash"
 LABEL_TEMPLATE = "stockade.template"
+LABEL_AGENT = "stockade.agent"
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 BASE_IMAGE = "stockade-base:bookworm"
-# Seconds between SIGTERM and SIGKILL when a container stops.
+# Seconds between SIGTERM and SIGKILL when a container stops (the agent
+# reports shutting_down and off in that time).
 STOP_TIMEOUT = 10
-# Log lines quoted when a container dies before its startup script ends.
-TAIL_LINES = 20
+# Where the agent's token waits for the entrypoint, which removes it at once.
+# Its directory is write-and-search only (0733, not sticky): the image's user,
+# whoever it is, can read the token by its name and remove it, and nobody can
+# list the directory.
+TOKEN_DIR = ".stockade"
+TOKEN_FILE = f"/{TOKEN_DIR}/agent-token"
+# The container's entrypoint: the token from its file into the environment
+# (never on a command line), then the bootstrap ($1), which execs the agent.
+ENTRYPOINT = f"""\
+if [ -f {TOKEN_FILE} ]; then
+  {AGENT_TOKEN_ENV}=$(cat {TOKEN_FILE}) && export {AGENT_TOKEN_ENV}
+  rm -f {TOKEN_FILE}
+fi
+exec /bin/sh -c "$1" stockade-bootstrap
+"""
 # The workspace's own output goes to the container log too; bound it.
 LOG_CONFIG = {"max-size": "10m", "max-file": "3"}
 PIDS_LIMIT = 4096  # processes per workspace container
@@ -119,6 +147,45 @@ def hostname_for(workspace_name: str) -> str:
     """A valid host name (RFC 1123 label) made from a workspace name."""
     name = _HOSTNAME_INVALID.sub("-", workspace_name.lower()).strip("-")[:63].rstrip("-")
     return name or "workspace"
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is a loopback address (or ``localhost``), which
+    a container cannot reach the host on."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def network_gateway(attrs: dict[str, Any]) -> str | None:
+    """The IPv4 gateway of a Docker network (as ``docker network inspect``
+    shows it): the host's address on that network."""
+    for config in (attrs.get("IPAM") or {}).get("Config") or []:
+        gateway = str((config or {}).get("Gateway") or "").split("/")[0]
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(gateway).version == 4:
+                return gateway
+    return None
+
+
+def _token_archive(token: str) -> bytes:
+    """A tar of TOKEN_FILE for ``put_archive`` at ``/``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        directory = tarfile.TarInfo(TOKEN_DIR)
+        directory.type = tarfile.DIRTYPE
+        directory.mode = 0o733
+        archive.addfile(directory)
+        data = token.encode()
+        entry = tarfile.TarInfo(TOKEN_FILE.lstrip("/"))
+        entry.size = len(data)
+        entry.mode = 0o444
+        archive.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _gpu_error(explanation: str) -> bool:
@@ -231,24 +298,43 @@ class DockerBackend(Backend):
             reason="image_missing",
         )
 
-    def _ensure_network(self, deployment_id: str) -> str:
-        name = network_name(self.options, deployment_id)
-        client = self._docker()
+    def _find_network(self, name: str) -> Any:
         # The name filter matches substrings; only an exact match is ours.
-        if any(n.name == name for n in client.networks.list(names=[name])):
-            return name
-        try:
-            client.networks.create(
-                name,
-                driver="bridge",
-                check_duplicate=True,
-                labels={LABEL_DEPLOYMENT: deployment_id},
-            )
-        except docker.errors.APIError as exc:
-            # Another worker made it in the meantime.
-            if exc.status_code != 409:
-                raise
-        return name
+        found = [n for n in self._docker().networks.list(names=[name]) if n.name == name]
+        return found[0] if found else None
+
+    def _ensure_network(self, deployment_id: str) -> tuple[str, str | None]:
+        """The deployment's network, made when missing, and its gateway."""
+        name = network_name(self.options, deployment_id)
+        network = self._find_network(name)
+        if network is None:
+            try:
+                self._docker().networks.create(
+                    name,
+                    driver="bridge",
+                    check_duplicate=True,
+                    labels={LABEL_DEPLOYMENT: deployment_id},
+                )
+            except docker.errors.APIError as exc:
+                # Another worker made it in the meantime.
+                if exc.status_code != 409:
+                    raise
+            network = self._find_network(name)
+        gateway = network_gateway(network.attrs) if network is not None else None
+        return name, gateway
+
+    async def existing_gateway(self) -> str | None:
+        """The gateway address of this deployment's network when the network
+        exists already (a restarted server listens there at once, so that the
+        agents of running workspaces come back); ``None`` otherwise."""
+        if not self.deployment_id:
+            return None
+
+        def find() -> str | None:
+            network = self._find_network(network_name(self.options, self.deployment_id or ""))
+            return network_gateway(network.attrs) if network is not None else None
+
+        return await self._run(find)
 
     def _ensure_volume(self, spec: WorkspaceSpec) -> str:
         name = volume_name(spec.workspace_id)
@@ -271,7 +357,7 @@ class DockerBackend(Backend):
         return name
 
     def _ensure_container(
-        self, spec: WorkspaceSpec, image: Any, home: str, network: str, volume: str
+        self, spec: WorkspaceSpec, image: Any, home: str, network: str, volume: str, agent_url: str
     ) -> tuple[Any, Literal["adopted", "created", "replaced", "recreated"]]:
         """The running container of the workspace, and what was done to get it."""
         name = container_name(spec.workspace_id)
@@ -280,15 +366,21 @@ class DockerBackend(Backend):
         if existing is not None:
             self._check_owned("container", name, existing.labels, spec.deployment_id)
             running = existing.status == "running"
-            if running and existing.labels.get(LABEL_CONFIG_HASH) == spec.config_hash:
+            if (
+                running
+                and existing.labels.get(LABEL_CONFIG_HASH) == spec.config_hash
+                and existing.labels.get(LABEL_AGENT, "") == token_fingerprint(spec.agent_token)
+            ):
                 return existing, "adopted"
             if running:
                 # Let the workspace's processes write their files before it goes.
                 existing.stop(timeout=STOP_TIMEOUT)
             existing.remove(force=True)
             action = "replaced" if running else "recreated"
-        container = self._create_container(spec, image, home, network, volume)
+        container = self._create_container(spec, image, home, network, volume, agent_url)
         try:
+            if spec.agent_token:
+                container.put_archive("/", _token_archive(spec.agent_token))
             container.start()
         except docker.errors.APIError as exc:
             # A container that never started must not be adopted or reported
@@ -313,17 +405,19 @@ class DockerBackend(Backend):
         return container, action
 
     def _create_container(
-        self, spec: WorkspaceSpec, image: Any, home: str, network: str, volume: str
+        self, spec: WorkspaceSpec, image: Any, home: str, network: str, volume: str, agent_url: str
     ) -> Any:
         compute = spec.compute
         assert compute.image is not None  # checked by start()
+        agent_env = agent_environment(spec, agent_url)
+        # The token goes in as a file (see the module docstring), never here.
+        agent_env.pop(AGENT_TOKEN_ENV, None)
         env = {
             **spec.env,
             "HOME": home,
             "STOCKADE_WORKSPACE_ID": spec.workspace_id,
             "STOCKADE_WORKSPACE_NAME": spec.workspace_name,
-            "STOCKADE_ACCESS_URL": spec.access_url,
-            "STOCKADE_STARTUP_SCRIPT": spec.manifest.agent.startup_script,
+            **agent_env,
         }
         limits: dict[str, Any] = {}
         if compute.cpu is not None:
@@ -340,8 +434,8 @@ class DockerBackend(Backend):
                 compute.image,
                 name=container_name(spec.workspace_id),
                 # The entrypoint, not the command, so that an image's own
-                # ENTRYPOINT cannot swallow the init script; "stockade-init" is $0.
-                entrypoint=["/bin/sh", "-c", INIT_SCRIPT, "stockade-init"],
+                # ENTRYPOINT cannot swallow the agent; "stockade-init" is $0.
+                entrypoint=["/bin/sh", "-c", ENTRYPOINT, "stockade-init", BOOTSTRAP_SCRIPT],
                 environment=env,
                 hostname=hostname_for(spec.workspace_name),
                 init=True,
@@ -353,6 +447,7 @@ class DockerBackend(Backend):
                     LABEL_OWNER_ID: spec.owner_id,
                     LABEL_CONFIG_HASH: spec.config_hash,
                     LABEL_TEMPLATE: spec.template_name,
+                    LABEL_AGENT: token_fingerprint(spec.agent_token),
                 },
                 mounts=[docker.types.Mount(target=home, source=volume, type="volume")],
                 network=network,
@@ -390,7 +485,17 @@ class DockerBackend(Backend):
         await progress.log(f"Image {ref} ({image.id[:19]}), home directory {home}")
 
         await progress.stage("Preparing network")
-        network = await self._run(self._ensure_network, spec.deployment_id)
+        network, gateway = await self._run(self._ensure_network, spec.deployment_id)
+        agent_url = spec.access_url
+        if self.options.docker_agent_url is not None and is_loopback_url(agent_url):
+            if gateway is None:
+                raise BackendError(
+                    f"The Docker network {network} has no IPv4 gateway, so its containers "
+                    "cannot reach the server on a loopback access URL. Set the server's "
+                    "agent_url (or access_url) to an address containers can reach.",
+                    reason="network_unusable",
+                )
+            agent_url = await self.options.docker_agent_url(gateway)
 
         await progress.stage("Preparing home volume")
         volume = await self._run(self._ensure_volume, spec)
@@ -403,7 +508,7 @@ class DockerBackend(Backend):
 
         await progress.stage("Starting container")
         container, action = await self._run(
-            self._ensure_container, spec, image, home, network, volume
+            self._ensure_container, spec, image, home, network, volume, agent_url
         )
         said = {
             "adopted": "Adopted the running container {name}",
@@ -412,16 +517,11 @@ class DockerBackend(Backend):
             "recreated": "Recreated the container {name}, which was not running",
         }[action]
         await progress.log(said.format(name=container.name))
-
-        await progress.stage("Running startup script")
-        code = await self._follow_startup(container, progress)
-        if code == 0:
-            await progress.log("The startup script finished.")
-        else:
+        if action != "adopted":
             await progress.log(
-                f"The startup script failed with exit code {code}; the workspace runs anyway "
-                "so that you can get in and fix it.",
-                level="warn",
+                f"The agent runs in the container and reaches the server at {agent_url}; it "
+                "runs the startup script and reports on the workspace (`stockade logs` shows "
+                "its output)."
             )
         return {
             "container_id": container.id,
@@ -433,71 +533,6 @@ class DockerBackend(Backend):
             "home": home,
             "config_hash": spec.config_hash,
         }
-
-    async def _follow_startup(self, container: Any, progress: Progress) -> int:
-        """Forward the container's log to ``progress`` until the startup
-        script's end marker; return its exit code."""
-        stream = await self._run(container.logs, stream=True, follow=True, stdout=True, stderr=True)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-
-        def put(item: str | BaseException | None) -> None:
-            # The loop may be gone when a canceled build's stream closes late.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def pump() -> None:
-            pending = b""
-            try:
-                for chunk in stream:
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    for line in lines:
-                        put(line.rstrip(b"\r").decode("utf-8", "replace"))
-                if pending:
-                    put(pending.decode("utf-8", "replace"))
-            except Exception as exc:
-                put(exc)
-            finally:
-                put(None)
-
-        # A thread of its own: a startup script can run for many minutes.
-        thread = threading.Thread(target=pump, name=f"stockade-logs-{container.name}", daemon=True)
-        thread.start()
-        tail: deque[str] = deque(maxlen=TAIL_LINES)
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise self._unreachable(item) from item
-                code = startup_exit_code(item)
-                if code is not None:
-                    return code
-                if item == STARTUP_BEGIN_MARKER:
-                    continue
-                tail.append(item)
-                await progress.log(item)
-        finally:
-            # Wakes the pump thread from its read (a socket shutdown), so that
-            # it ends on success, failure and cancellation alike.
-            with contextlib.suppress(Exception):
-                stream.close()
-        # The log ended without the marker: the container stopped.
-        await self._run(container.reload)
-        exit_code = container.attrs.get("State", {}).get("ExitCode")
-        last = "\n".join(tail) or "(no output)"
-        if container.status == "running":
-            raise BackendError(
-                "Docker stopped sending the workspace container's log before its startup "
-                "script finished; try again.",
-                reason="logs_unavailable",
-            )
-        raise BackendError(
-            f"The workspace container exited (code {exit_code}) before its startup script "
-            f"finished. Last lines of its output:\n{last}",
-            reason="compute_exited",
-        )
 
     # --- stop, delete ------------------------------------------------------------------
 

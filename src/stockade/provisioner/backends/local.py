@@ -6,7 +6,7 @@ Layout (``options.workspaces_dir``, directories 0700)::
     <workspace id>/home/     the home directory (owned by the workspace's uid)
     <workspace id>/uid       the workspace's uid (= gid), allocated once
     <workspace id>/run.json  the running compute: pid, start time, config hash...
-    <workspace id>/init.log  the init script's output for the current run
+    <workspace id>/agent.log the agent's own log (bootstrap and agent) for the current run
     .locks/                  per-workspace and uid-allocation file locks
 
 The sandbox (``bwrap``): its own pid, ipc and uts namespaces (hostname = the
@@ -26,7 +26,7 @@ Who the processes run as:
   ``/etc/subuid``/``/etc/subgid`` ranges). bwrap runs privileged (as root,
   like a setuid bwrap) and its first command, ``setpriv``, drops to that uid
   with no capabilities, an empty bounding set and ``no_new_privs`` before the
-  init script runs. bwrap cannot run *as* that uid here: the home lives under
+  bootstrap runs. bwrap cannot run *as* that uid here: the home lives under
   the 0700 data dir, which an unprivileged bwrap cannot traverse (it resolves
   every bind source by path, even with ``--bind-fd``).
 * **server as another user**: the workspaces run as the server's user, in an
@@ -43,10 +43,12 @@ mistaken for the workspace). The intermediate ``setsid`` exits at once and is
 reaped; the sandbox is reparented to init, so the server keeps no zombies and
 no ``Popen`` object outlives the launch. bwrap reports the pid of the
 sandbox's pid 1 on ``--info-fd``: killing it kills everything in the
-workspace, exactly. The workspace *runs* while the init script's shell (pid 2
-inside) does: bwrap's pid 1 outlives it as long as any straggler does. To stop,
-the process group gets SIGTERM (the init script's trap exits), and once the
-shell is gone (or after ``STOP_TIMEOUT``) pid 1 gets SIGKILL.
+workspace, exactly. The workspace's main process is the agent (pid 2 inside: the
+bootstrap shell, which execs the agent once it has its bundle); the workspace
+*runs* while it does: bwrap's pid 1 outlives it as long as any straggler does.
+To stop, the process group gets SIGTERM (the agent reports shutting_down and
+off, then exits), and once the agent is gone (or after ``STOP_TIMEOUT``) pid 1
+gets SIGKILL.
 
 Without bwrap the backend refuses to start workspaces unless the owner has
 opted in (``allow_unsandboxed``); the processes then run directly on the host
@@ -83,15 +85,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stockade.agent.bundle import BOOTSTRAP_SCRIPT
 from stockade.provisioner.backends.base import (
-    INIT_SCRIPT,
-    STARTUP_BEGIN_MARKER,
+    AGENT_STOP_SECONDS,
     Backend,
     BackendError,
     BackendOptions,
@@ -99,7 +100,8 @@ from stockade.provisioner.backends.base import (
     Orphan,
     Progress,
     WorkspaceSpec,
-    startup_exit_code,
+    agent_environment,
+    token_fingerprint,
 )
 
 # The first uid/gid given to a workspace when the server runs as root. Ids in
@@ -107,14 +109,13 @@ from stockade.provisioner.backends.base import (
 UID_BASE = 200_000
 # Stay below 2**31: some tools still treat uids as signed.
 UID_LIMIT = 2**31 - 2
-# How long a workspace gets to exit after SIGTERM before SIGKILL.
-STOP_TIMEOUT = 5.0
+# How long a workspace gets to exit after SIGTERM before SIGKILL: its agent
+# reports shutting_down and off in that time.
+STOP_TIMEOUT = AGENT_STOP_SECONDS + 1.0
 # How long the launcher may take to report the sandbox's pid.
 LAUNCH_TIMEOUT = 15.0
-# Lines of init output quoted when the compute dies during its startup.
+# Lines of the agent's log quoted when the compute dies as it starts.
 TAIL_LINES = 20
-# A line longer than this is forwarded in pieces.
-MAX_LINE = 64 * 1024
 PATH_VALUE = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Top-level system directories given to the sandbox (read-only) when present.
 SYSTEM_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -122,7 +123,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_FILE = "run.json"
 _UID_FILE = "uid"
-_LOG_FILE = "init.log"
+_LOG_FILE = "agent.log"
 _HOME = "home"
 _LOCKS = ".locks"
 # In the environment of the bwrap processes of a workspace (not inside).
@@ -146,8 +147,8 @@ class _Run:
     start_time: int
     # The process group everything was started in (the bwrap monitor's).
     pgid: int
-    # The init script's shell (pid 2 in the sandbox): the workspace runs while
-    # it does. bwrap's pid 1 lingers until *every* process inside has exited.
+    # The agent (pid 2 in the sandbox): the workspace runs while it does.
+    # bwrap's pid 1 lingers until *every* process inside has exited.
     main_pid: int
     main_start_time: int
     config_hash: str
@@ -155,6 +156,9 @@ class _Run:
     gid: int
     sandboxed: bool
     started_at: float
+    # token_fingerprint() of the agent's token: a start build with another
+    # token replaces the processes (the old token is revoked).
+    agent: str = ""
 
     def state(self) -> dict[str, Any]:
         return {
@@ -222,7 +226,8 @@ class LocalBackend(Backend):
     async def start(
         self, spec: WorkspaceSpec, state: dict[str, Any], progress: Progress
     ) -> dict[str, Any]:
-        """Start (or adopt) the workspace's processes and follow its startup."""
+        """Start (or adopt) the workspace's processes, the agent first; see
+        the contract in ``base``."""
         paths = self._paths(spec.workspace_id)
         user, hostname = _user_name(spec.owner_username), _host_name(spec.workspace_name)
         env = self._environment(spec, paths, user)
@@ -247,12 +252,21 @@ class LocalBackend(Backend):
             run = await asyncio.to_thread(_read_run, paths)
             adopted = False
             if run is not None and await asyncio.to_thread(_running, run):
-                if run.config_hash == spec.config_hash and run.sandboxed == self.sandboxed:
+                same_agent = run.agent == token_fingerprint(spec.agent_token)
+                if (
+                    run.config_hash == spec.config_hash
+                    and run.sandboxed == self.sandboxed
+                    and same_agent
+                ):
                     adopted = True
                     await progress.log(f"the workspace is already running (pid {run.pid})")
                 else:
                     await progress.stage("Stopping the old processes")
-                    await progress.log("the workspace's configuration changed; restarting it")
+                    await progress.log(
+                        "the workspace's configuration changed; restarting it"
+                        if same_agent
+                        else "restarting the running workspace with this build's agent"
+                    )
             if not adopted:
                 # Also clears a run.json of dead processes and kills strays (a
                 # worker killed between launching and recording leaves one).
@@ -269,14 +283,15 @@ class LocalBackend(Backend):
                 "host (bubblewrap is not installed; install it with apt-get install bubblewrap)",
                 level="warn",
             )
-        await progress.stage("Running startup script")
-        code = await self._follow(paths, run, progress)
-        if code != 0:
-            await progress.log(
-                f"the startup script exited with code {code}; the workspace runs anyway, "
-                "connect to it to fix the script",
-                level="warn",
+        if not adopted and not await asyncio.to_thread(_running, run):
+            await asyncio.to_thread(_reap, run)
+            raise _launch_failed(
+                paths, "the workspace's agent exited as it started", reason="compute_exited"
             )
+        await progress.log(
+            f"the agent runs (pid {run.main_pid}); it runs the startup script and reports on "
+            "the workspace (`stockade logs` shows its output)"
+        )
         return run.state()
 
     async def stop(
@@ -442,8 +457,8 @@ class LocalBackend(Backend):
             "LOGNAME": user,
             "STOCKADE_WORKSPACE_ID": spec.workspace_id,
             "STOCKADE_WORKSPACE_NAME": spec.workspace_name,
-            "STOCKADE_ACCESS_URL": spec.access_url,
-            "STOCKADE_STARTUP_SCRIPT": spec.manifest.agent.startup_script,
+            # The sandbox shares the host's network: the access URL works as is.
+            **agent_environment(spec),
         }
         _check_env(env)
         return env
@@ -513,7 +528,7 @@ class LocalBackend(Backend):
             ]  # fmt: skip
             for name, value in env.items():
                 args += ["--setenv", name, value]
-            command = ["/bin/sh", "-c", INIT_SCRIPT]
+            command = ["/bin/sh", "-c", BOOTSTRAP_SCRIPT, "stockade-bootstrap"]
             if self._root:
                 # Privileged bwrap keeps only what setpriv needs to become the
                 # workspace's uid; setpriv then drops every capability for good.
@@ -555,10 +570,10 @@ class LocalBackend(Backend):
         try:
             # The shell reports its pid on its stdin (the pipe: fd 0 is the one
             # descriptor number every shell can name), swaps in /dev/null, then
-            # becomes the init script (same pid).
+            # becomes the bootstrap, then the agent (same pid).
             wrapper = 'echo "{\\"child-pid\\": $$}" >&0; exec </dev/null; exec /bin/sh -c "$1"'
             self._spawn(
-                ["/bin/sh", "-c", wrapper, "stockade-init", INIT_SCRIPT],
+                ["/bin/sh", "-c", wrapper, "stockade-init", BOOTSTRAP_SCRIPT],
                 paths,
                 env=env,
                 stdin=report_w,
@@ -630,7 +645,7 @@ class LocalBackend(Backend):
     def _record(self, spec: WorkspaceSpec, paths: _Paths, pid: int, uid: int, gid: int) -> _Run:
         proc = _proc_stat(pid)
         if proc is None:
-            # It has already died; _follow reports the output as compute_exited.
+            # It has already died; start() reports its output.
             proc = _ProcStat("X", 0, 0, -1)
         main = (pid, proc.start_time)
         if self.sandboxed:
@@ -646,56 +661,10 @@ class LocalBackend(Backend):
             gid=gid,
             sandboxed=self.sandboxed,
             started_at=time.time(),
+            agent=token_fingerprint(spec.agent_token),
         )
         _write_atomic(paths.run, json.dumps(asdict(run)))
         return run
-
-    # --- following the startup script ------------------------------------------------
-
-    async def _follow(self, paths: _Paths, run: _Run, progress: Progress) -> int:
-        """Forward init.log line by line until the startup script's end marker;
-        its exit code. Polls: a startup script can take minutes, and a file
-        read every few milliseconds costs nothing next to it."""
-        offset = 0
-        pending = b""
-        tail: deque[str] = deque(maxlen=TAIL_LINES)
-        delay = 0.005
-        while True:
-            alive, chunk = await asyncio.to_thread(_read_from, paths.log, offset, run)
-            if chunk:
-                offset += len(chunk)
-                pending += chunk
-                lines = pending.split(b"\n")
-                pending = lines.pop()
-                if len(pending) > MAX_LINE:
-                    lines.append(pending)
-                    pending = b""
-                for raw in lines:
-                    line = raw.decode("utf-8", "replace").rstrip("\r")
-                    code = startup_exit_code(line)
-                    if code is not None:
-                        return code
-                    if line == STARTUP_BEGIN_MARKER:
-                        continue
-                    tail.append(line)
-                    await progress.log(line)
-                delay = 0.005
-                continue
-            if not alive:
-                # Read after the liveness check: nothing more will come.
-                if pending:
-                    line = pending.decode("utf-8", "replace")
-                    tail.append(line)
-                    await progress.log(line)
-                await asyncio.to_thread(_reap, run)
-                shown = "\n".join(tail) or "(no output)"
-                raise BackendError(
-                    "the workspace's processes exited before its startup script finished; "
-                    f"their last output:\n{shown}",
-                    reason="compute_exited",
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -713,7 +682,7 @@ class LocalBackend(Backend):
                     break
                 await asyncio.sleep(0.02)
             if await asyncio.to_thread(_alive, run):
-                # Once the init script has ended (or not, in time), SIGKILL to
+                # Once the agent has exited (or not, in time), SIGKILL to
                 # the sandbox's pid 1 takes its whole pid namespace: stragglers
                 # that ignored SIGTERM or left the process group go with it.
                 await asyncio.to_thread(_signal_run, run, signal.SIGKILL)
@@ -860,11 +829,11 @@ def _read_report(fd: int, timeout: float) -> Any:
             return json.loads(data)
 
 
-def _launch_failed(paths: _Paths, what: str) -> BackendError:
+def _launch_failed(paths: _Paths, what: str, *, reason: str = "sandbox_failed") -> BackendError:
     output = _tail(paths.log)
     return BackendError(
         f"{what}: {output or 'no output'}",
-        reason="sandbox_failed",
+        reason=reason,
         log_message=f"{what} for {paths.workspace_id}: {output}",
     )
 
@@ -896,7 +865,7 @@ def _alive(run: _Run) -> bool:
 
 
 def _running(run: _Run) -> bool:
-    """Whether the workspace runs: its init script's shell is alive."""
+    """Whether the workspace runs: its agent (or the bootstrap before it) is alive."""
     return _is(run.main_pid, run.main_start_time) and _alive(run)
 
 
@@ -1008,18 +977,6 @@ def _read_run(paths: _Paths) -> _Run | None:
         return _Run(**data)
     except (OSError, ValueError, TypeError):
         return None
-
-
-def _read_from(path: Path, offset: int, run: _Run) -> tuple[bool, bytes]:
-    """Whether the process lives, then the log from ``offset`` (in that order:
-    all output of a dead process is in the file)."""
-    alive = _running(run)
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return alive, handle.read(1024 * 1024)
-    except FileNotFoundError:
-        return alive, b""
 
 
 def _status(paths: _Paths) -> ComputeStatus:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from stockade.provisioner.backends import BackendSet
 from stockade.provisioner.backends.base import BackendError, BackendOptions
@@ -26,6 +29,10 @@ from stockade.server.provisioning.service import (
 )
 
 log = get_logger("stockade.provisioner")
+
+# How long the server waits at startup for Docker to say whether the
+# deployment's network exists (a hung dockerd must not hold the server up).
+DOCKER_PROBE_SECONDS = 5.0
 
 
 class InProcessSource:
@@ -117,6 +124,42 @@ class ProvisionerRunner:
         self.last_orphans: list[dict[str, str]] = []
         # Built-in workers are named "<host>:<pid>/built-in-<n>".
         self.host_prefix = f"{socket.gethostname()}:"
+        # Addresses the server listens on for docker workspaces' agents.
+        self.agent_addresses: list[str] = []
+
+    def reach_docker_agents(
+        self,
+        listen: Callable[[str], Awaitable[None]] | None,
+        access_url: str,
+    ) -> None:
+        """Give docker workspaces on a loopback access URL (which containers
+        cannot reach) the URL of the server on their network's gateway, same
+        scheme and port. ``listen(address)`` makes the server listen there
+        too (None when it listens on every address already); it is called
+        before each docker start (the network may have been recreated) and
+        at startup when the network exists. Call before ``start``."""
+        parts = urlsplit(access_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+
+        async def agent_url(gateway: str) -> str:
+            if listen is not None:
+                try:
+                    await listen(gateway)
+                except OSError as exc:
+                    raise BackendError(
+                        f"The server cannot listen on {gateway}:{port}, the address docker "
+                        f"workspaces reach it at ({exc.strerror or exc}). Set the server's "
+                        "agent_url to an address containers can reach, or listen on "
+                        "0.0.0.0.",
+                        reason="agent_unreachable",
+                        log_message=f"listening on {gateway}:{port} failed: {exc}",
+                    ) from exc
+            if gateway not in self.agent_addresses:
+                self.agent_addresses.append(gateway)
+                log.info("docker_agents_listener", address=f"{gateway}:{port}")
+            return urlunsplit((parts.scheme, f"{gateway}:{port}", parts.path, "", ""))
+
+        self.options = dataclasses.replace(self.options, docker_agent_url=agent_url)
 
     async def start(self) -> None:
         deployment_id = await self.service.deployment_id()
@@ -129,6 +172,8 @@ class ProvisionerRunner:
                     message="bubblewrap (bwrap) is missing and unsandboxed local workspaces "
                     "are allowed: local workspaces run as plain processes on this host",
                 )
+        if "docker" in self.backend_names and self.options.docker_agent_url is not None:
+            await self._listen_for_docker_agents(self.options.docker_agent_url)
         host = self.host_prefix.rstrip(":")
         for i in range(self.worker_count if self.backend_names else 0):
             identity = WorkerIdentity(
@@ -148,6 +193,31 @@ class ProvisionerRunner:
                 asyncio.create_task(worker.run_forever(), name=f"stockade:worker-{i + 1}")
             )
 
+    async def _listen_for_docker_agents(self, agent_url: Callable[[str], Awaitable[str]]) -> None:
+        """Listen on the deployment's network gateway when the network exists,
+        so that the agents of running docker workspaces come back after a
+        restart. A new network is made (and listened on) by the first docker
+        build; a server without Docker simply has none."""
+        from stockade.provisioner.backends.docker import DockerBackend
+
+        assert self.backends is not None
+        docker = self.backends.get("docker")
+        if not isinstance(docker, DockerBackend):
+            return
+        try:
+            gateway = await asyncio.wait_for(docker.existing_gateway(), DOCKER_PROBE_SECONDS)
+            if gateway is not None:
+                await agent_url(gateway)
+        except BackendError as exc:
+            level = log.info if exc.reason == "docker_unreachable" else log.warning
+            level("docker_agents_not_listened_for", reason=exc.reason, error=exc.log_message)
+        except TimeoutError:
+            log.warning(
+                "docker_agents_not_listened_for",
+                reason="docker_slow",
+                error=f"Docker did not answer in {DOCKER_PROBE_SECONDS} s",
+            )
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -161,6 +231,7 @@ class ProvisionerRunner:
             "busy": sum(1 for w in self.workers if w.current is not None),
             "alive": sum(1 for t in self._tasks if not t.done()),
             "backends": self.backend_names,
+            "docker_agent_addresses": self.agent_addresses,
             "last_orphans_removed": self.last_orphans,
         }
 

@@ -11,6 +11,7 @@ for ever.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from stockade.agent.bundle import agent_bundle
 from stockade.sdk import types
 from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import AuditRecord, append
@@ -97,6 +99,7 @@ class ProvisioningService:
         self.timeout_seconds = timeout_seconds
         self.audit_key = audit_key
         self._deployment_id: str | None = None
+        self._bundle_sha: str | None = None
 
     # --- deployment id ---------------------------------------------------------------
 
@@ -118,6 +121,13 @@ class ProvisioningService:
                 found = (await session.execute(select(DeploymentInfo.deployment_id))).scalar_one()
         self._deployment_id = str(found)
         return self._deployment_id
+
+    async def _bundle_sha256(self) -> str:
+        """The sha256 of the agent bundle this server serves (built once, in a
+        thread: zipping the agent takes a moment)."""
+        if self._bundle_sha is None:
+            self._bundle_sha = (await asyncio.to_thread(agent_bundle))[1]
+        return self._bundle_sha
 
     # --- the queue -------------------------------------------------------------------
 
@@ -146,6 +156,7 @@ class ProvisioningService:
         )
         if self.db.dialect == "postgresql":
             candidate = candidate.with_for_update(of=WorkspaceBuild, skip_locked=True)
+        bundle_sha256 = await self._bundle_sha256()
         now = utcnow()
         async with self.db.transaction() as session:
             build_id = (await session.execute(candidate)).scalar_one_or_none()
@@ -177,6 +188,7 @@ class ProvisioningService:
                 agent_token = await self.agents.issue(session, ws.id, build.id)
             job = types.ProvisionerJob(
                 agent_token=agent_token,
+                agent_bundle_sha256=bundle_sha256,
                 build_id=build.id,
                 build_number=build.number,
                 transition=build.transition,
