@@ -36,6 +36,7 @@ from typing import Any
 
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, CONNECT_PATH, PROTOCOL_VERSION
 from stockade.agent.scripts import kill_group, run_captured, start_streamed
+from stockade.agent.streams import StreamManager, StreamRefused, serve_ssh_handler
 from stockade.agent.wsclient import (
     ConnectionClosed,
     HandshakeRejected,
@@ -44,6 +45,7 @@ from stockade.agent.wsclient import (
     connect,
     websocket_url,
 )
+from stockade.tunnel.protocol import CLOSE_UNSUPPORTED, KIND_SSH
 
 log = logging.getLogger("stockade.agent")
 
@@ -77,6 +79,8 @@ METADATA_VALUE_MAX_BYTES = 4096
 METADATA_MIN_INTERVAL = 1.0
 METADATA_DEFAULT_TIMEOUT = 10.0
 SHUTDOWN_FLUSH_SECONDS = 2.0
+# Stream statistics go out this often when they changed.
+STATS_INTERVAL = 10.0
 
 
 def utcnow() -> str:
@@ -220,6 +224,37 @@ class Agent:
         self._metadata_tasks: list[asyncio.Task[None]] = []
         self._ws: WebSocketClient | None = None
         self._established = False
+        self._streams = StreamManager(self._url_base(), config.token, self._ssl, self._send_control)
+        self._streams.register(KIND_SSH, serve_ssh_handler(self._ssh_server, self._streams.stats))
+        self._ssh: Any = None
+
+    def _url_base(self) -> str:
+        return self.config.access_url
+
+    async def _send_control(self, message: dict[str, Any]) -> None:
+        """Send one message on the control connection, if there is one."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionClosed(1006, "not connected to the control plane")
+        await ws.send_text(json.dumps(message))
+
+    def _ssh_server(self) -> Any:
+        """The SSH server, created on the first ssh stream (asyncssh is only
+        imported then: the agent's other work never depends on it)."""
+        if self._ssh is not None:
+            return self._ssh
+        host_key = (self._manifest or {}).get("ssh_host_key")
+        if not isinstance(host_key, str) or not host_key:
+            raise StreamRefused(CLOSE_UNSUPPORTED, "the control plane sent no SSH host key")
+        from stockade.agent import ssh
+
+        available, reason = ssh.ssh_available()
+        if not available:
+            raise StreamRefused(
+                CLOSE_UNSUPPORTED, f"SSH is not available in this workspace: {reason}"
+            )
+        self._ssh = ssh.WorkspaceSSHServer(host_key, environment=self._script_env, cwd=self._cwd)
+        return self._ssh
 
     # -- state --------------------------------------------------------------
 
@@ -306,7 +341,11 @@ class Agent:
             await asyncio.sleep(0.01)
 
     async def _stop_work(self) -> None:
-        """Stop metadata collection and a startup script still running."""
+        """Stop streams, metadata collection and a startup script still running."""
+        await self._streams.close()
+        if self._ssh is not None:
+            with contextlib.suppress(Exception):
+                await self._ssh.close()
         script = self._startup_script
         if script is not None and script.returncode is None:
             kill_group(script, signal.SIGTERM)
@@ -363,6 +402,7 @@ class Agent:
                 asyncio.ensure_future(self._receive(ws)),
                 asyncio.ensure_future(self._send(ws)),
                 asyncio.ensure_future(self._keepalive(ws)),
+                asyncio.ensure_future(self._report_stats(ws)),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -416,6 +456,8 @@ class Agent:
             if kind == "manifest":
                 got_manifest = True
                 self._on_manifest(message)
+            elif kind == "open_stream":
+                self._streams.open(message)
             elif kind == "close":
                 raise TokenRefused(f"close: {message.get('reason') or 'token revoked'}")
 
@@ -508,6 +550,15 @@ class Agent:
             if silent > 3 * interval:
                 raise ConnectionClosed(1006, f"nothing from the server for {silent:.0f}s")
             await ws.ping()
+
+    async def _report_stats(self, ws: WebSocketClient) -> None:
+        last: dict[str, Any] = {}
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            current = self._streams.stats.as_message()
+            if current != last:
+                await ws.send_text(json.dumps(current))
+                last = current
 
     # -- scripts ------------------------------------------------------------
 

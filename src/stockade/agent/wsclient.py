@@ -3,8 +3,10 @@
 The agent runs on Python 3.9+ inside workspace images, where the
 ``websockets`` package of the control plane (Python 3.11+) cannot go; this
 client needs only the standard library plus ``wsproto`` and ``h11``, both pure
-Python. It does what the agent needs and nothing more: one connection, text
-messages, pings answered, keepalive pings sent, close handshakes.
+Python. It does what the agent needs and nothing more: text messages for the
+control connection, binary data for tunnel streams (delivered as it arrives,
+without waiting for a message's end), pings answered, keepalive pings sent,
+close handshakes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-READ_SIZE = 65536
+READ_SIZE = 256 * 1024
 # Largest message the agent accepts (a manifest with a long startup script).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -106,6 +108,12 @@ class WebSocketClient:
             raise self._closed
         await self._write(self._ws.send(TextMessage(data=text)))
 
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary message (waits while the socket's buffer is full)."""
+        if self._closed is not None:
+            raise self._closed
+        await self._write(self._ws.send(BytesMessage(data=data)))
+
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping; the answer arrives as any other traffic does."""
         if self._closed is not None:
@@ -114,6 +122,19 @@ class WebSocketClient:
 
     async def recv(self) -> str:
         """The next text message; binary messages are ignored, pings answered.
+
+        Raises :class:`ConnectionClosed` when the connection ends.
+        """
+        while True:
+            message = await self.recv_any()
+            if isinstance(message, str):
+                return message
+
+    async def recv_any(self) -> str | bytes:
+        """The next text message, or the next piece of binary data as it
+        arrives (a binary message may come in several pieces: a stream has no
+        message boundaries). Nothing more is read from the socket until the
+        caller asks again, which is the stream's backpressure.
 
         Raises :class:`ConnectionClosed` when the connection ends.
         """
@@ -137,7 +158,7 @@ class WebSocketClient:
             self.last_received = time.monotonic()
             self._ws.receive_data(data)
 
-    async def _handle(self, event: object) -> str | None:
+    async def _handle(self, event: object) -> str | bytes | None:
         if isinstance(event, TextMessage):
             self._text_parts.append(event.data)
             self._text_size += len(event.data)
@@ -151,7 +172,7 @@ class WebSocketClient:
             self._text_size = 0
             return text
         if isinstance(event, BytesMessage):
-            return None
+            return bytes(event.data) if event.data else None
         if isinstance(event, Ping):
             await self._write(self._ws.send(event.response()))
             return None

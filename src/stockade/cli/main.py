@@ -16,6 +16,7 @@ from stockade.cli import (
     common,
     identity,
     provisioners,
+    ssh,
     templates,
     tokens,
     users,
@@ -37,6 +38,7 @@ app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API token
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
 app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
 workspaces.register(app)
+ssh.register(app)
 app.add_typer(
     provisioners.keys_app,
     name="provisioner-keys",

@@ -275,6 +275,17 @@ class Client:
     def get_workspace(self, owner: str, name: str) -> types.Workspace:
         return self._get(self._ws(owner, name), types.Workspace)
 
+    def workspace_ssh(self, owner: str, name: str) -> types.WorkspaceSSHInfo:
+        """The workspace's SSH host public key (stable for its life)."""
+        return self._get(f"{self._ws(owner, name)}/ssh", types.WorkspaceSSHInfo)
+
+    def workspace_connections(
+        self, owner: str, name: str, *, limit: int = 100
+    ) -> list[types.WorkspaceConnection]:
+        """The workspace's recent connections, newest first."""
+        path = f"{self._ws(owner, name)}/connections?limit={limit}"
+        return self._get(path, types.WorkspaceConnectionList).connections
+
     def list_builds(self, owner: str, name: str) -> list[types.WorkspaceBuild]:
         return self._get(f"{self._ws(owner, name)}/builds", types.WorkspaceBuildList).builds
 

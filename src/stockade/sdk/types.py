@@ -362,6 +362,13 @@ class AgentMetadataItem(Response):
     collected_at: datetime
 
 
+class AgentStats(Response):
+    streams_open: dict[str, int] = Field(default_factory=dict, description="by kind")
+    streams_total: dict[str, int] = Field(default_factory=dict, description="by kind")
+    bytes_in: int = Field(0, description="bytes from clients into the workspace")
+    bytes_out: int = Field(0, description="bytes from the workspace to clients")
+
+
 class WorkspaceAgent(Response):
     id: str
     status: Literal["connecting", "connected", "disconnected"] = Field(
@@ -382,6 +389,35 @@ class WorkspaceAgent(Response):
     last_seen_at: datetime | None = None
     ready_at: datetime | None = None
     metadata: list[AgentMetadataItem] = Field(default_factory=list)
+    stats: AgentStats | None = Field(
+        default=None, description="the agent's tunnel stream counters, as last reported"
+    )
+
+
+class WorkspaceSSHInfo(Response):
+    workspace_id: str
+    owner: str
+    name: str
+    host_key_algorithm: str
+    host_public_key: str = Field(description="OpenSSH format: 'ssh-ed25519 AAAA...'")
+
+
+class WorkspaceConnection(Response):
+    id: str
+    kind: Literal["ssh", "port", "app", "pty"]
+    target: str | None = Field(None, description="the port, or the app's slug")
+    username: str | None = None
+    ip: str | None = None
+    opened_at: datetime
+    closed_at: datetime | None = None
+    bytes_to_workspace: int = 0
+    bytes_from_workspace: int = 0
+    close_code: int | None = None
+    close_reason: str | None = None
+
+
+class WorkspaceConnectionList(Response):
+    connections: list[WorkspaceConnection]
 
 
 class AgentLogLine(Response):

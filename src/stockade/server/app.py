@@ -19,6 +19,7 @@ from stockade.server.audit import api as audit_api
 from stockade.server.audit import service as audit_service
 from stockade.server.auth import api as auth_api
 from stockade.server.authz import check_routes
+from stockade.server.connections import api as connections_api
 from stockade.server.db import migrate
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
@@ -149,6 +150,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         workspaces_api.router,
         provisioning_api.router,
         agents_api.router,
+        connections_api.router,
     ):
         app.router.routes.extend(router.routes)
     check_routes(app.routes)

@@ -49,6 +49,9 @@ class Perm(StrEnum):
     WORKSPACE_READ = "workspace.read"
     WORKSPACE_CREATE = "workspace.create"
     WORKSPACE_BUILD = "workspace.build"  # start, stop, restart, update, delete, cancel
+    # ssh, port-forward, apps and terminals: the workspace owner (and site
+    # owners); user-admins manage workspaces but do not get into them.
+    WORKSPACE_CONNECT = "workspace.connect"
     PROVISIONER_ADMIN = "provisioner.admin"  # provisioner keys
 
 
@@ -86,6 +89,7 @@ OWNED_PERMISSIONS = frozenset(
         Perm.WORKSPACE_READ,
         Perm.WORKSPACE_CREATE,
         Perm.WORKSPACE_BUILD,
+        Perm.WORKSPACE_CONNECT,
     }
 )
 

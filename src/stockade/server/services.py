@@ -10,11 +10,13 @@ from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
+from stockade.server.connections.service import ConnectionService
 from stockade.server.db import Database
 from stockade.server.events import Notifier
 from stockade.server.observability import Metrics
 from stockade.server.provisioning.runner import ProvisionerRunner
 from stockade.server.provisioning.service import ProvisioningService
+from stockade.server.secretbox import SecretBox
 from stockade.server.settings import Settings
 from stockade.server.templates.service import TemplateService
 from stockade.server.users.service import UserService
@@ -33,6 +35,7 @@ class Services:
     templates: TemplateService
     workspaces: WorkspaceService
     agents: AgentService
+    connections: ConnectionService
     provisioning: ProvisioningService
     provisioner: ProvisionerRunner
     notifier: Notifier
@@ -45,7 +48,7 @@ def build_services(settings: Settings) -> Services:
     auth = AuthService(db, settings)
     notifier = Notifier()
     audit_key = load_key(settings.audit_key, settings.data_dir)
-    agents = AgentService(db, notifier)
+    agents = AgentService(db, notifier, SecretBox(audit_key))
     provisioning = ProvisioningService(
         db,
         notifier,
@@ -71,6 +74,7 @@ def build_services(settings: Settings) -> Services:
         templates=TemplateService(db),
         workspaces=WorkspaceService(db, notifier, agents),
         agents=agents,
+        connections=ConnectionService(db, agents, audit_key=audit_key),
         provisioning=provisioning,
         provisioner=ProvisionerRunner(
             provisioning,

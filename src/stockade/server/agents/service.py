@@ -7,11 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, LIFECYCLE_STATES, PROTOCOL_VERSION
@@ -27,10 +32,13 @@ from stockade.server.db.models import (
     User,
     Workspace,
     WorkspaceAgent,
+    WorkspaceSSHKey,
     utcnow,
 )
 from stockade.server.events import Notifier
 from stockade.server.observability import get_logger
+from stockade.server.secretbox import SecretBox
+from stockade.tunnel.protocol import CLOSE_AGENT_UNAVAILABLE
 
 log = get_logger("stockade.agents")
 
@@ -38,6 +46,17 @@ MAX_AGENT_LOG_LINES = 10_000
 MAX_LINE = 4096
 MAX_METADATA_ITEMS = 100
 SEEN_EVERY = timedelta(seconds=5)  # last_seen_at is written at most this often
+
+
+@dataclass
+class PendingStream:
+    """A stream asked of an agent and not yet dialed back: the agent's
+    WebSocket arrives in ``dialed``, or a ``(code, reason)`` refusal."""
+
+    agent_id: str
+    dialed: asyncio.Future[WebSocket | tuple[int, str]]
+    # Set when the relay is over: the dial-back endpoint returns then.
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def agent_logs_key(agent_id: str) -> str:
@@ -61,11 +80,65 @@ def _text(value: Any, limit: int) -> str | None:
 
 
 class AgentService:
-    def __init__(self, db: Database, notifier: Notifier) -> None:
+    def __init__(self, db: Database, notifier: Notifier, secrets: SecretBox) -> None:
         self.db = db
         self.notifier = notifier
+        self.secrets = secrets
         # Agents connected to this process, by agent id.
         self._connections: dict[str, WebSocket] = {}
+        # Streams asked of agents on this process, by stream id.
+        self.pending_streams: dict[str, PendingStream] = {}
+
+    # --- host keys --------------------------------------------------------------
+
+    async def ssh_host_key(self, session: AsyncSession, workspace_id: str) -> WorkspaceSSHKey:
+        """The workspace's SSH host key, made on first use and kept for the
+        workspace's life."""
+        query = select(WorkspaceSSHKey).where(WorkspaceSSHKey.workspace_id == workspace_id)
+        row = (await session.execute(query)).scalar_one_or_none()
+        if row is not None:
+            return row
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ).decode()
+        public = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+        row = WorkspaceSSHKey(
+            workspace_id=workspace_id,
+            algorithm="ssh-ed25519",
+            public_key=public,
+            encrypted_private_key=self.secrets.encrypt(private, context=workspace_id),
+        )
+        try:
+            async with session.begin_nested():
+                session.add(row)
+        except IntegrityError:  # made meanwhile by another request
+            return (await session.execute(query)).scalar_one()
+        return row
+
+    # --- talking to connected agents ---------------------------------------------
+
+    def is_connected(self, agent_id: str) -> bool:
+        """Whether the agent has its control connection on this process."""
+        return agent_id in self._connections
+
+    async def send(self, agent_id: str, message: dict[str, Any]) -> bool:
+        """Send a control message to an agent connected to this process;
+        False when it is not (or the send failed)."""
+        websocket = self._connections.get(agent_id)
+        if websocket is None:
+            return False
+        try:
+            await websocket.send_json(message)
+        except Exception:
+            return False
+        return True
 
     # --- tokens (called inside the build queue's transactions) ---------------------
 
@@ -112,7 +185,7 @@ class AgentService:
 
     # --- the connection ----------------------------------------------------------
 
-    async def _authenticate(self, websocket: WebSocket) -> WorkspaceAgent | None:
+    async def authenticate(self, websocket: WebSocket) -> WorkspaceAgent | None:
         header = websocket.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         parts = keys.split(token.strip()) if scheme.lower() == "bearer" else None
@@ -131,7 +204,7 @@ class AgentService:
 
     async def serve(self, websocket: WebSocket) -> None:
         """One agent connection, from the upgrade to the disconnect."""
-        agent = await self._authenticate(websocket)
+        agent = await self.authenticate(websocket)
         if agent is None:
             # Refused before the upgrade: the agent sees a 403 and stops retrying.
             log.info("agent_refused", client=str(websocket.client))
@@ -164,11 +237,17 @@ class AgentService:
         finally:
             if self._connections.get(agent.id) is websocket:
                 del self._connections[agent.id]
+                self._refuse_pending(agent.id, "the agent disconnected")
                 with contextlib.suppress(Exception):
                     await asyncio.shield(
                         self._update(agent.id, disconnected_at=utcnow(), last_seen_at=utcnow())
                     )
             log.info("agent_disconnected", agent_id=agent.id)
+
+    def _refuse_pending(self, agent_id: str, reason: str) -> None:
+        for pending in self.pending_streams.values():
+            if pending.agent_id == agent_id and not pending.dialed.done():
+                pending.dialed.set_result((CLOSE_AGENT_UNAVAILABLE, reason))
 
     async def _update(self, agent_id: str, **values: Any) -> None:
         async with self.db.transaction() as session:
@@ -213,6 +292,23 @@ class AgentService:
             items = message.get("items")
             if isinstance(items, list):
                 await self._store_metadata(agent_id, items[:MAX_METADATA_ITEMS])
+        elif kind == "stream_error":
+            pending = self.pending_streams.get(str(message.get("id")))
+            code = message.get("code")
+            if pending is not None and pending.agent_id == agent_id and not pending.dialed.done():
+                if not (isinstance(code, int) and 4000 <= code <= 4999):
+                    code = CLOSE_AGENT_UNAVAILABLE
+                reason = _text(message.get("reason"), 120) or "the agent refused the stream"
+                pending.dialed.set_result((code, reason))
+        elif kind == "stats":
+            fields = ("streams_open", "streams_total", "bytes_in", "bytes_out")
+            try:
+                stats = types.AgentStats.model_validate(
+                    {k: message[k] for k in fields if message.get(k) is not None}
+                )
+            except ValidationError:
+                return  # a malformed report is dropped, the connection stays
+            await self._update(agent_id, stats=stats.model_dump())
 
     async def _manifest(self, session: AsyncSession, agent: WorkspaceAgent) -> dict[str, Any]:
         ws, owner, manifest_data = (
@@ -224,6 +320,7 @@ class AgentService:
             )
         ).one()
         manifest = Manifest.model_validate(manifest_data)
+        host_key = await self.ssh_host_key(session, ws.id)
         return {
             "type": "manifest",
             "protocol": PROTOCOL_VERSION,
@@ -235,6 +332,7 @@ class AgentService:
             "startup_timeout": manifest.agent.startup_timeout,
             "metadata": [item.model_dump() for item in manifest.agent.metadata],
             "env": parameter_env(ws.parameters),
+            "ssh_host_key": self.secrets.decrypt(host_key.encrypted_private_key, context=ws.id),
         }
 
     async def _store_lines(self, agent_id: str, lines: list[Any]) -> None:
@@ -338,6 +436,7 @@ class AgentService:
                 last_seen_at=agent.last_seen_at,
                 ready_at=agent.ready_at,
                 metadata=metadata.get(agent.id, []),
+                stats=types.AgentStats.model_validate(agent.stats) if agent.stats else None,
             )
         return out
 

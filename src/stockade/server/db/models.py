@@ -330,6 +330,8 @@ class WorkspaceAgent(Base):
     last_seen_at: Mapped[datetime | None]
     ready_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # The agent's own stream counters (open/total by kind, bytes), as last reported.
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class AgentLog(Base):
@@ -357,3 +359,45 @@ class AgentMetadata(Base):
     value: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
     collected_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkspaceSSHKey(Base):
+    """A workspace's SSH host key: made once, kept for the workspace's life,
+    so ``known_hosts`` pins it across restarts and rebuilds. The private half
+    is encrypted at rest (:mod:`stockade.server.secretbox`)."""
+
+    __tablename__ = "workspace_ssh_keys"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    algorithm: Mapped[str] = mapped_column(String(32))
+    public_key: Mapped[str] = mapped_column(Text)
+    encrypted_private_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkspaceConnection(Base):
+    """One tunnel stream a user opened to a workspace (ssh, port, app, pty):
+    who, from where, when, and the bytes each way once it closed."""
+
+    __tablename__ = "workspace_connections"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    agent_id: Mapped[str | None] = mapped_column(String(16))
+    user_id: Mapped[str | None] = mapped_column(String(36))
+    username: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    # The port for port streams, the app's slug for app streams.
+    target: Mapped[str | None] = mapped_column(String(128))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(256))
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None]
+    bytes_to_workspace: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_from_workspace: Mapped[int] = mapped_column(BigInteger, default=0)
+    close_code: Mapped[int | None]
+    close_reason: Mapped[str | None] = mapped_column(String(256))

@@ -1,0 +1,146 @@
+"""Connection endpoints: the tunnel WebSocket clients open to a workspace,
+the WebSocket agents dial back on for each stream, a workspace's SSH host key
+and its recent connections."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Path, Query, WebSocket
+
+from stockade.agent.protocol import CLOSE_TOKEN_REFUSED
+from stockade.sdk import types
+from stockade.server.authz import Actor, signed_in
+from stockade.server.connections.service import ClientInfo, StreamRefused, StreamTarget
+from stockade.server.deps import ActorDep, ServicesDep
+from stockade.server.errors import InvalidInput, StockadeError, Unauthenticated
+from stockade.server.middleware import presented_token
+from stockade.server.services import Services
+from stockade.tunnel.protocol import (
+    AGENT_STREAM_PATH,
+    CLIENT_PATH,
+    CLOSE_BAD_REQUEST,
+    KIND_PTY,
+    KIND_SSH,
+    KIND_TCP,
+    valid_port,
+    valid_stream_id,
+)
+
+router = APIRouter()
+
+Owner = Annotated[str, Path(max_length=32, description="the owner's username")]
+Name = Annotated[str, Path(max_length=32, description="workspace name")]
+
+
+def _close_code(exc: StockadeError) -> int:
+    """HTTP-like status → tunnel close code (4400, 4401, 4403, 4404, 4409...)."""
+    if isinstance(exc, StreamRefused):
+        return exc.code
+    return 4000 + exc.status_code
+
+
+async def _actor(websocket: WebSocket, services: Services) -> Actor:
+    presented = presented_token(websocket.headers)
+    if presented is None:
+        raise Unauthenticated("sign in first: no session or API token was sent")
+    token, from_cookie = presented
+    if from_cookie:
+        # A browser sends cookies on cross-site WebSocket upgrades too: only
+        # pages of this deployment's origin may use the session cookie.
+        origin = websocket.headers.get("origin", "")
+        access = urlsplit(services.settings.access_url)
+        if origin != f"{access.scheme}://{access.netloc}":
+            raise Unauthenticated("the session cookie is only accepted from this site's pages")
+    client = websocket.client
+    auth = await services.auth.authenticate(token, client.host if client else None)
+    if auth.actor is None:
+        raise Unauthenticated(auth.problem or "the session or API token is invalid")
+    return auth.actor
+
+
+def _target(kind: str, port: str | None, pty_id: str | None) -> StreamTarget:
+    """The stream asked for, from the query (checked here rather than by
+    FastAPI, whose refusal of a WebSocket carries no message)."""
+    if kind == KIND_SSH:
+        return StreamTarget(KIND_SSH, "ssh")
+    if kind == KIND_TCP:
+        number = int(port) if port and port.isdecimal() and len(port) <= 5 else 0
+        if not valid_port(number):
+            raise InvalidInput("a tcp stream needs ?port=N with N from 1 to 65535")
+        return StreamTarget(KIND_TCP, "port", str(number), {"port": number})
+    if kind == KIND_PTY:
+        if pty_id is not None and not (0 < len(pty_id) <= 64 and pty_id.isascii()):
+            raise InvalidInput("a pty id is 1 to 64 ASCII characters")
+        return StreamTarget(KIND_PTY, "pty", None, {"pty_id": pty_id} if pty_id else {})
+    raise InvalidInput(f"kind must be ssh, tcp or pty, not {kind[:16]!r}")
+
+
+@router.websocket(CLIENT_PATH)
+async def tunnel(
+    websocket: WebSocket,
+    owner: Owner,
+    name: Name,
+    kind: str = KIND_SSH,
+    port: str | None = None,
+    pty_id: Annotated[str | None, Query(alias="id")] = None,
+) -> None:
+    """A byte stream to the workspace: ``kind=ssh`` (its SSH server),
+    ``kind=tcp&port=N`` (a port inside it) or ``kind=pty`` (a reconnecting
+    terminal). Authenticated like the API (Bearer token; the session cookie
+    from this site's pages). Refusals accept, then close with a tunnel close
+    code (4400, 4401, 4403, 4404, 4409, 4502...) and a reason to show."""
+    services: Services = websocket.app.state.services
+    await websocket.accept()
+    client = websocket.client
+    try:
+        target = _target(kind, port, pty_id)
+        actor = await _actor(websocket, services)
+        stream = await services.connections.open(
+            actor,
+            owner,
+            name,
+            target,
+            ClientInfo(client.host if client else None, websocket.headers.get("user-agent")),
+        )
+    except StockadeError as exc:
+        await websocket.close(code=_close_code(exc), reason=exc.message[:120])
+        return
+    await services.connections.relay(websocket, stream)
+
+
+@router.websocket(AGENT_STREAM_PATH)
+async def agent_stream(websocket: WebSocket, stream_id: str) -> None:
+    """Agents only: the dial-back for a stream the server asked for."""
+    services: Services = websocket.app.state.services
+    agent = await services.agents.authenticate(websocket)
+    if agent is None:
+        await websocket.close(code=CLOSE_TOKEN_REFUSED)
+        return
+    if not valid_stream_id(stream_id):
+        await websocket.close(code=CLOSE_BAD_REQUEST)
+        return
+    await services.connections.accept_dial(agent, stream_id, websocket)
+
+
+@router.get("/api/v2/workspaces/{owner}/{name}/ssh", dependencies=[signed_in()])
+async def ssh_info(
+    owner: Owner, name: Name, actor: ActorDep, services: ServicesDep
+) -> types.WorkspaceSSHInfo:
+    """The workspace's SSH host public key, for a pinned ``known_hosts``
+    (``stockade config-ssh`` writes it): stable for the workspace's life."""
+    return await services.connections.host_key(actor, owner, name)
+
+
+@router.get("/api/v2/workspaces/{owner}/{name}/connections", dependencies=[signed_in()])
+async def connections(
+    owner: Owner,
+    name: Name,
+    actor: ActorDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="how many, newest first")] = 100,
+) -> types.WorkspaceConnectionList:
+    """The workspace's recent connections (ssh, port, app, pty): who, from
+    where, when, and the bytes each way once closed."""
+    return await services.connections.list(actor, owner, name, limit=limit)
