@@ -70,7 +70,8 @@ def make_spec(tmp_path: Path) -> SpecFactory:
             "parameters": parameters,
             "compute": resolve_compute(manifest.compute, parameters),
             "files_dir": files,
-            "access_url": "http://127.0.0.1:7080",
+            # Nothing listens there: the agent retries until it is stopped.
+            "access_url": "http://127.0.0.1:9",
             "env": {},
         }
         fields.update(spec_overrides)

@@ -5,7 +5,9 @@ own, and everything labelled with it is removed afterwards."""
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
+import dataclasses
+import json
 import time
 import uuid
 from pathlib import Path
@@ -19,12 +21,14 @@ from stockade.provisioner.backends.base import (
     BackendOptions,
     ComputeStatus,
     Orphan,
+    token_fingerprint,
 )
 from stockade.provisioner.backends.docker import (
     DockerBackend,
     container_name,
     hostname_for,
     image_home,
+    is_loopback_url,
     volume_name,
 )
 from tests.provisioner.conftest import RecordedProgress, SpecFactory, with_compute
@@ -105,21 +109,20 @@ async def test_start_runs_a_labelled_limited_container_with_a_home_volume(
     spec = make_docker_spec(
         workspace_name="My_WS",
         compute={"cpu": 0.5, "memory": "256MiB", "home_size": "1GiB"},
-        agent={"startup_script": 'echo "hello from $STOCKADE_WORKSPACE_NAME"; id -un; pwd'},
-        env={"STOCKADE_AGENT_TOKEN": "secret-token"},
+        agent_token="secret-token",
+        agent_bundle_sha256="ab" * 32,
     )
     state = await docker_backend.start(spec, {}, progress)
 
+    # The build ends once the agent is launched: no startup script stage.
     assert progress.stages == [
         "Checking image",
         "Preparing network",
         "Preparing home volume",
         "Starting container",
-        "Running startup script",
     ]
-    text = progress.text()
-    assert "hello from My_WS\nstockade\n/home/stockade" in text
-    assert "The startup script finished." in text
+    assert "The agent runs in the container" in progress.text()
+    assert "secret-token" not in progress.text()
     assert any(level == "warn" and "home_size" in line for level, line in progress.lines)
 
     container = container_of(docker_client, spec.workspace_id)
@@ -133,6 +136,7 @@ async def test_start_runs_a_labelled_limited_container_with_a_home_volume(
     assert container.labels["stockade.workspace_name"] == "My_WS"
     assert container.labels["stockade.owner"] == "alice"
     assert container.labels["stockade.config_hash"] == spec.config_hash
+    assert container.labels["stockade.agent"] == token_fingerprint("secret-token")
 
     host_config = container.attrs["HostConfig"]
     assert host_config["NanoCpus"] == 500_000_000
@@ -145,8 +149,18 @@ async def test_start_runs_a_labelled_limited_container_with_a_home_volume(
     assert container.attrs["Config"]["User"] == "stockade"  # the image's user
     env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
     assert env["STOCKADE_WORKSPACE_ID"] == spec.workspace_id
-    assert env["STOCKADE_AGENT_TOKEN"] == "secret-token"
     assert env["HOME"] == "/home/stockade"
+    assert env["STOCKADE_ACCESS_URL"] == spec.access_url
+    assert env["STOCKADE_AGENT_BUNDLE_SHA256"] == "ab" * 32
+    # The token is nowhere in what `docker inspect` shows; the bootstrap (still
+    # trying to reach a server that is not there) has it, and its file is gone.
+    assert "secret-token" not in json.dumps(container.attrs)
+    assert (
+        run_in(container, "test -e /.stockade/agent-token && echo there || echo gone") == "gone\n"
+    )
+    holders = run_in(container, "grep -l secret-token /proc/[0-9]*/environ; true").split()
+    assert holders, "no process of the workspace got the agent token"
+    assert "stockade-bootstrap" in run_in(container, "ps -o args= -p 1,$(pgrep -d, sh)")
     mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
     assert mounts["/home/stockade"]["Type"] == "volume"
     assert mounts["/home/stockade"]["Name"] == volume_name(spec.workspace_id)
@@ -169,26 +183,13 @@ async def test_start_runs_a_labelled_limited_container_with_a_home_volume(
     )
 
 
-async def test_a_failing_startup_script_is_a_warning(
-    docker_backend: DockerBackend,
-    make_docker_spec: SpecFactory,
-    progress: RecordedProgress,
-    docker_client: Any,
-) -> None:
-    spec = make_docker_spec(agent={"startup_script": "echo trying; exit 7"})
-    await docker_backend.start(spec, {}, progress)
-    assert ("info", "trying") in progress.lines
-    assert any(level == "warn" and "exit code 7" in line for level, line in progress.lines)
-    assert container_of(docker_client, spec.workspace_id).status == "running"
-
-
 async def test_home_survives_stop_and_start(
     docker_backend: DockerBackend,
     make_docker_spec: SpecFactory,
     progress: RecordedProgress,
     docker_client: Any,
 ) -> None:
-    spec = make_docker_spec(agent={"startup_script": "echo run >> ~/runs.txt"})
+    spec = make_docker_spec()
     state = await docker_backend.start(spec, {}, progress)
     run_in(container_of(docker_client, spec.workspace_id), "echo precious > ~/work.txt")
 
@@ -201,7 +202,7 @@ async def test_home_survives_stop_and_start(
 
     state = await docker_backend.start(spec, state, progress)
     container = container_of(docker_client, spec.workspace_id)
-    assert run_in(container, "cat ~/work.txt ~/runs.txt") == "precious\nrun\nrun\n"
+    assert run_in(container, "cat ~/work.txt") == "precious\n"
 
     # Stopping twice, as a retried job does, is fine.
     await docker_backend.stop(spec, state, progress)
@@ -232,16 +233,23 @@ async def test_start_twice_adopts_the_running_container(
     progress: RecordedProgress,
     docker_client: Any,
 ) -> None:
-    spec = make_docker_spec(agent={"startup_script": "echo started once"})
+    spec = make_docker_spec(agent_token="token-1")
     first = await docker_backend.start(spec, {}, progress)
-    # A retry after a worker died: the old state, same spec.
+    # The same build again (a new backend after a restart): the same spec.
     again = RecordedProgress()
     second = await docker_backend.start(spec, {}, again)
     assert second == first
     assert "Adopted the running container" in again.text()
-    # The startup output so far is still shown.
-    assert ("info", "started once") in again.lines
     mine = {"label": f"stockade.workspace_id={spec.workspace_id}"}
+    assert len(docker_client.containers.list(all=True, filters=mine)) == 1
+    # A new start build brings a new token (the old one is revoked): the
+    # container is replaced, or its agent could never connect again.
+    renewed = RecordedProgress()
+    third = await docker_backend.start(
+        dataclasses.replace(spec, agent_token="token-2"), first, renewed
+    )
+    assert third["container_id"] != first["container_id"]
+    assert "Replaced the container" in renewed.text()
     assert len(docker_client.containers.list(all=True, filters=mine)) == 1
 
 
@@ -251,7 +259,7 @@ async def test_changed_config_replaces_the_container_and_keeps_the_home(
     progress: RecordedProgress,
     docker_client: Any,
 ) -> None:
-    spec = make_docker_spec(agent={"startup_script": "echo v1"}, compute={"cpu": 1})
+    spec = make_docker_spec(compute={"cpu": 1})
     state = await docker_backend.start(spec, {}, progress)
     run_in(container_of(docker_client, spec.workspace_id), "echo mine > ~/file.txt")
 
@@ -268,7 +276,6 @@ async def test_changed_config_replaces_the_container_and_keeps_the_home(
     assert new_state["container_id"] != state["container_id"]
     assert new_state["config_hash"] == updated.config_hash
     assert "configuration changed" in again.text()
-    assert ("info", "v2") in again.lines and ("info", "v1") not in again.lines
     container = container_of(docker_client, spec.workspace_id)
     assert container.id == new_state["container_id"]
     assert container.labels["stockade.config_hash"] == updated.config_hash
@@ -323,17 +330,22 @@ async def test_gpu_request_without_gpu_fails_clearly(
     assert await docker_backend.status(spec.workspace_id, {}) == ComputeStatus("missing")
 
 
-async def test_container_exiting_before_the_marker_fails_with_its_output(
-    docker_backend: DockerBackend, make_docker_spec: SpecFactory, progress: RecordedProgress
+async def test_an_agent_that_cannot_start_stops_the_container(
+    docker_backend: DockerBackend,
+    make_docker_spec: SpecFactory,
+    progress: RecordedProgress,
+    docker_client: Any,
 ) -> None:
-    # Killing the init shell ends the container mid-script.
-    spec = make_docker_spec(agent={"startup_script": "echo about to go; kill -9 $PPID; sleep 5"})
-    with pytest.raises(BackendError) as caught:
-        await docker_backend.start(spec, {}, progress)
-    assert caught.value.reason == "compute_exited"
-    assert "about to go" in caught.value.message
-    status = await docker_backend.status(spec.workspace_id, {})
-    assert status.state == "stopped" and "exited with code" in status.detail
+    # No access URL: the bootstrap says so and exits, and the container with it.
+    spec = make_docker_spec(access_url="")
+    await docker_backend.start(spec, {}, progress)
+    deadline = time.monotonic() + 30
+    while (status := await docker_backend.status(spec.workspace_id, {})).state == "running":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert status == ComputeStatus("stopped", "exited with code 1")
+    output = container_of(docker_client, spec.workspace_id).logs().decode()
+    assert "STOCKADE_ACCESS_URL is not set" in output
 
 
 async def test_status_of_a_container_stopped_behind_our_back_and_restart(
@@ -342,9 +354,10 @@ async def test_status_of_a_container_stopped_behind_our_back_and_restart(
     progress: RecordedProgress,
     docker_client: Any,
 ) -> None:
-    spec = make_docker_spec(agent={"startup_script": "echo boot >> ~/boots.txt"})
+    spec = make_docker_spec()
     assert await docker_backend.status(spec.workspace_id, {}) == ComputeStatus("missing")
     state = await docker_backend.start(spec, {}, progress)
+    run_in(container_of(docker_client, spec.workspace_id), "echo boot >> ~/boots.txt")
     assert (await docker_backend.status(spec.workspace_id, state)).state == "running"
 
     container_of(docker_client, spec.workspace_id).kill()
@@ -361,7 +374,7 @@ async def test_status_of_a_container_stopped_behind_our_back_and_restart(
     assert "Recreated the container" in again.text()
     container = container_of(docker_client, spec.workspace_id)
     assert container.id == state["container_id"]
-    assert run_in(container, "cat ~/boots.txt") == "boot\nboot\n"
+    assert run_in(container, "cat ~/boots.txt") == "boot\n"
 
 
 async def test_reconcile_removes_this_deployments_orphans_only(
@@ -425,30 +438,74 @@ async def test_another_deployments_container_is_never_touched(
     await other.close()
 
 
-async def test_cancel_while_following_logs_ends_the_log_thread(
+async def test_a_canceled_start_leaves_a_container_that_stop_removes(
     docker_backend: DockerBackend,
     make_docker_spec: SpecFactory,
     progress: RecordedProgress,
     docker_client: Any,
 ) -> None:
-    spec = make_docker_spec(agent={"startup_script": "echo working; sleep 300"})
+    spec = make_docker_spec()
     task = asyncio.create_task(docker_backend.start(spec, {}, progress))
     deadline = time.monotonic() + 30
-    while ("info", "working") not in progress.lines:
-        assert time.monotonic() < deadline, progress.lines
-        await asyncio.sleep(0.05)
+    while "Starting container" not in progress.stages:
+        assert time.monotonic() < deadline, progress.stages
+        await asyncio.sleep(0.001)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-
-    def log_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith("stockade-logs-")]
-
-    deadline = time.monotonic() + 5
-    while log_threads():
-        assert time.monotonic() < deadline, log_threads()
-        await asyncio.sleep(0.05)
-    # The container was left as it was; stop releases it.
-    assert container_of(docker_client, spec.workspace_id).status == "running"
+    # Whatever the cancel interrupted, stop removes it, and a start adopts
+    # nothing half-made.
     await docker_backend.stop(spec, {}, progress)
     assert container_of(docker_client, spec.workspace_id) is None
+    await docker_backend.start(spec, {}, progress)
+    assert container_of(docker_client, spec.workspace_id).status == "running"
+
+
+async def test_loopback_access_urls_become_the_gateway_when_asked(
+    make_docker_spec: SpecFactory,
+    progress: RecordedProgress,
+    docker_client: Any,
+    tmp_path: Path,
+) -> None:
+    spec = make_docker_spec(access_url="http://127.0.0.1:7123")
+    asked: list[str] = []
+
+    async def agent_url(gateway: str) -> str:
+        asked.append(gateway)
+        return f"http://{gateway}:7123"
+
+    backend = DockerBackend(
+        BackendOptions(workspaces_dir=tmp_path, docker_agent_url=agent_url),
+        deployment_id=spec.deployment_id,
+    )
+    try:
+        assert await backend.existing_gateway() is None  # no network yet
+        state = await backend.start(spec, {}, progress)
+        network = docker_client.networks.get(state["network"])
+        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+        assert asked == [gateway]
+        assert await backend.existing_gateway() == gateway
+        container = container_of(docker_client, spec.workspace_id)
+        env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+        assert env["STOCKADE_ACCESS_URL"] == f"http://{gateway}:7123"
+        # A URL that is not on loopback is left as it is.
+        other = make_docker_spec(access_url="http://stockade.internal:7080")
+        await backend.start(other, {}, progress)
+        container = container_of(docker_client, other.workspace_id)
+        env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+        assert env["STOCKADE_ACCESS_URL"] == "http://stockade.internal:7080"
+        assert asked == [gateway]
+    finally:
+        await backend.close()
+
+
+def test_loopback_urls_are_recognised() -> None:
+    for url in (
+        "http://127.0.0.1:7080",
+        "http://localhost",
+        "https://[::1]:8443",
+        "http://127.9.0.1",
+    ):
+        assert is_loopback_url(url), url
+    for url in ("http://10.1.2.3:7080", "http://stockade.internal", "http://0.0.0.0:7080"):
+        assert not is_loopback_url(url), url

@@ -5,6 +5,13 @@ A workspace is named ``NAME`` (the signed-in user's) or ``OWNER/NAME``
 follow it until it ends: the stages with their durations and the log lines as
 they come (a live display on a terminal, plain lines otherwise), then the
 final status; a failed or canceled build is exit code 1.
+
+A start build ends once the workspace's compute runs and its agent has been
+launched; ``create``, ``start``, ``restart`` and ``update`` then wait for the
+agent to be ready, printing its startup script's output as it comes, and end
+with one line: the agent is ready, the startup script failed or timed out
+(exit code 1; the workspace runs so that its owner can fix it), or the wait
+timed out. ``--no-wait`` skips that wait.
 """
 
 from __future__ import annotations
@@ -65,6 +72,25 @@ ParamOpt = Annotated[
     ),
 ]
 NoFollowOpt = Annotated[bool, typer.Option("--no-follow", help="return once the build is queued")]
+NoWaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-wait",
+        help="return when the build ends, without waiting for the agent to run the startup script",
+    ),
+]
+AgentTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--agent-timeout",
+        min=1,
+        help="seconds to wait for the agent to be ready once the build has ended",
+    ),
+]
+DEFAULT_AGENT_TIMEOUT = 600.0
+# Lifecycle states after which the startup script will not change any more.
+AGENT_SETTLED = ("ready", "start_error", "start_timeout")
+AGENT_POLL_SECONDS = 0.2
 CancelRunningOpt = Annotated[
     bool,
     typer.Option("--cancel-running", help="cancel an unfinished build instead of refusing"),
@@ -531,9 +557,12 @@ def _queued(
     output: Format,
     known: types.Workspace | None = None,
     what: str | None = None,
+    wait_agent: bool = False,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
 ) -> None:
     """After queuing: follow the build (and a restart's start), print the
-    outcome, and fail when the build did not succeed."""
+    outcome, and fail when the build did not succeed; after a start, wait
+    for the agent when asked."""
     api = session.api
     label = _label(owner, name)
     if not follow_it:
@@ -553,9 +582,8 @@ def _queued(
             raise UserError(f"the restart of {label} stopped it but queued no start")
         final = follow(session, owner, name, following, out)
     workspace = _workspace(api, owner, name, known, final)
-    if output is Format.JSON:
-        print_json(workspace)
-    elif final.status == "succeeded":
+    settled: str | None = None
+    if output is not Format.JSON and final.status == "succeeded":
         seconds = _build_seconds(final)
         took = f" in {_seconds(seconds)}" if seconds is not None else ""
         if workspace.status == "deleted":
@@ -563,10 +591,82 @@ def _queued(
         else:
             console.print(f"{label} is {workspace.status} (build {final.number} succeeded{took}).")
     if final.status != "succeeded":
+        if output is Format.JSON:
+            print_json(workspace)
         problem = final.error or final.reason or "no reason given"
         raise UserError(
             f"build {final.number} ({final.transition}) of {label} {final.status}: {problem}"
         )
+    if wait_agent and final.transition == "start":
+        settled = wait_for_agent(api, owner, name, out, timeout=agent_timeout)
+        workspace = _workspace(api, owner, name, known, final)
+    if output is Format.JSON:
+        print_json(workspace)
+    if settled is not None and settled != "ready":
+        raise UserError(_agent_problem(settled, label, agent_timeout, workspace))
+
+
+def _agent_problem(settled: str, label: str, timeout: float, workspace: types.Workspace) -> str:
+    """The one line that says why the agent is not ready."""
+    if settled in ("start_error", "start_timeout"):
+        what = "failed" if settled == "start_error" else "timed out"
+        return (
+            f"the startup script {what} ({settled}): see `stockade logs {label}`; the "
+            "workspace runs, so you can get in and fix it"
+        )
+    if settled == "gone":
+        return f"{label} has no agent any more (it was stopped or rebuilt meanwhile)"
+    agent = workspace.agent
+    if agent is None or agent.status == "connecting":
+        return (
+            f"the agent of {label} did not connect within {timeout:g} s: can the workspace "
+            "reach the server at its agent URL? (`stockade logs` and the server's log say more)"
+        )
+    return (
+        f"the agent of {label} is {agent.status} but not ready after {timeout:g} s "
+        f"(lifecycle {agent.lifecycle_state}); `stockade logs {label} --follow` goes on"
+    )
+
+
+def _print_agent_lines(
+    api: Client, owner: str, name: str, out: Console, after: int
+) -> tuple[int, str | None]:
+    """Print the agent's startup log lines after ``after``; the last id seen
+    and the agent's lifecycle state (None: the workspace has no live agent)."""
+    while True:
+        page = api.agent_logs(owner, name, after=after)
+        for line in page.logs:
+            out.print(Text(line.line), soft_wrap=True)
+            after = line.id
+        if len(page.logs) < 1000:
+            return after, page.lifecycle_state
+
+
+def wait_for_agent(
+    api: Client, owner: str, name: str, out: Console, *, timeout: float, after: int = 0
+) -> str:
+    """Print the startup script's output as the agent reports it, until its
+    lifecycle settles; the final state (``ready``, ``start_error``,
+    ``start_timeout``), ``gone`` when the agent was revoked, or ``timeout``."""
+    label = _label(owner, name)
+    started = time.monotonic()
+    deadline = started + timeout
+    out.print(Text(f"Waiting for the agent of {label} to run the startup script...", style="dim"))
+    while True:
+        after, state = _print_agent_lines(api, owner, name, out, after)
+        if state is None:
+            return "gone"
+        if state in AGENT_SETTLED:
+            # Lines sent just before the transition are already stored:
+            # the agent sends them first.
+            after, _ = _print_agent_lines(api, owner, name, out, after)
+            if state == "ready":
+                took = _seconds(time.monotonic() - started)
+                out.print(f"The agent of {label} is ready ({took}).")
+            return state
+        if time.monotonic() > deadline:
+            return "timeout"
+        time.sleep(AGENT_POLL_SECONDS)
 
 
 def _workspace(
@@ -598,9 +698,11 @@ def create(
         typer.Option(help="create it for another user (owners and user-admins)"),
     ] = None,
     no_follow: NoFollowOpt = False,
+    no_wait: NoWaitOpt = False,
+    agent_timeout: AgentTimeoutOpt = DEFAULT_AGENT_TIMEOUT,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Create a workspace from a template and start it."""
+    """Create a workspace from a template, start it and wait for its agent."""
     with client() as api:
         session = Session(api)
         if "/" in name:
@@ -621,6 +723,8 @@ def create(
             follow_it=not no_follow,
             output=output,
             known=workspace,
+            wait_agent=not no_wait,
+            agent_timeout=agent_timeout,
         )
 
 
@@ -679,6 +783,8 @@ def _build_command(
     no_follow: bool,
     output: Format,
     ask: bool = True,
+    wait_agent: bool = False,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
 ) -> None:
     with client() as api:
         session = Session(api)
@@ -720,6 +826,8 @@ def _build_command(
             output=output,
             known=known,
             what="update" if update else None,
+            wait_agent=wait_agent,
+            agent_timeout=agent_timeout,
         )
 
 
@@ -728,9 +836,12 @@ def start(
     parameter: ParamOpt = None,
     cancel_running: CancelRunningOpt = False,
     no_follow: NoFollowOpt = False,
+    no_wait: NoWaitOpt = False,
+    agent_timeout: AgentTimeoutOpt = DEFAULT_AGENT_TIMEOUT,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Start a workspace (mutable parameters may change with --parameter)."""
+    """Start a workspace (mutable parameters may change with --parameter) and
+    wait for its agent."""
     _build_command(
         name,
         "start",
@@ -738,6 +849,8 @@ def start(
         cancel_running=cancel_running,
         no_follow=no_follow,
         output=output,
+        wait_agent=not no_wait,
+        agent_timeout=agent_timeout,
     )
 
 
@@ -755,11 +868,19 @@ def restart(
     name: NameArg,
     cancel_running: CancelRunningOpt = False,
     no_follow: NoFollowOpt = False,
+    no_wait: NoWaitOpt = False,
+    agent_timeout: AgentTimeoutOpt = DEFAULT_AGENT_TIMEOUT,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Stop a workspace, then start it again."""
+    """Stop a workspace, then start it again and wait for its agent."""
     _build_command(
-        name, "restart", cancel_running=cancel_running, no_follow=no_follow, output=output
+        name,
+        "restart",
+        cancel_running=cancel_running,
+        no_follow=no_follow,
+        output=output,
+        wait_agent=not no_wait,
+        agent_timeout=agent_timeout,
     )
 
 
@@ -768,9 +889,12 @@ def update(
     parameter: ParamOpt = None,
     cancel_running: CancelRunningOpt = False,
     no_follow: NoFollowOpt = False,
+    no_wait: NoWaitOpt = False,
+    agent_timeout: AgentTimeoutOpt = DEFAULT_AGENT_TIMEOUT,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Move a workspace to its template's active version and start it.
+    """Move a workspace to its template's active version, start it and wait
+    for its agent.
 
     Parameters the new version requires are asked for on a terminal; give them
     with --parameter otherwise."""
@@ -782,6 +906,8 @@ def update(
         cancel_running=cancel_running,
         no_follow=no_follow,
         output=output,
+        wait_agent=not no_wait,
+        agent_timeout=agent_timeout,
     )
 
 
@@ -808,15 +934,24 @@ def logs(
         int | None, typer.Option("--build", "-b", min=1, help="build number (default: latest)")
     ] = None,
     follow_: Annotated[
-        bool, typer.Option("--follow", "-f", help="print lines as they come until the build ends")
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="print lines as they come until the build ends (and the agent is ready)",
+        ),
     ] = False,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Print a build's log (the latest build by default)."""
+    """Print a build's log (the latest build by default), then, for the
+    latest build when it started the workspace, what its agent's startup
+    script printed (``--output json``: the build's lines only)."""
     with client() as api:
         owner, name = Session(api).target(name)
         if follow_:
             _follow_logs(api, owner, name, build, output)
+            if output is not Format.JSON:
+                _agent_section(api, owner, name, build, follow_it=True)
             return
         lines: list[types.BuildLogLine] = []
         after = 0
@@ -826,14 +961,41 @@ def logs(
             if len(page.logs) < 1000:
                 break
             after = page.logs[-1].id
-    if output is Format.JSON:
-        print_json(lines)
+        if output is Format.JSON:
+            print_json(lines)
+            return
+        printer = PlainDisplay(console)
+        for line in lines:
+            printer.line(line)
+        if page.build_status not in FINISHED:
+            err_console.print(f"(the build is {page.build_status}: add --follow to see the rest)")
+            return
+        _agent_section(api, owner, name, build, follow_it=False)
+
+
+def _agent_section(
+    api: Client, owner: str, name: str, build: int | None, *, follow_it: bool
+) -> None:
+    """The agent's startup log after the build log, when the build shown is
+    the latest and it started the workspace (the agent belongs to it)."""
+    workspace = api.get_workspace(owner, name)
+    latest = workspace.latest_build
+    if build not in (None, latest.number) or latest.transition != "start":
         return
-    printer = PlainDisplay(console)
-    for line in lines:
-        printer.line(line)
-    if page.build_status not in FINISHED:
-        err_console.print(f"(the build is {page.build_status}: add --follow to see the rest)")
+    if latest.status != "succeeded":
+        return
+    agent = workspace.agent
+    state = agent.lifecycle_state if agent is not None else "none"
+    status = agent.status if agent is not None else "none"
+    console.print(Text(f"== startup script (agent {status}, {state})", style="bold"))
+    if follow_it:
+        settled = wait_for_agent(api, owner, name, console, timeout=DEFAULT_AGENT_TIMEOUT)
+        if settled not in ("ready",):
+            err_console.print(f"agent: {settled}")
+        return
+    _, state_now = _print_agent_lines(api, owner, name, console, 0)
+    if state_now not in AGENT_SETTLED:
+        err_console.print(f"(the agent is {state_now or 'gone'}: add --follow to see the rest)")
 
 
 def _follow_logs(api: Client, owner: str, name: str, build: int | None, output: Format) -> None:
