@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from stockade.devtools.server import ServerProcess
-from stockade.provisioner.backends.base import INIT_SCRIPT
 from stockade.sdk import ApiError, Client
 from stockade.sdk.templates import build_archive
 from tests.conftest import OWNER_PASSWORD, ServerFactory, require
 from tests.provisioner.conftest import BASE_IMAGE, docker_available, image_present
 
-SLOW_START = "echo startup begins; sleep 4; echo startup ends"
+SLOW_START = "echo startup begins; sleep 1; echo startup ends"
 
 
 def require_backend(kind: str) -> None:
@@ -31,19 +30,22 @@ def require_backend(kind: str) -> None:
 
 
 def sandbox_inits(workspace_id: str) -> list[int]:
-    """Host pids of the local workspace's init shells (read from /proc)."""
+    """Host pids of the local workspace's sandboxes: bwrap processes that
+    carry its marker and are pid 1 of their own pid namespace (read from /proc)."""
     found = []
-    marker = f"STOCKADE_WORKSPACE_ID={workspace_id}".encode()
-    init = INIT_SCRIPT.encode()
+    marker = f"STOCKADE_SANDBOX_OF={workspace_id}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
         except OSError:
             continue
-        if marker in environ and init in cmdline:
+        nspid = next(
+            (line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), []
+        )
+        if marker in environ and len(nspid) > 1 and nspid[-1] == "1" and "State:\tZ" not in status:
             found.append(int(entry.name))
     return found
 
@@ -113,12 +115,16 @@ def test_kill_9_mid_start_build(
     client.push_template("slow", build_archive(directory))
     ws = client.create_workspace("victim", "slow")
 
-    def mid_build() -> bool:
-        lines = [line.line for line in client.build_logs("owner", "victim").logs]
-        return "startup begins" in lines
+    # A start build ends once the agent is launched (well under a second):
+    # kill the server as soon as a worker holds the build. The build may still
+    # have ended first; what follows must hold either way.
+    def acquired() -> bool:
+        return client.get_build("owner", "victim", 1).status != "pending"
 
-    wait_for(mid_build, 60, "the startup script to begin")
-    assert client.get_workspace("owner", "victim").status == "starting"
+    deadline = time.monotonic() + 60
+    while not acquired():
+        assert time.monotonic() < deadline, "no worker took the build"
+        time.sleep(0.005)
     server.stop(signal.SIGKILL)
 
     server.start()
@@ -137,6 +143,16 @@ def test_kill_9_mid_start_build(
     assert computes <= 1 and homes in (-1, 1), (computes, homes)
     if build.status == "succeeded":
         assert computes == 1
+
+        # The agent of the build's compute comes back and runs the startup
+        # script to its end.
+        def ready() -> bool:
+            agent = client.get_workspace("owner", "victim").agent
+            return agent is not None and agent.lifecycle_state == "ready"
+
+        wait_for(ready, 60, "the agent to be ready")
+        lines = [line.line for line in client.agent_logs("owner", "victim").logs]
+        assert lines == ["startup begins", "startup ends"], lines
 
     # The workspace works again: stop, start, delete.
     client.create_build("owner", "victim", "stop")
