@@ -31,6 +31,11 @@ def _server_stub(ctx: click.Context) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["ssh"] and "--stdio" in sys.argv[2:]:
+        # OpenSSH's ProxyCommand: one per ssh/scp/git run, so skip the CLI's imports.
+        from stockade.cli import stdio
+
+        sys.exit(stdio.main(sys.argv[2:]))
     if sys.argv[1:2] == ["server"]:
         _server_command().main(args=sys.argv[2:], prog_name="stockade server")
         return

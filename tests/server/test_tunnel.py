@@ -233,7 +233,11 @@ def test_openssh_through_config_ssh(env: Env) -> None:
     assert result.returncode == 3, result.stderr
     assert result.stdout == b"hello\n" and result.stderr == b"err\n"
     piped = env.ssh("stockade.w", "cat", input=b"x" * 1_000_000)
-    assert piped.returncode == 0 and piped.stdout == b"x" * 1_000_000
+    assert piped.returncode == 0 and len(piped.stdout) == 1_000_000, (
+        len(piped.stdout),
+        piped.stderr,
+    )
+    assert piped.stdout == b"x" * 1_000_000
 
     # The connection was recorded as ssh, with bytes.
     ssh_rows = [c for c in env.client.workspace_connections("owner", "w") if c.kind == "ssh"]

@@ -24,21 +24,13 @@ from typing import Annotated
 
 import typer
 
-from stockade.cli import config
+from stockade.cli import config, stdio
 from stockade.cli.common import UserError, client
 from stockade.cli.output import console
+from stockade.cli.stdio import HOST_PREFIX
 from stockade.sdk import Client
-from stockade.sdk.tunnel import (
-    Forward,
-    StreamSpec,
-    TunnelError,
-    open_stream,
-    pipe_stdio,
-    serve_forwards,
-)
-from stockade.tunnel.protocol import KIND_SSH
+from stockade.sdk.tunnel import Forward, serve_forwards
 
-HOST_PREFIX = "stockade."
 BLOCK_START = "# ------------ START STOCKADE: managed by `stockade config-ssh`; edits here are lost"
 BLOCK_END = "# ------------ END STOCKADE"
 # asyncssh (the agent's SSH server) runs AES-GCM at twice chacha20's speed;
@@ -53,13 +45,10 @@ def known_hosts_file() -> Path:
 def parse_host(host: str) -> tuple[str, str]:
     """``stockade.NAME`` / ``stockade.OWNER.NAME`` / ``NAME`` / ``OWNER/NAME``
     to (owner, name); owner ``me`` is the signed-in user."""
-    text = host[len(HOST_PREFIX) :] if host.startswith(HOST_PREFIX) else host
-    owner, sep, name = text.rpartition("." if "." in text else "/")
-    if not sep:
-        owner, name = "me", text
-    if not name or not owner or "/" in name or "." in owner or "/" in owner:
+    parsed = stdio.parse_host(host)
+    if parsed is None:
         raise UserError(f"name a workspace NAME or OWNER/NAME (or stockade.NAME), not {host!r}")
-    return owner, name
+    return parsed
 
 
 def host_alias(owner: str, name: str, me: str | None = None) -> str:
@@ -85,63 +74,17 @@ def proxy_command(known_hosts: Path) -> str:
     return " ".join(shlex.quote(part) for part in parts)
 
 
-# --- known hosts ------------------------------------------------------------------------
-
-
-def _known_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def write_known_hosts(path: Path, entries: dict[str, str], *, replace_all: bool) -> None:
-    """Set the key of each alias (``entries``: alias -> 'type base64'); with
-    ``replace_all`` the file holds exactly ``entries`` afterwards."""
-    kept = []
-    if not replace_all:
-        kept = [line for line in _known_lines(path) if line.split(" ", 1)[0] not in entries]
-    lines = kept + [f"{alias} {key}" for alias, key in sorted(entries.items())]
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    tmp.chmod(0o600)
-    tmp.replace(path)
-
-
 def ensure_known_host(api: Client, path: Path, alias: str, owner: str, name: str) -> None:
-    """Put the workspace's host key in ``path`` unless it is there already
-    (the key comes from the control plane over an authenticated connection:
-    no trust on first use)."""
-    if any(line.split(" ", 1)[0] == alias for line in _known_lines(path)):
-        return
-    if owner == "me":
-        owner = api.me().username
-    info = api.workspace_ssh(owner, name)
-    write_known_hosts(path, {alias: info.host_public_key}, replace_all=False)
+    """Put the workspace's host key in ``path`` unless it is there already."""
+    if api.token is None:
+        raise UserError("not logged in: run `stockade login URL`")
+    try:
+        stdio.ensure_known_host(api.url, api.token, path, alias, owner, name)
+    except stdio.StdioError as exc:
+        raise UserError(str(exc)) from None
 
 
 # --- stockade ssh -------------------------------------------------------------------------
-
-
-def _stdio(host: str, known_hosts: Path | None) -> int:
-    owner, name = parse_host(host)
-    session = config.load()
-    if not session.url or not session.token:
-        raise UserError("not logged in: run `stockade login URL` (or set STOCKADE_URL)")
-    if known_hosts is not None:
-        ensure_known_host(client(), known_hosts, host, owner, name)
-
-    async def run() -> None:
-        assert session.url and session.token
-        ws = await open_stream(session.url, session.token, StreamSpec(owner, name, KIND_SSH))
-        await pipe_stdio(ws)
-
-    try:
-        asyncio.run(run())
-    except TunnelError as exc:
-        raise UserError(str(exc)) from None
-    return 0
 
 
 def ssh(
@@ -149,7 +92,7 @@ def ssh(
     command: Annotated[
         list[str] | None, typer.Argument(help="a command to run instead of a shell (after --)")
     ] = None,
-    stdio: Annotated[
+    stdio_mode: Annotated[
         bool,
         typer.Option(
             "--stdio", help="relay stdin/stdout to the workspace's SSH server (a ProxyCommand)"
@@ -167,8 +110,11 @@ def ssh(
     Runs the OpenSSH client through the control plane, with the workspace's
     host key pinned. ``stockade ssh ws -- make test`` returns the command's
     exit status."""
-    if stdio:
-        raise typer.Exit(_stdio(workspace, known_hosts))
+    if stdio_mode:
+        # Normally the entry point sends --stdio to stockade.cli.stdio before
+        # the CLI loads; this is the same, for `python -m stockade.cli.main`.
+        raise typer.Exit(stdio.main([workspace] if known_hosts is None else
+                                    ["--known-hosts", str(known_hosts), workspace]))  # fmt: skip
     ssh_binary = shutil.which("ssh")
     if ssh_binary is None:
         raise UserError(
@@ -261,7 +207,7 @@ def config_ssh(
             ws.owner_name, ws.name
         ).host_public_key
     known = known_hosts_file()
-    write_known_hosts(known, keys, replace_all=True)
+    stdio.write_known_hosts(known, keys, replace_all=True)
     # First in the file: ssh takes each option from the first Host block that
     # sets it, so a `Host *` above ours would win.
     new_text = _block(known) + ("\n" + rest if rest.strip() else "")

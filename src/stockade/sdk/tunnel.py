@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from stockade.tunnel.protocol import (
     CLOSE_TARGET_REFUSED,
     CLOSE_UNAUTHENTICATED,
     EOF_MESSAGE,
+    KIND_PTY,
     KIND_TCP,
     MAX_MESSAGE_BYTES,
     control_type,
@@ -54,6 +56,11 @@ class StreamSpec:
     name: str
     kind: str
     port: int | None = None
+    # kind=pty: the terminal's id (the client chooses it, to come back to
+    # it) and an optional window size.
+    pty_id: str | None = None
+    rows: int | None = None
+    cols: int | None = None
 
 
 def stream_url(base_url: str, spec: StreamSpec) -> str:
@@ -63,6 +70,10 @@ def stream_url(base_url: str, spec: StreamSpec) -> str:
     query: dict[str, str] = {"kind": spec.kind}
     if spec.port is not None:
         query["port"] = str(spec.port)
+    if spec.pty_id is not None:
+        query["id"] = spec.pty_id
+    if spec.rows is not None and spec.cols is not None:
+        query["rows"], query["cols"] = str(spec.rows), str(spec.cols)
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
@@ -117,6 +128,35 @@ def _refusal(exc: ConnectionClosed, spec: StreamSpec) -> TunnelError:
     return TunnelError(f"{message}; {hint}" if hint else message, code)
 
 
+# --- terminals ------------------------------------------------------------------------
+
+
+async def open_pty(
+    base_url: str,
+    token: str,
+    owner: str,
+    name: str,
+    pty_id: str,
+    *,
+    rows: int | None = None,
+    cols: int | None = None,
+) -> ClientConnection:
+    """Attach to the workspace's terminal ``pty_id`` (a new login shell when
+    the id is new; the same shell, with its recent output replayed first,
+    when it is not). Binary messages are the terminal's input and output;
+    send :func:`resize_message` to change its size. The stream closes with
+    1000 when the shell exits and with 4410 when another client attaches
+    to the same terminal."""
+    return await open_stream(
+        base_url, token, StreamSpec(owner, name, KIND_PTY, pty_id=pty_id, rows=rows, cols=cols)
+    )
+
+
+def resize_message(rows: int, cols: int) -> str:
+    """The control message that sets a terminal's window size."""
+    return json.dumps({"type": "resize", "rows": rows, "cols": cols})
+
+
 # --- stdio ----------------------------------------------------------------------------
 
 
@@ -142,7 +182,14 @@ async def pipe_stdio(ws: ClientConnection) -> None:
         with contextlib.suppress(OSError):
             writer.close()
 
-    await relay(ws, reader.read, write, eof)
+    try:
+        await relay(ws, reader.read, write, eof)
+    finally:
+        # drain() leaves up to the high-water mark in the transport's buffer:
+        # the last output would be lost if the loop ended before it is written.
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 # --- relaying ---------------------------------------------------------------------------
