@@ -1,16 +1,18 @@
-"""Workspace benchmark: create -> running, on the local and docker backends.
+"""Workspace benchmark: create -> agent ready, on the local and docker backends.
 
 For each backend: 20 workspaces created one after another (each one's time
-from the create request to its start build's end, as the client sees it by
-following the build log, and the build's own time as the server recorded it),
-then 20 created at once. Prints p50/p95/max against the brief's targets and
-writes ``bench/results/workspaces-<time>.json``.
+from the create request to its agent's lifecycle ``ready``, as the client sees
+it by following the build log and then polling the workspace every 20 ms, and
+as the agent stamped it (``ready_at`` - ``created_at``); also the start
+build's end), then 20 created at once. Prints p50/p95/max against the brief's
+targets and writes ``bench/results/workspaces-<time>.json``.
 
     .venv/bin/python bench/run_workspaces.py [--backend local|docker|both] [--count 20]
 
 The docker backend needs dockerd and the base image (scripts/build-base-image.sh).
-Until the agent lands, "running" means the start build succeeded: the compute
-runs and the template's startup script (here: `true`) has ended.
+"Ready" is the agent's lifecycle state once the template's startup script
+(here: `true`) has run: the compute runs, the bootstrap fetched (first start)
+or found the agent bundle, the agent connected and got its manifest.
 All traffic goes to the server under test on 127.0.0.1.
 """
 
@@ -61,8 +63,13 @@ def push_template(client: Client, backend: str, root: Path) -> str:
     return name
 
 
+AGENT_POLL_SECONDS = 0.02
+AGENT_TIMEOUT = 120.0
+
+
 def create_until_running(url: str, token: str, template: str, name: str) -> dict[str, Any]:
-    """One workspace: create, follow its first build's log to the end."""
+    """One workspace: create, follow its first build's log to the end, then
+    wait for its agent to be ready."""
     with Client(url, token) as client:
         started = time.perf_counter()
         ws = client.create_workspace(name, template)
@@ -70,6 +77,16 @@ def create_until_running(url: str, token: str, template: str, name: str) -> dict
         for event in client.follow_build_logs(ws.owner_name, name, build=1):
             if event["type"] == "end":
                 end = event
+        built = time.perf_counter() - started
+        lifecycle = None
+        agent = None
+        deadline = time.monotonic() + AGENT_TIMEOUT
+        while end.get("status") == "succeeded" and time.monotonic() < deadline:
+            agent = client.get_workspace(ws.owner_name, name).agent
+            lifecycle = agent.lifecycle_state if agent is not None else None
+            if lifecycle in ("ready", "start_error", "start_timeout"):
+                break
+            time.sleep(AGENT_POLL_SECONDS)
         seen = time.perf_counter() - started
         build = client.get_build(ws.owner_name, name, 1)
     server_seconds = None
@@ -78,11 +95,20 @@ def create_until_running(url: str, token: str, template: str, name: str) -> dict
     queued = None
     if build.started_at is not None:
         queued = (build.started_at - ws.created_at).total_seconds()
+    ready_seconds = None
+    if agent is not None and agent.ready_at is not None:
+        ready_seconds = (agent.ready_at - ws.created_at).total_seconds()
+    connected_seconds = None
+    if agent is not None and agent.first_connected_at is not None:
+        connected_seconds = (agent.first_connected_at - ws.created_at).total_seconds()
     return {
         "name": name,
-        "status": end.get("status"),
+        "status": "succeeded" if lifecycle == "ready" else f"{end.get('status')}/{lifecycle}",
         "client_seconds": seen,
-        "server_seconds": server_seconds,
+        "build_client_seconds": built,
+        "server_seconds": ready_seconds,
+        "build_server_seconds": server_seconds,
+        "connected_seconds": connected_seconds,
         "queued_seconds": queued,
         "stages": {s.name: s.seconds for s in build.stages},
     }
@@ -104,6 +130,8 @@ def summarise(label: str, runs: list[dict[str, Any]], wall: float | None) -> dic
     ok = [r for r in runs if r["status"] == "succeeded"]
     client = [r["client_seconds"] for r in ok]
     server = [r["server_seconds"] for r in ok if r["server_seconds"] is not None]
+    build = [r["build_server_seconds"] for r in ok if r["build_server_seconds"] is not None]
+    connected = [r["connected_seconds"] for r in ok if r["connected_seconds"] is not None]
     return {
         "label": label,
         "runs": len(runs),
@@ -113,6 +141,8 @@ def summarise(label: str, runs: list[dict[str, Any]], wall: float | None) -> dic
         "client_max": max(client) if client else None,
         "server_p50": statistics.median(server) if server else None,
         "server_p95": percentile(server, 95) if server else None,
+        "build_p50": statistics.median(build) if build else None,
+        "connected_p50": statistics.median(connected) if connected else None,
         "wall_seconds": wall,
         "details": runs,
     }
@@ -191,8 +221,10 @@ def main() -> None:
                     capture_output=True,
                     check=False,
                 )
-    table = Table(title="create -> running (start build succeeded)", show_edge=False)
-    for column in ("scenario", "ok", "client p50", "client p95", "max", "server p50", "wall"):
+    table = Table(title="create -> agent ready", show_edge=False)
+    columns = ("scenario", "ok", "client p50", "client p95", "max", "agent p50", "agent p95",
+               "build p50", "connected p50", "wall")  # fmt: skip
+    for column in columns:
         table.add_column(column)
     for r in results:
         table.add_row(
@@ -202,6 +234,9 @@ def main() -> None:
             fmt(r["client_p95"]),
             fmt(r["client_max"]),
             fmt(r["server_p50"]),
+            fmt(r["server_p95"]),
+            fmt(r["build_p50"]),
+            fmt(r["connected_p50"]),
             fmt(r["wall_seconds"]),
         )
     console.print(table)
