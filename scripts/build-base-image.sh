@@ -21,9 +21,10 @@ set -euo pipefail
 IMAGE=${1:-stockade-base:bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
-PACKAGES=python3,bash,git,ca-certificates,procps
+# rsync: `rsync -e ssh` needs it at both ends.
+PACKAGES=python3,bash,git,ca-certificates,procps,rsync
 # Bump when the recipe below changes, so a stale cached tarball is not reused.
-RECIPE=2
+RECIPE=3
 CACHE=${STOCKADE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/stockade}
 TARBALL=$CACHE/rootfs-$SUITE-minbase-r$RECIPE.tar
 
@@ -34,7 +35,10 @@ command -v docker >/dev/null || die "docker is not installed (apt-get install do
 docker info >/dev/null 2>&1 ||
   die "cannot reach the Docker daemon (is dockerd running? DOCKER_HOST=${DOCKER_HOST:-unset})"
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+present_recipe() {
+  docker image inspect -f '{{index .Config.Labels "stockade.recipe"}}' "$IMAGE" 2>/dev/null || true
+}
+if [ "$(present_recipe)" = "$RECIPE" ]; then
   say "$IMAGE is already present"
   exit 0
 fi
@@ -109,6 +113,7 @@ docker import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["/bin/bash"]' \
+  --change "LABEL stockade.recipe=$RECIPE" \
   --change "LABEL org.opencontainers.image.title=stockade-base org.opencontainers.image.description=\"Stockade workspace base image (Debian $SUITE minbase)\"" \
   "$TARBALL" "$IMAGE" >/dev/null
 say "$IMAGE is ready ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1 / 1000000}'))"
