@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from stockade.agent.apphealth import AppHealth
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, CONNECT_PATH, PROTOCOL_VERSION
+from stockade.agent.ptys import PtyManager
 from stockade.agent.scripts import kill_group, run_captured, start_streamed
 from stockade.agent.streams import StreamManager, StreamRefused, serve_ssh_handler
 from stockade.agent.wsclient import (
@@ -45,7 +47,7 @@ from stockade.agent.wsclient import (
     connect,
     websocket_url,
 )
-from stockade.tunnel.protocol import CLOSE_UNSUPPORTED, KIND_SSH
+from stockade.tunnel.protocol import CLOSE_UNSUPPORTED, KIND_PTY, KIND_SSH
 
 log = logging.getLogger("stockade.agent")
 
@@ -226,7 +228,10 @@ class Agent:
         self._established = False
         self._streams = StreamManager(self._url_base(), config.token, self._ssl, self._send_control)
         self._streams.register(KIND_SSH, serve_ssh_handler(self._ssh_server, self._streams.stats))
+        self._ptys = PtyManager(self._script_env, self._cwd, self._streams.stats)
+        self._streams.register(KIND_PTY, self._ptys.serve)
         self._ssh: Any = None
+        self._app_health = AppHealth(self._send_control)
 
     def _url_base(self) -> str:
         return self.config.access_url
@@ -343,6 +348,8 @@ class Agent:
     async def _stop_work(self) -> None:
         """Stop streams, metadata collection and a startup script still running."""
         await self._streams.close()
+        await self._app_health.stop()
+        await self._ptys.close()
         if self._ssh is not None:
             with contextlib.suppress(Exception):
                 await self._ssh.close()
@@ -471,6 +478,7 @@ class Agent:
         )
         if first:
             self._startup_task = asyncio.ensure_future(self._run_startup(manifest))
+        self._app_health.configure(manifest.get("apps"))
         spec = manifest.get("metadata")
         spec = [item for item in spec if isinstance(item, dict)] if isinstance(spec, list) else []
         if spec != self._metadata_spec:

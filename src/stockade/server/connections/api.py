@@ -60,7 +60,26 @@ async def _actor(websocket: WebSocket, services: Services) -> Actor:
     return auth.actor
 
 
-def _target(kind: str, port: str | None, pty_id: str | None) -> StreamTarget:
+_PTY_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _pty_size(rows: str | None, cols: str | None) -> dict[str, int]:
+    """The optional window size of a pty stream (both or neither)."""
+    if rows is None and cols is None:
+        return {}
+    values = [int(v) if v and v.isdecimal() and len(v) <= 4 else 0 for v in (rows, cols)]
+    if not all(1 <= v <= 1000 for v in values):
+        raise InvalidInput("rows and cols go together, each a number from 1 to 1000")
+    return {"rows": values[0], "cols": values[1]}
+
+
+def _target(
+    kind: str,
+    port: str | None,
+    pty_id: str | None,
+    rows: str | None = None,
+    cols: str | None = None,
+) -> StreamTarget:
     """The stream asked for, from the query (checked here rather than by
     FastAPI, whose refusal of a WebSocket carries no message)."""
     if kind == KIND_SSH:
@@ -71,9 +90,12 @@ def _target(kind: str, port: str | None, pty_id: str | None) -> StreamTarget:
             raise InvalidInput("a tcp stream needs ?port=N with N from 1 to 65535")
         return StreamTarget(KIND_TCP, "port", str(number), {"port": number})
     if kind == KIND_PTY:
-        if pty_id is not None and not (0 < len(pty_id) <= 64 and pty_id.isascii()):
-            raise InvalidInput("a pty id is 1 to 64 ASCII characters")
-        return StreamTarget(KIND_PTY, "pty", None, {"pty_id": pty_id} if pty_id else {})
+        # The client names the terminal so that it can come back to it.
+        if not pty_id or len(pty_id) > 64 or not set(pty_id) <= _PTY_ID_CHARACTERS:
+            raise InvalidInput(
+                "a pty stream needs ?id= with 1 to 64 letters, digits, '-', '_' or '.'"
+            )
+        return StreamTarget(KIND_PTY, "pty", None, {"pty_id": pty_id, **_pty_size(rows, cols)})
     raise InvalidInput(f"kind must be ssh, tcp or pty, not {kind[:16]!r}")
 
 
@@ -85,17 +107,20 @@ async def tunnel(
     kind: str = KIND_SSH,
     port: str | None = None,
     pty_id: Annotated[str | None, Query(alias="id")] = None,
+    rows: str | None = None,
+    cols: str | None = None,
 ) -> None:
     """A byte stream to the workspace: ``kind=ssh`` (its SSH server),
-    ``kind=tcp&port=N`` (a port inside it) or ``kind=pty`` (a reconnecting
-    terminal). Authenticated like the API (Bearer token; the session cookie
-    from this site's pages). Refusals accept, then close with a tunnel close
-    code (4400, 4401, 4403, 4404, 4409, 4502...) and a reason to show."""
+    ``kind=tcp&port=N`` (a port inside it) or ``kind=pty&id=ID`` (a
+    reconnecting terminal; ``rows``/``cols`` optional). Authenticated like
+    the API (Bearer token; the session cookie from this site's pages).
+    Refusals accept, then close with a tunnel close code (4400, 4401, 4403,
+    4404, 4409, 4502...) and a reason to show."""
     services: Services = websocket.app.state.services
     await websocket.accept()
     client = websocket.client
     try:
-        target = _target(kind, port, pty_id)
+        target = _target(kind, port, pty_id, rows, cols)
         actor = await _actor(websocket, services)
         stream = await services.connections.open(
             actor,
