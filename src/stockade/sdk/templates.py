@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -98,12 +99,48 @@ class Agent(_Strict):
     metadata: list[MetadataItem] = Field(default_factory=list)
 
 
+AppShareLevel = Literal["owner", "authenticated", "public"]
+SHARE_LEVELS: tuple[AppShareLevel, ...] = ("owner", "authenticated", "public")
+
+
+class AppHealthCheck(_Strict):
+    """How the agent checks an app (like Coder's ``healthcheck``): an HTTP GET
+    inside the workspace every ``interval`` seconds; any status below 400 is
+    healthy, ``threshold`` failures in a row unhealthy."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="a path on the app (/healthz) or a full http:// URL inside the workspace",
+    )
+    interval: int = Field(5, ge=1, le=3600, description="seconds between checks")
+    threshold: int = Field(
+        3, ge=1, le=100, description="failures in a row before the app is unhealthy"
+    )
+
+
 class App(_Strict):
+    """A web app inside the workspace that the control plane reverse-proxies."""
+
     slug: str = Field(pattern=SLUG_PATTERN)
     display_name: str = Field("", max_length=128)
     port: int | None = Field(None, ge=1, le=65535)
-    url: str | None = Field(None, max_length=2048)
+    url: str | None = Field(
+        None, max_length=2048, description="http://HOST:PORT/PATH inside the workspace"
+    )
     icon: str | None = Field(None, max_length=512)
+    subdomain: bool = Field(
+        True,
+        description="serve it on its own origin SLUG--WORKSPACE--USER under the wildcard "
+        "access URL (the server's --wildcard-access-url); false: at /@USER/WORKSPACE/apps/SLUG/ "
+        "on the dashboard's origin",
+    )
+    share: AppShareLevel = Field(
+        "owner",
+        description="who may open it: owner, authenticated (any signed-in user) or public "
+        "(anyone); capped by the server's --max-app-share-level",
+    )
+    health_check: AppHealthCheck | None = None
 
 
 class Manifest(_Strict):
@@ -393,11 +430,67 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
         slugs.add(app.slug)
         if (app.port is None) == (app.url is None):
             yield ("apps", i), "give exactly one of port or url", True
+        if "--" in app.slug or app.slug.isdigit():
+            # SLUG--WORKSPACE--USER hosts split on "--"; an all-digit label is a port.
+            yield ("apps", i, "slug"), "an app slug has no '--' and is not all digits", False
+        if app.url is not None and app_target(app) is None:
+            yield ("apps", i, "url"), "must be http://HOST[:PORT][/PATH]", False
+        check = app.health_check
+        if check is not None and health_check_url(app) is None:
+            yield (
+                ("apps", i, "health_check", "url"),
+                "must be a path starting with / or an http://HOST[:PORT][/PATH] URL",
+                False,
+            )
     keys: set[str] = set()
     for i, item in enumerate(manifest.agent.metadata):
         if item.key in keys:
             yield ("agent", "metadata", i, "key"), f"duplicate metadata key {item.key!r}", False
         keys.add(item.key)
+
+
+@dataclass(frozen=True)
+class AppTarget:
+    """Where an app listens inside the workspace, and the path it is served under."""
+
+    host: str
+    port: int
+    base_path: str  # "" or "/path" without a trailing slash
+
+
+def _parse_http_url(url: str) -> AppTarget | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if parts.scheme != "http" or not host or parts.username or parts.password or parts.fragment:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,255}", host):
+        return None
+    return AppTarget(host, port or 80, parts.path.rstrip("/"))
+
+
+def app_target(app: App) -> AppTarget | None:
+    """The app's host, port and base path inside the workspace (None: its URL
+    is not one the proxy can serve)."""
+    if app.port is not None:
+        return AppTarget("127.0.0.1", app.port, "")
+    return _parse_http_url(app.url or "")
+
+
+def health_check_url(app: App) -> str | None:
+    """The full URL the agent checks (a path is relative to the app)."""
+    check = app.health_check
+    if check is None:
+        return None
+    if check.url.startswith("/"):
+        target = app_target(app)
+        if target is None or any(c in check.url for c in " \r\n#"):
+            return None
+        return f"http://{target.host}:{target.port}{target.base_path}{check.url}"
+    return check.url if _parse_http_url(check.url) is not None else None
 
 
 def _element_type(kind: ParameterType) -> ParameterType:

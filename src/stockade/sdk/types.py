@@ -420,6 +420,36 @@ class WorkspaceConnectionList(Response):
     connections: list[WorkspaceConnection]
 
 
+AppShare = Literal["owner", "authenticated", "public"]
+
+
+class WorkspaceApp(Response):
+    """A web app of a workspace's template, as the app proxy serves it."""
+
+    slug: str
+    display_name: str
+    icon: str | None = None
+    subdomain: bool = Field(description="the template asks for its own origin")
+    url: str | None = Field(
+        None, description="where to open it: the subdomain URL when there is one, else the path"
+    )
+    path_url: str = Field(description="/@USER/WORKSPACE/apps/SLUG/ on the dashboard's origin")
+    subdomain_url: str | None = Field(
+        None, description="SLUG--WORKSPACE--USER under the wildcard access URL; null without one"
+    )
+    share: AppShare = Field(description="the template's share level")
+    effective_share: AppShare = Field(
+        description="the share level in force (capped by the server's max_app_share_level)"
+    )
+    health: Literal["disabled", "initializing", "healthy", "unhealthy"] = Field(
+        description="disabled: no health check; initializing: not checked (or reported) yet"
+    )
+
+
+class WorkspaceAppList(Response):
+    apps: list[WorkspaceApp]
+
+
 class AgentLogLine(Response):
     id: int
     time: datetime

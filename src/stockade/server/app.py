@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 import stockade
 from stockade.sdk import types
 from stockade.server.agents import api as agents_api
+from stockade.server.apps import api as apps_api
 from stockade.server.audit import api as audit_api
 from stockade.server.audit import service as audit_service
 from stockade.server.auth import api as auth_api
@@ -151,9 +152,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         provisioning_api.router,
         agents_api.router,
         connections_api.router,
+        apps_api.router,
     ):
         app.router.routes.extend(router.routes)
     check_routes(app.routes)
     _install_error_handlers(app, services)
     app.add_middleware(RequestMiddleware, services=services)
+    # Outermost: subdomain apps are chosen by Host before any API route.
+    app.add_middleware(apps_api.AppProxyMiddleware, services=services)
     return app

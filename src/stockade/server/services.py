@@ -3,10 +3,11 @@ per app from the settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stockade.provisioner.backends.base import BackendOptions
 from stockade.server.agents.service import AgentService
+from stockade.server.apps.service import AppService
 from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
@@ -41,6 +42,7 @@ class Services:
     notifier: Notifier
     background: Background
     audit_key: bytes
+    apps: AppService = field(init=False)
 
 
 def build_services(settings: Settings) -> Services:
@@ -65,7 +67,7 @@ def build_services(settings: Settings) -> Services:
         docker_host=settings.docker_host,
         docker_network=settings.docker_network,
     )
-    return Services(
+    services = Services(
         settings=settings,
         db=db,
         metrics=Metrics(),
@@ -88,3 +90,8 @@ def build_services(settings: Settings) -> Services:
         background=Background(),
         audit_key=audit_key,
     )
+    services.apps = AppService(
+        settings, db, agents, services.connections, auth, audit_key=audit_key
+    )
+    services.background.every("app_sessions", 30, services.apps.sweep)
+    return services

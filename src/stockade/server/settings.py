@@ -9,7 +9,9 @@ generated from the field descriptions below, so the help text lives here only.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -156,6 +158,45 @@ class Settings(BaseSettings):
         description="Docker network that workspace containers join. Empty: a bridge network "
         "named stockade-<deployment id>, created when missing.",
     )
+
+    wildcard_access_url: str = Field(
+        "",
+        description="Host pattern for subdomain apps, e.g. *.apps.example.com or "
+        "*.apps.localhost (scheme and port come from the access URL; add :PORT when it "
+        "differs). Each app gets its own origin SLUG--WORKSPACE--USER.apps.example.com (and "
+        "PORT--WORKSPACE--USER for ports), so an app's scripts never run on the dashboard's "
+        "origin. The DNS name must resolve to this server. Empty: apps only by path.",
+    )
+    max_app_share_level: Literal["owner", "authenticated", "public"] = Field(
+        "owner",
+        description="The widest share level a template's app may have: owner (only the "
+        "workspace's owner), authenticated (any signed-in user) or public (anyone, no "
+        "sign-in). Apps asking for more get this.",
+    )
+    dangerous_allow_path_app_sharing: bool = Field(
+        False,
+        description="Let path-based apps (/@USER/WORKSPACE/apps/SLUG/) be shared beyond their "
+        "owner. Dangerous: they run on the dashboard's origin, so a shared app's scripts run "
+        "with the visitor's Stockade session and can act as them. Use subdomain apps "
+        "(--wildcard-access-url) to share instead.",
+    )
+    app_token_lifetime_seconds: int = Field(
+        8 * 3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Lifetime of the cookie a subdomain app gets after sign-in (scoped to that "
+        "one app's host; renewed through the dashboard while the session lasts).",
+    )
+
+    @field_validator("wildcard_access_url")
+    @classmethod
+    def _check_wildcard(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not re.fullmatch(r"\*(\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)+(:\d{1,5})?", value):
+            raise ValueError(
+                f"wildcard_access_url must look like *.apps.example.com[:PORT], not {value!r}"
+            )
+        return value
 
     @field_validator("provisioner_backends")
     @classmethod

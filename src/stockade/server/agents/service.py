@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, LIFECYCLE_STATES, PROTOCOL_VERSION
 from stockade.provisioner.worker import parameter_env
 from stockade.sdk import types
-from stockade.sdk.templates import Manifest
+from stockade.sdk.templates import Manifest, health_check_url
 from stockade.server.auth import keys
 from stockade.server.db import Database
 from stockade.server.db.models import (
@@ -88,6 +88,9 @@ class AgentService:
         self._connections: dict[str, WebSocket] = {}
         # Streams asked of agents on this process, by stream id.
         self.pending_streams: dict[str, PendingStream] = {}
+        # App health as the agents connected here last reported it:
+        # agent id -> slug -> initializing | healthy | unhealthy.
+        self.app_health: dict[str, dict[str, str]] = {}
 
     # --- host keys --------------------------------------------------------------
 
@@ -237,6 +240,7 @@ class AgentService:
         finally:
             if self._connections.get(agent.id) is websocket:
                 del self._connections[agent.id]
+                self.app_health.pop(agent.id, None)
                 self._refuse_pending(agent.id, "the agent disconnected")
                 with contextlib.suppress(Exception):
                     await asyncio.shield(
@@ -300,6 +304,14 @@ class AgentService:
                     code = CLOSE_AGENT_UNAVAILABLE
                 reason = _text(message.get("reason"), 120) or "the agent refused the stream"
                 pending.dialed.set_result((code, reason))
+        elif kind == "app_health":
+            apps = message.get("apps")
+            if isinstance(apps, dict):
+                self.app_health[agent_id] = {
+                    str(slug)[:64]: state
+                    for slug, state in list(apps.items())[:MAX_METADATA_ITEMS]
+                    if state in ("initializing", "healthy", "unhealthy")
+                }
         elif kind == "stats":
             fields = ("streams_open", "streams_total", "bytes_in", "bytes_out")
             try:
@@ -333,6 +345,17 @@ class AgentService:
             "metadata": [item.model_dump() for item in manifest.agent.metadata],
             "env": parameter_env(ws.parameters),
             "ssh_host_key": self.secrets.decrypt(host_key.encrypted_private_key, context=ws.id),
+            # Apps with a health check, for the agent to check.
+            "apps": [
+                {
+                    "slug": app.slug,
+                    "health_url": health_check_url(app),
+                    "interval": app.health_check.interval,
+                    "threshold": app.health_check.threshold,
+                }
+                for app in manifest.apps
+                if app.health_check is not None and health_check_url(app) is not None
+            ],
         }
 
     async def _store_lines(self, agent_id: str, lines: list[Any]) -> None:

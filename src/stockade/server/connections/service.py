@@ -230,6 +230,61 @@ class ConnectionService:
         await self._audit(record, 101)
         return OpenedStream(agent_ws, pending, connection.id, ws, owner_name)
 
+    async def record_open(
+        self,
+        actor: Actor | None,
+        workspace_id: str,
+        workspace_label: str,
+        agent_id: str | None,
+        target: StreamTarget,
+        client: ClientInfo,
+        **details: Any,
+    ) -> str:
+        """Record a connection that carries many streams (an app session of
+        the app proxy): the row and its ``workspace.connect`` audit entry.
+        Authorization is the caller's; ``actor`` is None for an anonymous
+        visitor of a public app. Close it with :meth:`record_close`."""
+        connection = WorkspaceConnection(
+            workspace_id=workspace_id,
+            agent_id=agent_id,
+            user_id=actor.user_id if actor else None,
+            username=actor.username if actor else None,
+            kind=target.audit_kind,
+            target=target.label,
+            ip=client.ip,
+            user_agent=(client.user_agent or "")[:256] or None,
+        )
+        async with self.db.transaction() as session:
+            session.add(connection)
+        record = AuditRecord(ip=client.ip, user_agent=client.user_agent)
+        if actor is not None:
+            record.user_id, record.username = actor.user_id, actor.username
+        record.describe(
+            "workspace.connect",
+            "workspace",
+            workspace_id,
+            resource_name=workspace_label,
+            kind=target.audit_kind,
+            connection_id=connection.id,
+            **details,
+        )
+        if target.label:
+            record.details["target"] = target.label
+        await self._audit(record, 200)
+        return connection.id
+
+    async def record_close(
+        self, connection_id: str, *, to_workspace: int, from_workspace: int, reason: str = ""
+    ) -> None:
+        """Close a connection :meth:`record_open` recorded, with its bytes."""
+        await self._close_record(
+            connection_id,
+            CLOSE_NORMAL,
+            reason,
+            to_workspace=to_workspace,
+            from_workspace=from_workspace,
+        )
+
     async def dial(self, agent_id: str, target: StreamTarget) -> tuple[WebSocket, PendingStream]:
         """Ask the agent for a stream and wait for it to dial back."""
         stream_id = secrets.token_hex(STREAM_ID_LENGTH // 2)
