@@ -95,6 +95,15 @@ EXPECTED: dict[Route, dict[str, str]] = {
                                                      row("401", "404", "ok", "ok", "404", "404"),
     ("GET", "/api/v2/workspaces/{owner}/{name}/agent/logs"):
                                                      row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}/ssh"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}/connections"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}/apps"):
+                                                     row("401", "404", "ok", "ok", "404", "404"),
+    # Any signed-in user reaches the app sign-in; it decides per app (the
+    # shared server has no wildcard access URL, hence 400 for everyone).
+    ("GET", "/api/v2/applications/authorize"):       row("401", "400", "400", "400", "400", "400"),
     ("GET", "/api/v2/agent/bundle.pyz"):             public("ok"),
     ("GET", "/api/v2/provisioner-keys"):             row("401", "403", "ok", "403", "403", "403"),
     ("POST", "/api/v2/provisioner-keys"):            row("401", "403", "ok", "403", "403", "403"),
