@@ -1,7 +1,8 @@
 """``stockade provisionerd start`` as a separate process: builds of a server
-without built-in workers run on it; a deleted key stops it; a daemon killed
-mid-build has its build retried by another once the lease runs out. Every
-test deletes its workspaces (through a daemon) and stops its daemons."""
+without built-in workers run on it (and the agent they launch reports to the
+server); a deleted key stops it; a daemon killed mid-build has its build
+retried by another once the lease runs out. Every test deletes its
+workspaces (through a daemon) and stops its daemons."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import build_archive
+from tests.builds import agent_lines, build_lines, wait_for_agent, workspace_lock
 from tests.conftest import OWNER_PASSWORD, ServerFactory
 
 TEMPLATE = """\
@@ -192,8 +194,12 @@ def test_builds_run_on_the_daemon_until_its_key_is_deleted(setup: Setup) -> None
     assert ws.status == "running", ws.latest_build.error
     assert ws.latest_build.worker_name == "host-a"
     assert (setup.tmp_path / "provisionerd" / "workspaces" / created.id / "home").is_dir()
-    lines = [line.line for line in setup.owner.build_logs("owner", "dev").logs]
-    assert "begin on daemon" in lines and "startup done" in lines
+    # The build launched the agent; the agent, on the daemon's host, ran the
+    # startup script and reported its output to the server.
+    assert any(x.startswith("the agent runs") for x in build_lines(setup.owner, "owner", "dev"))
+    ws = wait_for_agent(setup.owner, "owner", "dev")
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+    assert agent_lines(setup.owner, "owner", "dev") == ["begin on daemon", "startup done"]
     assert _carriers(created.id)
     daemon.wait_for("build_finished")
 
@@ -213,25 +219,40 @@ def test_builds_run_on_the_daemon_until_its_key_is_deleted(setup: Setup) -> None
 
 
 def test_a_killed_daemons_build_is_retried_by_another(setup: Setup) -> None:
-    template = setup.template("slow", sleep=4)
-    first = setup.daemon("host-a")
-    created = setup.create("dev", template)
-    deadline = time.monotonic() + 30
-    while "begin on daemon" not in [x.line for x in setup.owner.build_logs("owner", "dev").logs]:
-        assert time.monotonic() < deadline, first.logs()
-        time.sleep(0.1)
-    first.stop(signal.SIGKILL)
+    template = setup.template("slow", sleep=1)
+    created = setup.create("dev", template)  # pending: no daemon runs yet
+    retried = "retrying on host-b (attempt 2): the previous worker stopped answering"
+    # A start build ends once the agent is launched. Holding the workspace's
+    # lock (as a worker of another daemon on this host would) keeps it in
+    # progress on host-a, and then on host-b, until the test lets go.
+    with workspace_lock(setup.tmp_path / "provisionerd" / "workspaces", created.id):
+        first = setup.daemon("host-a")
+        deadline = time.monotonic() + 30
+        while not any(x.endswith(" on host-a") for x in build_lines(setup.owner, "owner", "dev")):
+            assert time.monotonic() < deadline, first.logs()
+            time.sleep(0.1)
+        assert setup.owner.get_build("owner", "dev", 1).status == "running"
+        first.stop(signal.SIGKILL)
 
-    second = setup.daemon("host-b")
+        second = setup.daemon("host-b")
+        deadline = time.monotonic() + 30
+        while retried not in (lines := build_lines(setup.owner, "owner", "dev")):
+            assert time.monotonic() < deadline, (lines, second.logs())
+            time.sleep(0.1)
+        assert setup.owner.get_build("owner", "dev", 1).status == "running"
     ws = setup.wait("dev")
     assert ws.status == "running", ws.latest_build.error
     build = ws.latest_build
     assert build.number == 1 and build.attempts == 2 and build.worker_name == "host-b"
-    lines = [line.line for line in setup.owner.build_logs("owner", "dev").logs]
+    lines = build_lines(setup.owner, "owner", "dev")
     assert any("stopped answering" in line for line in lines), lines
-    assert "retrying on host-b (attempt 2): the previous worker stopped answering" in lines
-    assert lines[-1] == "startup done"
-    assert len(_carriers(created.id)) >= 1  # the sandbox host-a started, adopted by host-b
+    assert lines.index(retried) < len(lines) - 1
+    assert lines[-1].startswith("the agent runs"), lines
+    assert len(_carriers(created.id)) >= 1
+    # The agent host-b launched runs the startup script to its end.
+    ws = wait_for_agent(setup.owner, "owner", "dev")
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+    assert agent_lines(setup.owner, "owner", "dev") == ["begin on daemon", "startup done"]
 
     setup.delete("dev")
     assert not _carriers(created.id)

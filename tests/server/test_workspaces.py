@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,12 @@ import pytest
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import build_archive
+from tests.builds import (
+    agent_lines,
+    wait_for_agent,
+    wait_for_build,
+    workspace_lock,
+)
 from tests.conftest import UserFactory, unique
 
 TEMPLATE = """\
@@ -87,6 +94,11 @@ def home_of(server: ServerProcess, ws: types.Workspace) -> Path:
     return server.data_dir / "workspaces" / ws.id / "home"
 
 
+def held(server: ServerProcess, ws: types.Workspace) -> AbstractContextManager[None]:
+    """Builds of ``ws`` wait, in progress, while this is held."""
+    return workspace_lock(server.data_dir / "workspaces", ws.id)
+
+
 def delete(client: Client, ws: types.Workspace) -> None:
     client.create_build(ws.owner_name, ws.name, "delete", cancel_running=True)
     wait_status_gone(client, ws.owner_name, ws.name)
@@ -124,11 +136,17 @@ def test_lifecycle_keeps_the_home_until_delete(
     assert ws.latest_build.status == "succeeded"
     assert ws.latest_build.stages[0].name == "Preparing"
     assert all(s.seconds is not None for s in ws.latest_build.stages)
+    logs = alice.build_logs(alice_name, "dev")
+    assert logs.build_status == "succeeded"
+    assert any(line.line.startswith("the agent runs") for line in logs.logs)
+    # The agent, launched by the build, runs the startup script with the
+    # parameters and reports its output; the build log holds none of it.
+    ws = wait_for_agent(alice, alice_name, "dev")
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+    assert "greeting is good day" in agent_lines(alice, alice_name, "dev")
+    assert not any("greeting is" in line.line for line in logs.logs)
     home = home_of(server, ws)
     assert (home / "greeting.txt").read_text() == "good day\n"
-    logs = alice.build_logs(alice_name, "dev")
-    assert "greeting is good day" in [line.line for line in logs.logs]
-    assert logs.build_status == "succeeded"
 
     (home / "notes.txt").write_text("kept")
     alice.create_build(alice_name, "dev", "stop")
@@ -228,44 +246,62 @@ def test_update_moves_to_the_active_version_and_asks_for_new_required_parameters
     assert build.template_version == 2
     ws = wait_status(alice, alice_name, "upd")
     assert ws.status == "running" and not ws.outdated and ws.template_version == 2
-    assert "version two" in [line.line for line in alice.build_logs(alice_name, "upd").logs]
+    # The update's new agent runs version 2's startup script.
+    ws = wait_for_agent(alice, alice_name, "upd")
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+    assert "version two" in agent_lines(alice, alice_name, "upd")
     delete(alice, ws)
 
 
 def test_one_build_at_a_time_unless_canceled(
-    owner: Client, make_user: UserFactory, tmp_path: Path
+    server: ServerProcess, make_user: UserFactory, template: str
 ) -> None:
-    name = push(owner, tmp_path, script="sleep 30")
     alice, alice_name = make_user()
-    alice.create_workspace("slow", name)
-    with pytest.raises(ApiError) as exc:
-        alice.create_build(alice_name, "slow", "stop")
-    assert exc.value.status == 409
-    assert "build 1 (start, " in problem(exc) and "cancel" in problem(exc)
-    build = alice.create_build(alice_name, "slow", "stop", cancel_running=True)
-    assert build.number == 2
+    ws = alice.create_workspace("slow", template)
+    wait_status(alice, alice_name, "slow")
+    alice.create_build(alice_name, "slow", "stop")
+    assert wait_status(alice, alice_name, "slow").status == "stopped"
+    # A start build ends as soon as the agent is launched: hold this one in
+    # its first stage so that it is still running when the next is asked for.
+    with held(server, ws):
+        alice.create_build(alice_name, "slow", "start")
+        wait_for_build(alice, alice_name, "slow", 3)
+        with pytest.raises(ApiError) as exc:
+            alice.create_build(alice_name, "slow", "stop")
+        assert exc.value.status == 409
+        assert "build 3 (start, " in problem(exc) and "cancel" in problem(exc)
+        build = alice.create_build(alice_name, "slow", "stop", cancel_running=True)
+        assert build.number == 4
+        # The held start is canceled while it waits; the stop then waits its turn.
+        third = wait_for_build(alice, alice_name, "slow", 3, ("canceled", "succeeded", "failed"))
+        assert third.status == "canceled" and third.reason == "superseded"
     ws = wait_status(alice, alice_name, "slow")
-    assert ws.status == "stopped"
-    first = alice.get_build(alice_name, "slow", 1)
-    assert first.status == "canceled" and first.reason == "superseded"
+    assert ws.status == "stopped" and ws.latest_build.number == 4
+    assert ws.latest_build.status == "succeeded"
     with pytest.raises(ApiError) as exc:
-        alice.cancel_build(alice_name, "slow", 2)
+        alice.cancel_build(alice_name, "slow", 4)
     assert exc.value.status == 409
     delete(alice, ws)
 
 
-def test_cancel_a_running_build(owner: Client, make_user: UserFactory, tmp_path: Path) -> None:
-    name = push(owner, tmp_path, script="sleep 30")
+def test_cancel_a_running_build(
+    server: ServerProcess, make_user: UserFactory, template: str
+) -> None:
     alice, alice_name = make_user()
-    ws = alice.create_workspace("c", name)
-    deadline = time.monotonic() + 30
-    while alice.get_workspace(alice_name, "c").status != "starting":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    alice.cancel_build(alice_name, "c", 1)
-    ws = wait_status(alice, alice_name, "c")
+    ws = alice.create_workspace("c", template)
+    wait_status(alice, alice_name, "c")
+    alice.create_build(alice_name, "c", "stop")
+    assert wait_status(alice, alice_name, "c").status == "stopped"
+    with held(server, ws):
+        alice.create_build(alice_name, "c", "start")
+        wait_for_build(alice, alice_name, "c", 3)
+        assert alice.get_workspace(alice_name, "c").status == "starting"
+        alice.cancel_build(alice_name, "c", 3)
+        ws = wait_status(alice, alice_name, "c")
     assert ws.status == "canceled"
-    assert ws.latest_build.reason == "canceled"
+    assert ws.latest_build.number == 3 and ws.latest_build.reason == "canceled"
+    # The canceled start launched nothing: no agent reports from the workspace.
+    assert ws.agent is None or ws.agent.status == "connecting"
     delete(alice, ws)
 
 
@@ -275,15 +311,34 @@ def test_logs_follow_streams_until_the_end(
     name = push(owner, tmp_path, script="for i in 1 2 3; do echo tick $i; sleep 0.2; done")
     alice, alice_name = make_user()
     ws = alice.create_workspace("f", name)
-    events = list(alice.follow_build_logs(alice_name, "f"))
-    assert events[-1] == {"type": "end", "build_number": 1, "status": "succeeded"}
+    wait_status(alice, alice_name, "f")
+    alice.create_build(alice_name, "f", "stop")
+    wait_status(alice, alice_name, "f")
+    # A start held in its first stage: following it streams what is logged
+    # while it waits, and goes on until it ends once released.
+    with held(server, ws):
+        alice.create_build(alice_name, "f", "start")
+        wait_for_build(alice, alice_name, "f", 3)
+        stream = alice.follow_build_logs(alice_name, "f")
+        first = next(stream)
+        assert first["type"] == "log" and first["line"].startswith(f"start {alice_name}/f ")
+        assert alice.get_build(alice_name, "f", 3).status == "running"
+    events = [first, *stream]
+    assert events[-1] == {"type": "end", "build_number": 3, "status": "succeeded"}
     lines = [e["line"] for e in events if e["type"] == "log"]
-    assert [x for x in lines if x.startswith("tick")] == ["tick 1", "tick 2", "tick 3"]
+    assert any(x.startswith("the agent runs") for x in lines), lines
     ids = [e["id"] for e in events if e["type"] == "log"]
-    assert ids == sorted(ids)
+    assert len(ids) >= 3 and ids == sorted(ids)
     # Resuming after a line id returns only what came later.
-    later = alice.build_logs(alice_name, "f", after=ids[2]).logs
-    assert [line.id for line in later] == ids[3:]
+    later = alice.build_logs(alice_name, "f", after=ids[1]).logs
+    assert [line.id for line in later] == ids[2:]
+    # The startup script's output is the agent's, in order, and resumable too.
+    wait_for_agent(alice, alice_name, "f")
+    agent_log = alice.agent_logs(alice_name, "f").logs
+    ticks = [x.line for x in agent_log if x.line.startswith("tick")]
+    assert ticks == ["tick 1", "tick 2", "tick 3"]
+    resumed = alice.agent_logs(alice_name, "f", after=agent_log[0].id).logs
+    assert [x.id for x in resumed] == [x.id for x in agent_log[1:]]
     # The raw stream is NDJSON.
     with httpx.stream(
         "GET",
