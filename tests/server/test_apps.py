@@ -93,7 +93,8 @@ async def app(scope, receive, send):
         body = json.dumps(info).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"set-cookie", b"appcookie=1; Path=/")]})
+                                (b"set-cookie", b"appcookie=1; Path=/"),
+                                (b"set-cookie", b"stockade_session=planted; Path=/")]})
         await send({"type": "http.response.body", "body": body})
 """
 
@@ -283,7 +284,8 @@ def test_path_app_streams_bodies_both_ways(env: Env) -> None:
         assert headers["x-forwarded-proto"] == "http"
         assert headers["cookie"] == "mine=1"
         assert "authorization" not in headers  # the Stockade token stays here
-        assert info.headers["set-cookie"] == "appcookie=1; Path=/"
+        # The app's own cookie passes; one named like Stockade's never does.
+        assert info.headers.get_list("set-cookie") == ["appcookie=1; Path=/"]
 
         # The session cookie works for the owner and never reaches the app.
         by_cookie = http.get(
@@ -393,7 +395,20 @@ def test_subdomain_cookie_flow(env: Env) -> None:
         posted = http.post("/echo", headers={"Host": host}, content=b"x")
         assert posted.status_code == 401 and "sign in" in posted.json()["message"]
 
-    # Signing out ends the app's access too (within the re-check interval).
+    # A sign-in link cannot be turned into a redirect to another site.
+    with env.http() as http:
+        back = http.get(
+            "/api/v2/applications/authorize",
+            params={"redirect_uri": f"http://{host}//evil.example/x"},
+            headers=session_cookie(env.owner),
+        )
+        assert back.status_code == 303
+        # An absolute URL on loopback: "//evil.example" must never become a host here.
+        sent_to = env.url + back.headers["location"].removeprefix(f"http://{host}")
+        assert httpx.URL(sent_to).host == "127.0.0.1"
+        traded = http.get(sent_to, headers={"Host": host})
+        assert traded.status_code == 303 and traded.headers["location"] == "/evil.example/x"
+
     # The audit log has one workspace.connect for the app session.
     entries = env.owner.list_audit(action="workspace.connect").entries
     app_entries = [e for e in entries if (e.details or {}).get("kind") == "app"]

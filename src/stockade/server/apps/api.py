@@ -249,6 +249,8 @@ class AppProxyMiddleware:
             if apps.scheme == "https":
                 cookie += "; Secure"
             rest = urlencode([(k, v) for k, v in params if k != TOKEN_QUERY])
+            # Never "//host" or "/\\host": browsers read those as another site.
+            raw_path = "/" + raw_path.lstrip("/\\")
             await _redirect(
                 scope,
                 send,
@@ -369,7 +371,13 @@ class AppProxyMiddleware:
             if scope["type"] == "http":
                 try:
                     await proxy_http(
-                        scope, receive, send, stream, target.encode("latin-1"), forwarded
+                        scope,
+                        receive,
+                        send,
+                        stream,
+                        target.encode("latin-1"),
+                        forwarded,
+                        blocked_cookies=_STRIPPED_COOKIES,
                     )
                 except AppUnreachable as exc:
                     await _answer(

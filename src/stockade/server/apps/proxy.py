@@ -130,6 +130,21 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
     return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
 
 
+def _without_cookies(
+    headers: list[tuple[bytes, bytes]], blocked: frozenset[str]
+) -> list[tuple[bytes, bytes]]:
+    """Response headers minus Set-Cookie of the ``blocked`` names: an app
+    must not plant a Stockade cookie (a session fixation on path apps)."""
+    if not blocked:
+        return headers
+    return [
+        (n, v)
+        for n, v in headers
+        if n.lower() != b"set-cookie"
+        or v.decode("latin-1").partition("=")[0].strip() not in blocked
+    ]
+
+
 async def _drain_request(receive: Receive) -> None:
     while True:
         message = await receive()
@@ -145,6 +160,7 @@ async def proxy_http(
     target: bytes,
     headers: list[tuple[bytes, bytes]],
     *,
+    blocked_cookies: frozenset[str] = frozenset(),
     on_response: Callable[[int], None] | None = None,
 ) -> None:
     """One HTTP exchange: the browser's request (method from ``scope``, path
@@ -159,7 +175,10 @@ async def proxy_http(
     has_length = any(n == b"content-length" for n, _ in incoming)
     chunked = any(n == b"transfer-encoding" for n, _ in incoming)
     outgoing = forwardable(incoming)
-    if chunked and not has_length:
+    if chunked:
+        # The body arrives de-chunked and is chunked again; a Content-Length
+        # next to Transfer-Encoding is not to be trusted (RFC 9112 6.3).
+        outgoing = [(n, v) for n, v in outgoing if n != b"content-length"]
         outgoing.append((b"transfer-encoding", b"chunked"))
     has_body = has_length or chunked
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
@@ -214,7 +233,9 @@ async def proxy_http(
                     {
                         "type": "http.response.start",
                         "status": event.status_code,
-                        "headers": forwardable(list(event.headers)),
+                        "headers": _without_cookies(
+                            forwardable(list(event.headers)), blocked_cookies
+                        ),
                     }
                 )
             elif isinstance(event, h11.Data):
