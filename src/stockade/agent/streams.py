@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -258,7 +259,11 @@ class WebSocketTransport(asyncio.Transport):
         self._ws = ws
         self._protocol = protocol
         self._stats = stats
-        self._buffer = bytearray()
+        # What the protocol wrote and the write loop has not sent: its own
+        # pieces, joined once per message (a single bytearray cost a copy in,
+        # two copies out and a move of the rest for every message).
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
         self._wrote = asyncio.Event()
         self._reading = asyncio.Event()
         self._reading.set()
@@ -299,15 +304,17 @@ class WebSocketTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self._closing = True
-        self._buffer.clear()
+        self._chunks.clear()
+        self._buffered = 0
         self._finish()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._lost:
             return
-        self._buffer += data
+        self._chunks.append(bytes(data))  # no copy when it is bytes already
+        self._buffered += len(data)
         self._wrote.set()
-        if not self._protocol_paused and len(self._buffer) > self.HIGH_WATER:
+        if not self._protocol_paused and self._buffered > self.HIGH_WATER:
             self._protocol_paused = True
             self._protocol.pause_writing()
 
@@ -331,7 +338,7 @@ class WebSocketTransport(asyncio.Transport):
         return self._reading.is_set()
 
     def get_write_buffer_size(self) -> int:
-        return len(self._buffer)
+        return self._buffered
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if high is not None:
@@ -359,12 +366,11 @@ class WebSocketTransport(asyncio.Transport):
             while True:
                 await self._wrote.wait()
                 self._wrote.clear()
-                while self._buffer:
-                    chunk = bytes(self._buffer[:CHUNK_BYTES])
-                    del self._buffer[: len(chunk)]
+                while self._chunks:
+                    chunk = self._next_message()
                     self._stats.bytes_out += len(chunk)
                     await self._ws.send_bytes(chunk)
-                    if self._protocol_paused and len(self._buffer) <= self.LOW_WATER:
+                    if self._protocol_paused and self._buffered <= self.LOW_WATER:
                         self._protocol_paused = False
                         self._protocol.resume_writing()
                 if self._closing:
@@ -372,6 +378,22 @@ class WebSocketTransport(asyncio.Transport):
         except ConnectionClosed:
             pass
         self._finish()
+
+    def _next_message(self) -> bytes:
+        """Up to :data:`CHUNK_BYTES` of the buffered pieces, as one message."""
+        parts: list[bytes] = []
+        size = 0
+        while self._chunks and size + len(self._chunks[0]) <= CHUNK_BYTES:
+            piece = self._chunks.popleft()
+            parts.append(piece)
+            size += len(piece)
+        if not parts:  # one piece larger than a message: send its head
+            piece = self._chunks[0]
+            parts.append(piece[:CHUNK_BYTES])
+            self._chunks[0] = piece[CHUNK_BYTES:]
+            size = CHUNK_BYTES
+        self._buffered -= size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _finish(self) -> None:
         if not self._done.done():

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -164,6 +166,8 @@ async def pipe_stdio(ws: ClientConnection) -> None:
     """Relay stdin/stdout and the stream until the stream closes (an OpenSSH
     ProxyCommand: ssh talks to us over pipes)."""
     loop = asyncio.get_running_loop()
+    for fd in (0, 1):
+        _grow_pipe(fd)
     reader = asyncio.StreamReader(limit=CHUNK_BYTES)
     await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0, closefd=False)
@@ -190,6 +194,18 @@ async def pipe_stdio(ws: ClientConnection) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+PIPE_BYTES = 1024 * 1024
+
+
+def _grow_pipe(fd: int) -> None:
+    """Let a pipe hold a whole stream message (64 KiB by default): a 256 KiB
+    message then goes in one write and one wake-up of the reader, not four or
+    more. Best effort: not a pipe, or above the user's limit, stays as it is."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 # --- relaying ---------------------------------------------------------------------------
