@@ -29,6 +29,7 @@ from stockade.cli.workspaces import (
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import Manifest, Parameter, build_archive
+from tests.builds import build_lines, wait_for_build, workspace_lock
 from tests.cli.test_cli import Run, cli  # noqa: F401  (fixture)
 from tests.conftest import OWNER_PASSWORD, PASSWORD, UserFactory, unique
 
@@ -248,13 +249,31 @@ def test_workspace_lifecycle(
     assert "Build 4 (restart: stop)" in restarted and "Build 5 (start)" in restarted
     assert f"{alice}/dev is running (build 5 succeeded" in restarted
 
-    assert "greeting is hi" in cli("logs", "dev").stdout
-    assert "greeting is good day" in cli("logs", "dev", "--build", "1").stdout
+    # The latest build's log, then what its agent's startup script printed.
+    latest = cli("logs", "dev").stdout
+    assert "greeting is hi" in latest
+    assert "greeting is good day" not in latest
+    assert (
+        latest.index("the agent runs")
+        < latest.index("== startup script")
+        < latest.index("greeting is hi")
+    )
+    # An earlier build: its own log only (each build launches its own agent,
+    # identified by its pid; the agent output belongs to the latest start).
+    agent_of = {
+        number: next(x for x in build_lines(owner, alice, "dev", number) if "agent runs" in x)
+        for number in (1, 5)
+    }
+    assert agent_of[1] != agent_of[5]
+    first = cli("logs", "dev", "--build", "1").stdout
+    assert agent_of[1] in first and agent_of[5] not in first
+    assert "== startup script" not in first and "greeting is" not in first
     followed = cli("logs", "dev", "--build", "1", "--follow")
-    assert "greeting is good day" in followed.stdout
+    assert agent_of[1] in followed.stdout and "greeting is" not in followed.stdout
     assert "build 1 succeeded" in followed.stderr
-    lines = as_json(cli("logs", "dev", "-o", "json"))
-    assert "greeting is hi" in [line["line"] for line in lines]
+    # --output json: the build's lines only.
+    lines = [line["line"] for line in as_json(cli("logs", "dev", "-o", "json"))]
+    assert agent_of[5] in lines and "greeting is hi" not in lines
     events = [json.loads(x) for x in cli("logs", "dev", "-f", "-o", "json").stdout.splitlines()]
     assert events[-1] == {"type": "end", "build_number": 5, "status": "succeeded"}
     refused = cli("cancel", "dev", ok=False)
@@ -382,43 +401,46 @@ def test_a_canceled_build_fails_the_command_following_it(
     tmp_path: Path,
 ) -> None:
     template = unique("tpl")
-    (tmp_path / "slow").mkdir()
-    (tmp_path / "slow" / "stockade.yaml").write_text(
-        f"name: {template}\nbackend: local\nagent:\n"
-        "  startup_script: |\n    echo begin\n    sleep 60\n"
-    )
-    owner.push_template(template, build_archive(tmp_path / "slow"))
+    push(owner, tmp_path / "slow", template)
     alice_client, alice = make_user()
     login(cli, server, alice)
     cleanup.append((alice, "slow"))
+    ws = alice_client.create_workspace("slow", template)
+    wait_for_build(alice_client, alice, "slow", 1, ("succeeded",))
+    cli("stop", "slow")
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
     env.update(STOCKADE_CONFIG_DIR=str(cli.config_dir), COLUMNS="200")  # type: ignore[attr-defined]
-    following = subprocess.Popen(
-        [sys.executable, "-m", "stockade", "create", "slow", "--template", template],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=env, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                lines = [x.line for x in alice_client.build_logs(alice, "slow").logs]
-            except ApiError:
-                lines = []
-            if "begin" in lines:
-                break
-            assert time.monotonic() < deadline, lines
-            time.sleep(0.1)
-        asked = cli("cancel", "slow").stdout
-        assert f"build 1 of {alice}/slow" in asked
-        out, err = following.communicate(timeout=60)
-    finally:
-        if following.poll() is None:
-            following.kill()
-            following.wait()
+    # A start build ends once the agent is launched: holding the workspace's
+    # lock keeps this one waiting in its first stage, in progress.
+    with workspace_lock(server.data_dir / "workspaces", ws.id):
+        following = subprocess.Popen(
+            [sys.executable, "-m", "stockade", "start", "slow"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env=env, text=True,
+        )  # fmt: skip
+        try:
+            started = f"start {alice}/slow with template {template} v1"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    lines = build_lines(alice_client, alice, "slow", 3)
+                except ApiError:
+                    lines = []
+                if any(x.startswith(started) for x in lines):
+                    break
+                assert time.monotonic() < deadline, lines
+                time.sleep(0.1)
+            asked = cli("cancel", "slow").stdout
+            assert f"build 3 of {alice}/slow" in asked
+            out, err = following.communicate(timeout=60)
+        finally:
+            if following.poll() is None:
+                following.kill()
+                following.wait()
     assert following.returncode == 1, (out, err)
-    assert "begin" in out
-    assert f"error: build 1 (start) of {alice}/slow canceled: the build was canceled" in err
+    assert started in out
+    assert f"error: build 3 (start) of {alice}/slow canceled: the build was canceled" in err
+    assert "Waiting for the agent" not in out
     shown = as_json(cli("show", "slow", "-o", "json"))
     assert shown["status"] == "canceled"
     assert shown["latest_build"]["error"] == "the build was canceled"
