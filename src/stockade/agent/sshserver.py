@@ -31,6 +31,7 @@ import os
 import posixpath
 import pwd
 import signal
+import socket
 import struct
 import termios
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from typing import Any
 import asyncssh
 from asyncssh.constants import MSG_IGNORE
 from asyncssh.packet import SSHPacketLogger
+from asyncssh.sftp import MIN_SFTP_VERSION
 
 log = logging.getLogger("stockade.agent.ssh")
 
@@ -58,6 +60,8 @@ HANGUP_GRACE_SECONDS = 3.0
 # this long (a background job that keeps the terminal open must not hold the
 # session forever).
 PTY_DRAIN_SECONDS = 2.0
+# How long an exited session waits for the client to acknowledge the close.
+CLOSE_WAIT_SECONDS = 30.0
 FALLBACK_SHELL = "/bin/sh"
 _EMPTY_STRING = b"\x00\x00\x00\x00"  # an SSH "string" of length 0
 
@@ -112,7 +116,9 @@ def _loopback_only(host: str) -> str | None:
     ``None`` when it already is a loopback name or address, otherwise the
     loopback address of the same family (the workspace is never exposed)."""
     if host == "localhost":
-        return None
+        # "localhost" binds every loopback address, and fails as a whole where
+        # one is missing (containers often lack ::1): IPv4's is always there.
+        return "127.0.0.1"
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -139,6 +145,26 @@ class _HomeSFTPServer(asyncssh.SFTPServer):
         chan = self.channel
         if not chan.is_closing():
             chan.exit(0)
+
+
+class _SessionProcess(asyncssh.SSHServerProcess[bytes]):
+    """asyncssh's server process, delivering ``signal`` and ``break``
+    requests to the session's process itself: asyncssh does so only when
+    stdin is redirected to a pipe or a PTY, and ours may be a socket."""
+
+    def exception_received(self, exc: Exception) -> None:
+        pid = self.redirect_pid
+        if pid and isinstance(exc, asyncssh.SignalReceived):
+            number = getattr(signal, f"SIG{exc.signal}", None)
+            if isinstance(number, int):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, number)
+            return
+        if pid and isinstance(exc, asyncssh.BreakReceived):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGINT)
+            return
+        super().exception_received(exc)
 
 
 class _ConnectionHandler(asyncssh.SSHServer):
@@ -173,6 +199,11 @@ class _ConnectionHandler(asyncssh.SSHServer):
         # for: it matches forwarded connections by that name.
         return self._conn.forward_local_port(loopback, listen_port, listen_host, listen_port)
 
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
+        core = self._core
+        sftp_factory: Any = core._sftp_server  # asyncssh types it for any channel
+        return _SessionProcess(core._start_session, sftp_factory, core.sftp_version, allow_scp=True)
+
     def unix_connection_requested(self, dest_path: str) -> bool:
         return True
 
@@ -202,15 +233,16 @@ class SSHServerCore:
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self._sessions: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.sftp_version = MIN_SFTP_VERSION
         # asyncssh logs every channel and request at INFO, environment
         # variables included; the agent's log keeps its warnings only.
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
         self._options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=[key],
             server_factory=lambda: _ConnectionHandler(self),
-            process_factory=self._start_session,
-            sftp_factory=self._sftp_server,
-            allow_scp=True,
+            # Sessions come from _ConnectionHandler.session_requested (our
+            # process class): no process_factory/sftp_factory here, which
+            # would make asyncssh build its own.
             agent_forwarding=True,
             x11_forwarding=False,
             allow_pty=True,
@@ -303,9 +335,13 @@ class SSHServerCore:
         cwd = self._working_directory()
         if process.term_type is not None:
             child = await self._spawn_pty(process, shell, argv, env, cwd)
-        else:
-            child = await self._spawn_pipes(process, shell, argv, env, cwd)
-        await self._supervise(process, child, pty=process.term_type is not None)
+            await self._supervise(process, child, pty=True)
+            return
+        child, stdin = await self._spawn_pipes(process, shell, argv, env, cwd)
+        try:
+            await self._supervise(process, child, pty=False)
+        finally:
+            stdin.close()
 
     async def _spawn_pipes(
         self,
@@ -314,8 +350,11 @@ class SSHServerCore:
         argv: list[str],
         env: dict[str, str],
         cwd: str,
-    ) -> asyncio.subprocess.Process:
-        stdin_r, stdin_w = os.pipe()
+    ) -> tuple[asyncio.subprocess.Process, asyncio.StreamWriter]:
+        # stdin is a socket pair (as OpenSSH's sshd may use): asyncio's write
+        # pipe transport can close its pipe twice when the child exits as the
+        # client's EOF arrives (Python 3.11), which corrupts the selector.
+        stdin_parent, stdin_child = socket.socketpair()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         try:
@@ -323,7 +362,7 @@ class SSHServerCore:
                 argv[0],
                 *argv[1:],
                 executable=shell,
-                stdin=stdin_r,
+                stdin=stdin_child.fileno(),
                 stdout=stdout_w,
                 stderr=stderr_w,
                 cwd=cwd,
@@ -331,16 +370,20 @@ class SSHServerCore:
                 start_new_session=True,
             )
         except OSError:
-            for fd in (stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w):
+            stdin_parent.close()
+            for fd in (stdout_r, stderr_r):
                 os.close(fd)
             raise
-        for fd in (stdin_r, stdout_w, stderr_w):
-            os.close(fd)
+        finally:
+            stdin_child.close()
+            for fd in (stdout_w, stderr_w):
+                os.close(fd)
+        _, stdin = await asyncio.open_unix_connection(sock=stdin_parent)
         process.set_redirect_pid(child.pid)
         # send_eof=False: the channel's EOF would end stderr too, and stderr
         # may still be coming after stdout ends; the exit closes the channel.
-        await process.redirect(stdin=stdin_w, stdout=stdout_r, stderr=stderr_r, send_eof=False)
-        return child
+        await process.redirect(stdin=stdin, stdout=stdout_r, stderr=stderr_r, send_eof=False)
+        return child, stdin
 
     async def _spawn_pty(
         self,
@@ -409,6 +452,10 @@ class SSHServerCore:
                 process.exit_with_signal(_signal_name(-status))
             else:
                 process.exit(status or 0)
+            # Until the client acknowledges the close (asyncssh's cleanup of
+            # the redirections runs in wait_closed()).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(closed), CLOSE_WAIT_SECONDS)
         finally:
             for future in (exited, closed):
                 if not future.done():
