@@ -173,7 +173,7 @@ async def pipe_stdio(ws: ClientConnection) -> None:
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0, closefd=False)
     )
     transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin,
+        _WritePipeProtocol,
         os.fdopen(1, "wb", buffering=0, closefd=False),
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
@@ -194,6 +194,25 @@ async def pipe_stdio(ws: ClientConnection) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+class _WritePipeProtocol(asyncio.streams.FlowControlMixin):
+    """The stdout pipe's protocol: flow control for ``drain()``, and a close
+    waiter, so that ``wait_closed()`` returns once the transport has written
+    all it buffered (FlowControlMixin alone raises NotImplementedError there,
+    and the loop then ended with the last output unwritten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
 
 
 PIPE_BYTES = 1024 * 1024
