@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from stockade.cli import config
+from stockade.sdk.tls import CaFileError, client_ssl_context
 
 HOST_PREFIX = "stockade."
 USAGE = "usage: stockade ssh --stdio [--known-hosts FILE] HOST"
@@ -72,8 +73,14 @@ def _get_json(url: str, token: str, path: str) -> dict[str, object]:
         raise StdioError(f"the server URL must be http(s), not {url!r}")
     headers = {"Authorization": f"Bearer {token}"}
     request = urllib.request.Request(url.rstrip("/") + path, headers=headers)  # noqa: S310
+    context = None
+    if url.startswith("https://"):
+        try:
+            context = client_ssl_context()
+        except CaFileError as exc:
+            raise StdioError(str(exc)) from None
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - checked above
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:  # noqa: S310 - checked above
             body: dict[str, object] = json.load(response)
             return body
     except urllib.error.HTTPError as exc:

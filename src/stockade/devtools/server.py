@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,8 @@ class ServerProcess:
         self.log_path = self.data_dir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_seconds: float | None = None
+        # How the readiness probe checks the certificate of an https server.
+        self.verify: ssl.SSLContext | bool = True
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "stockade", "server", "--address",
@@ -56,7 +59,8 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.logs()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                probe = httpx.get(f"{self.url}/healthz", timeout=1.0, verify=self.verify)
+                if probe.status_code == 200:
                     self.ready_seconds = time.perf_counter() - started
                     return self
             except httpx.TransportError:

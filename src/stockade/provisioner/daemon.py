@@ -47,6 +47,7 @@ from stockade.provisioner.backends import BackendSet
 from stockade.provisioner.backends.base import Backend, BackendError, BackendOptions
 from stockade.provisioner.worker import LeaseLostError, Worker
 from stockade.sdk import types
+from stockade.sdk.tls import client_ssl_context
 
 KEY_HEADER = "Stockade-Provisioner-Key"
 API = "/api/v2/provisionerd"
@@ -449,6 +450,8 @@ class Daemon:
             timeout=httpx.Timeout(30.0),
             limits=httpx.Limits(max_connections=max(10, config.workers * 3)),
             trust_env=False,
+            # A server with a private CA: $STOCKADE_CA_FILE, as for the CLI.
+            verify=client_ssl_context() if config.url.startswith("https://") else True,
         )
         event(
             logging.INFO,

@@ -257,6 +257,7 @@ class Worker:
                 env=parameter_env(job.parameters),
                 agent_token=job.agent_token,
                 agent_bundle_sha256=job.agent_bundle_sha256,
+                agent_ca=job.agent_ca,
             )
             await progress.log(
                 f"{job.transition} {job.owner_name}/{job.workspace_name} with template "

@@ -4,8 +4,10 @@ non-2xx answer raises ``ApiError`` carrying the server's message."""
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -13,6 +15,7 @@ import httpx
 from pydantic import BaseModel
 
 from stockade.sdk import types
+from stockade.sdk.tls import CaFileError, client_ssl_context
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -66,11 +69,21 @@ class Client:
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
+        """``ca_file``: a PEM CA bundle to trust besides the system's (a
+        server with a private CA); default ``$STOCKADE_CA_FILE``. Raises
+        ``ConnectionFailed`` when it cannot be used."""
         self.url = url.rstrip("/")
         self.token = token
+        verify: ssl.SSLContext | bool = True
+        if self.url.startswith("https://"):
+            try:
+                verify = client_ssl_context(ca_file)
+            except CaFileError as exc:
+                raise ConnectionFailed(str(exc)) from None
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, transport=transport, trust_env=False
+            base_url=self.url, timeout=timeout, transport=transport, trust_env=False, verify=verify
         )
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from stockade.sdk.tls import CaFileError, client_ssl_context
 from stockade.tunnel.protocol import (
     CHUNK_BYTES,
     CLIENT_PATH,
@@ -81,11 +82,19 @@ def stream_url(base_url: str, spec: StreamSpec) -> str:
 
 async def open_stream(base_url: str, token: str, spec: StreamSpec) -> ClientConnection:
     """Open a stream and wait for the server to say it is open; raises
-    :class:`TunnelError` with the server's reason otherwise."""
+    :class:`TunnelError` with the server's reason otherwise. An https server
+    is verified against the system's CAs and ``$STOCKADE_CA_FILE``."""
     url = stream_url(base_url, spec)
+    context = None
+    if url.startswith("wss://"):
+        try:
+            context = client_ssl_context()
+        except CaFileError as exc:
+            raise TunnelError(str(exc)) from None
     try:
         ws = await connect(
             url,
+            ssl=context,
             additional_headers={"Authorization": f"Bearer {token}"},
             compression=None,  # byte streams: compression costs CPU and gains nothing
             max_size=MAX_MESSAGE_BYTES,

@@ -578,6 +578,11 @@ class ProvisionerJob(Response):
         description="the sha256 of the agent bundle the server serves: workspaces pin it, so "
         "a restart runs the cached bundle without a request",
     )
+    agent_ca: str | None = Field(
+        None,
+        description="PEM CA bundle the workspace's agent trusts for the control plane (its "
+        "certificate is from a private CA); the backend installs it in the workspace",
+    )
 
 
 class JobHeartbeat(Response):

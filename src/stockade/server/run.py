@@ -64,7 +64,13 @@ class _Server(uvicorn.Server):
 
             loop = asyncio.get_running_loop()
             self._extra[host] = await loop.create_server(
-                protocol, host=host, port=config.port, backlog=config.backlog
+                protocol,
+                host=host,
+                port=config.port,
+                backlog=config.backlog,
+                # uvicorn's context (None without TLS): agents on the gateway
+                # get https like everyone else.
+                ssl=config.ssl,
             )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -103,6 +109,8 @@ def serve(settings: Settings) -> None:
         ws_per_message_deflate=False,  # byte streams: compression costs CPU, gains nothing
         timeout_graceful_shutdown=10,
         server_header=False,
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
     )
     server = _Server(config)
     if not settings.agent_url and _on_loopback(settings.access_url):

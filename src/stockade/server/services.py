@@ -60,6 +60,7 @@ def build_services(settings: Settings) -> Services:
         timeout_seconds=settings.build_timeout_seconds,
         audit_key=audit_key,
         agents=agents,
+        agent_ca=settings.agent_ca_pem,
     )
     options = BackendOptions(
         workspaces_dir=settings.workspaces_dir,

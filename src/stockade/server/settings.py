@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -28,6 +29,22 @@ def default_data_dir() -> Path:
     return Path(xdg) / "stockade"
 
 
+def read_ca_bundle(path: Path) -> str:
+    """The PEM text of a CA bundle file; ``ValueError`` saying what is wrong
+    when it cannot be read or holds no usable certificate."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the CA bundle {path}: {exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"{path} is not a PEM CA bundle (no BEGIN CERTIFICATE line)")
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=text)
+    except ssl.SSLError as exc:
+        raise ValueError(f"{path} is not a valid PEM CA bundle: {exc}") from None
+    return text
+
+
 class Settings(BaseSettings):
     """Control-plane settings. Field descriptions double as ``--help`` text."""
 
@@ -42,6 +59,20 @@ class Settings(BaseSettings):
         "",
         description="The URL users and workspace agents use to reach this server. "
         "Defaults to http://ADDRESS.",
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (chain) the server serves https with; needs "
+        "tls_key_file. The access URL must then be https (the default becomes "
+        "https://ADDRESS).",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file (keep it readable by the server only)."
+    )
+    agent_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle that workspaces' agents trust for the control plane, when "
+        "its certificate is from a private CA; the backends install it in every workspace.",
     )
     agent_url: str = Field(
         "",
@@ -240,21 +271,69 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be debug, info, warning or error")
         return value.lower()
 
+    @field_validator("agent_ca_file")
+    @classmethod
+    def _check_agent_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_ca_bundle(value)
+        return value
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
+        tls = self._check_tls()
         if not self.access_url:
-            self.access_url = f"http://{self.address}"
+            self.access_url = f"{'https' if tls else 'http'}://{self.address}"
         self.access_url = self.access_url.rstrip("/")
         if urlsplit(self.access_url).scheme not in ("http", "https"):
             raise ValueError("access_url must be an http:// or https:// URL")
         self.agent_url = self.agent_url.rstrip("/")
         if self.agent_url and urlsplit(self.agent_url).scheme not in ("http", "https"):
             raise ValueError("agent_url must be an http:// or https:// URL")
+        # An https access URL without TLS here is a TLS-terminating proxy in
+        # front; the reverse can only be a mistake: the server speaks https only.
+        for name in ("access_url", "agent_url"):
+            url = getattr(self, name)
+            if tls and url and urlsplit(url).scheme != "https":
+                raise ValueError(
+                    f"{name} must be https:// when the server serves TLS "
+                    f"(tls_cert_file is set), not {url!r}"
+                )
         if self.secure_cookies is None:
             self.secure_cookies = self.access_url.startswith("https://")
         if self.default_token_lifetime_seconds > self.max_token_lifetime_seconds:
             self.default_token_lifetime_seconds = self.max_token_lifetime_seconds
         return self
+
+    def _check_tls(self) -> bool:
+        """Whether the server serves https; the certificate and key must come
+        together and load (a clear error at startup, not at the first client)."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return False
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if not os.access(path, os.R_OK) or not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.tls_cert_file, self.tls_key_file
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"cannot load the TLS certificate {self.tls_cert_file} with the key "
+                f"{self.tls_key_file} (PEM files of a matching pair expected): {exc}"
+            ) from None
+        return True
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server itself serves https."""
+        return self.tls_cert_file is not None
+
+    @property
+    def agent_ca_pem(self) -> str | None:
+        """The text of ``agent_ca_file`` (checked at startup), or None."""
+        return read_ca_bundle(self.agent_ca_file) if self.agent_ca_file is not None else None
 
     @property
     def host(self) -> str:

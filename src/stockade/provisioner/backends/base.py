@@ -78,13 +78,25 @@ AGENT_STOP_SECONDS = 5.0
 
 AGENT_TOKEN_ENV = "STOCKADE_AGENT_TOKEN"
 ACCESS_URL_ENV = "STOCKADE_ACCESS_URL"
+# Where the bootstrap and the agent find the control plane's private CA (the
+# same name as stockade.agent.agent.CA_FILE_ENV, not imported: that module
+# pulls in the agent's SSH server).
+AGENT_CA_ENV = "STOCKADE_AGENT_CA_FILE"
 
 
-def agent_environment(spec: WorkspaceSpec, access_url: str | None = None) -> dict[str, str]:
+def agent_environment(
+    spec: WorkspaceSpec, access_url: str | None = None, *, ca_path: str | None = None
+) -> dict[str, str]:
     """What the agent's bootstrap needs in its environment: where the control
-    plane is (``access_url``, default ``spec.access_url``), its token, and the
-    bundle's sha256 (a restart then runs the cached bundle without a request)."""
+    plane is (``access_url``, default ``spec.access_url``), its token, the
+    bundle's sha256 (a restart then runs the cached bundle without a request)
+    and, when the control plane has a private CA (``spec.agent_ca``), the path
+    ``ca_path`` the backend installed it at inside the workspace."""
     env = {ACCESS_URL_ENV: access_url or spec.access_url}
+    if spec.agent_ca:
+        if not ca_path:
+            raise ValueError("the backend must install spec.agent_ca and give its path")
+        env[AGENT_CA_ENV] = ca_path
     if spec.agent_token:
         env[AGENT_TOKEN_ENV] = spec.agent_token
     if spec.agent_bundle_sha256:
@@ -129,6 +141,9 @@ class WorkspaceSpec:
     agent_token: str | None = field(default=None, repr=False)
     # The sha256 of the agent bundle the control plane serves, when known.
     agent_bundle_sha256: str | None = None
+    # The PEM CA bundle the agent trusts for the control plane (a private
+    # CA), which the backend installs in the compute; None: the system's CAs.
+    agent_ca: str | None = None
 
     @property
     def config_hash(self) -> str:
@@ -139,6 +154,10 @@ class WorkspaceSpec:
             "compute": self.compute.__dict__,
             "startup": self.manifest.agent.startup_script,
         }
+        if self.agent_ca:
+            # Only when set, so that hashes (and running workspaces) without
+            # a CA stay as they were.
+            data["agent_ca"] = hashlib.sha256(self.agent_ca.encode()).hexdigest()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

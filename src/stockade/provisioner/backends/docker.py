@@ -21,7 +21,9 @@ The agent's token never appears in the container's configuration (``docker
 inspect`` shows the environment to anyone with access to Docker): it is
 copied into the created container as a file (``TOKEN_FILE``, in a directory
 nobody can list) before it starts, and the entrypoint reads it into the
-agent's environment and removes it. The agent reaches the control plane at
+agent's environment and removes it. The control plane's private CA, when it
+has one, is copied in the same way to ``CA_FILE`` (world-readable, and
+kept). The agent reaches the control plane at
 the access URL, or, when that is on loopback (which a container cannot
 reach) and the server asks for it (``BackendOptions.docker_agent_url``), at
 the network's gateway, where the server then listens too.
@@ -109,6 +111,8 @@ if [ -f {TOKEN_FILE} ]; then
 fi
 exec /bin/sh -c "$1" stockade-bootstrap
 """
+# Where the control plane's private CA (spec.agent_ca) is put before start.
+CA_FILE = "/etc/stockade/ca.pem"
 # The workspace's own output goes to the container log too; bound it.
 LOG_CONFIG = {"max-size": "10m", "max-file": "3"}
 PIDS_LIMIT = 4096  # processes per workspace container
@@ -182,6 +186,23 @@ def _token_archive(token: str) -> bytes:
         archive.addfile(directory)
         data = token.encode()
         entry = tarfile.TarInfo(TOKEN_FILE.lstrip("/"))
+        entry.size = len(data)
+        entry.mode = 0o444
+        archive.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _ca_archive(pem: str) -> bytes:
+    """A tar of CA_FILE (readable by the image's user, whoever it is) for
+    ``put_archive`` at ``/``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        directory = tarfile.TarInfo(os.path.dirname(CA_FILE).lstrip("/"))
+        directory.type = tarfile.DIRTYPE
+        directory.mode = 0o755
+        archive.addfile(directory)
+        data = pem.encode()
+        entry = tarfile.TarInfo(CA_FILE.lstrip("/"))
         entry.size = len(data)
         entry.mode = 0o444
         archive.addfile(entry, io.BytesIO(data))
@@ -381,6 +402,8 @@ class DockerBackend(Backend):
         try:
             if spec.agent_token:
                 container.put_archive("/", _token_archive(spec.agent_token))
+            if spec.agent_ca:
+                container.put_archive("/", _ca_archive(spec.agent_ca))
             container.start()
         except docker.errors.APIError as exc:
             # A container that never started must not be adopted or reported
@@ -409,7 +432,7 @@ class DockerBackend(Backend):
     ) -> Any:
         compute = spec.compute
         assert compute.image is not None  # checked by start()
-        agent_env = agent_environment(spec, agent_url)
+        agent_env = agent_environment(spec, agent_url, ca_path=CA_FILE)
         # The token goes in as a file (see the module docstring), never here.
         agent_env.pop(AGENT_TOKEN_ENV, None)
         env = {

@@ -7,13 +7,15 @@ Layout (``options.workspaces_dir``, directories 0700)::
     <workspace id>/uid       the workspace's uid (= gid), allocated once
     <workspace id>/run.json  the running compute: pid, start time, config hash...
     <workspace id>/agent.log the agent's own log (bootstrap and agent) for the current run
+    <workspace id>/ca.pem    the control plane's private CA, when it has one (0644)
     .locks/                  per-workspace and uid-allocation file locks
 
 The sandbox (``bwrap``): its own pid, ipc and uts namespaces (hostname = the
 workspace name), ``/usr`` and ``/etc`` read-only, a fresh ``/proc``, ``/dev``
 and ``/tmp``, and the home bind-mounted read-write at ``/home/<owner>``
 (``/etc/passwd`` and ``/etc/group`` gain an entry for the owner, so tools that
-look the user up work). Nothing else of the host is visible (not the data dir,
+look the user up work), and the control plane's private CA, if any, read-only at
+``SANDBOX_CA_PATH``. Nothing else of the host is visible (not the data dir,
 not other homes). The environment is only what the workspace is given; it
 reaches bwrap through a file descriptor (``--args``), never a command line,
 because it holds the agent's token. The network namespace is shared: the
@@ -124,6 +126,12 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_FILE = "run.json"
 _UID_FILE = "uid"
 _LOG_FILE = "agent.log"
+_CA_FILE = "ca.pem"
+# Where a sandboxed agent finds the control plane's private CA. Not under
+# /etc as in docker workspaces: the sandbox's /etc is the host's, read-only,
+# and bwrap cannot make a mount point in it; /run is on the sandbox's own root.
+SANDBOX_CA_DIR = "/run/stockade"
+SANDBOX_CA_PATH = f"{SANDBOX_CA_DIR}/ca.pem"
 _HOME = "home"
 _LOCKS = ".locks"
 # In the environment of the bwrap processes of a workspace (not inside).
@@ -191,6 +199,10 @@ class _Paths:
     @property
     def uid(self) -> Path:
         return self.root / _UID_FILE
+
+    @property
+    def ca(self) -> Path:
+        return self.root / _CA_FILE
 
 
 @dataclass(frozen=True)
@@ -271,6 +283,7 @@ class LocalBackend(Backend):
                 # Also clears a run.json of dead processes and kills strays (a
                 # worker killed between launching and recording leaves one).
                 await self._terminate(paths, run, uid)
+                await asyncio.to_thread(_install_ca, paths, spec.agent_ca)
                 if self.sandboxed:
                     await progress.stage("Starting sandbox")
                 else:
@@ -458,7 +471,7 @@ class LocalBackend(Backend):
             "STOCKADE_WORKSPACE_ID": spec.workspace_id,
             "STOCKADE_WORKSPACE_NAME": spec.workspace_name,
             # The sandbox shares the host's network: the access URL works as is.
-            **agent_environment(spec),
+            **agent_environment(spec, ca_path=SANDBOX_CA_PATH if self.sandboxed else str(paths.ca)),
         }
         _check_env(env)
         return env
@@ -522,6 +535,7 @@ class LocalBackend(Backend):
                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108 - the sandbox's own
                 "--perms", "0755", "--dir", "/home",
                 "--bind", str(paths.home), home,
+                *(_ca_args(paths) if spec.agent_ca else []),
                 "--chdir", home,
                 "--info-fd", str(info_w),
                 "--clearenv",
@@ -1067,6 +1081,28 @@ def _remove_tree(path: Path) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _ca_args(paths: _Paths) -> list[str]:
+    """bwrap options that show the installed CA at SANDBOX_CA_PATH. The
+    directories are made explicitly: those bwrap makes for a bind's parents
+    are 0700 root, which the workspace's uid cannot traverse."""
+    return [
+        "--perms", "0755", "--dir", "/run",
+        "--perms", "0755", "--dir", SANDBOX_CA_DIR,
+        "--ro-bind", str(paths.ca), SANDBOX_CA_PATH,
+    ]  # fmt: skip
+
+
+def _install_ca(paths: _Paths, pem: str | None) -> None:
+    """Put the control plane's CA where the workspace's agent reads it
+    (world-readable: the workspace's uid reads it; it is no secret), or
+    remove one a previous start installed."""
+    if pem is None:
+        _unlink(paths.ca)
+        return
+    _write_atomic(paths.ca, pem)
+    os.chmod(paths.ca, 0o644)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -90,8 +90,11 @@ class ProvisioningService:
         timeout_seconds: int,
         audit_key: bytes,
         agents: AgentService,
+        agent_ca: str | None = None,
     ) -> None:
         self.agents = agents
+        # Sent with every job: external provisionerd daemons get it this way too.
+        self.agent_ca = agent_ca
         self.db = db
         self.notifier = notifier
         self.access_url = access_url
@@ -189,6 +192,7 @@ class ProvisioningService:
             job = types.ProvisionerJob(
                 agent_token=agent_token,
                 agent_bundle_sha256=bundle_sha256,
+                agent_ca=self.agent_ca,
                 build_id=build.id,
                 build_number=build.number,
                 transition=build.transition,
