@@ -1,0 +1,344 @@
+"""A control plane serving https with a certificate from a private CA: the
+settings refuse what cannot work, workspaces' agents trust the CA the server
+installs in them (and fail, saying why, without it), and the CLI and SDK
+trust it through ``STOCKADE_CA_FILE`` (the API, ``config-ssh`` and plain
+``ssh`` through the ``ssh --stdio`` ProxyCommand).
+
+The certificates are made here with ``openssl``: a throw-away CA, a server
+certificate it signs for 127.0.0.1 and localhost, and an unrelated CA."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from stockade.agent.agent import CA_FILE_ENV as AGENT_READS
+from stockade.devtools.server import ServerProcess
+from stockade.provisioner.backends.base import AGENT_CA_ENV, WorkspaceSpec, agent_environment
+from stockade.sdk import Client, ConnectionFailed, types
+from stockade.sdk.templates import Manifest, build_archive, resolve_compute
+from stockade.sdk.tls import CA_FILE_ENV, client_ssl_context
+from stockade.sdk.tunnel import StreamSpec, TunnelError, open_stream
+from stockade.server.settings import Settings
+from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
+
+STOCKADE = str(Path(sys.executable).with_name("stockade"))
+TEMPLATE = """\
+name: t
+backend: local
+agent:
+  startup_script: |
+    echo "ca=$STOCKADE_AGENT_CA_FILE"
+    cat "$STOCKADE_AGENT_CA_FILE" | head -1
+"""
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    other_ca: Path
+
+
+def _openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+             "-subj", f"/CN=Stockade test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    return cert, key
+
+
+def make_server_cert(directory: Path, ca: tuple[Path, Path], ips: list[str]) -> tuple[Path, Path]:
+    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.pem"
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(key), "-out", str(csr),
+             "-subj", "/CN=stockade test server")  # fmt: skip
+    extensions = directory / "server.ext"
+    names = ",".join(["DNS:localhost", *(f"IP:{ip}" for ip in ips)])
+    extensions.write_text(
+        f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2",
+             "-extfile", str(extensions))  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    require("openssl", shutil.which("openssl") is not None, "apt-get install openssl")
+    directory = tmp_path_factory.mktemp("pki")
+    ca = make_ca(directory, "ca")
+    cert, key = make_server_cert(directory, ca, ["127.0.0.1"])
+    other, _ = make_ca(directory, "other")
+    return Pki(ca=ca[0], cert=cert, key=key, other_ca=other)
+
+
+def https_server(data_dir: Path, pki: Pki, *, agent_ca: Path | None) -> ServerProcess:
+    args = ["--tls-cert-file", str(pki.cert), "--tls-key-file", str(pki.key)]
+    if agent_ca is not None:
+        args += ["--agent-ca-file", str(agent_ca)]
+    server = ServerProcess(data_dir=data_dir, env=RELAXED_LIMITS, args=args)
+    server.url = f"https://127.0.0.1:{server.port}"
+    server.verify = client_ssl_context(pki.ca)
+    return server
+
+
+Started = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def start_https(tmp_path: Path, pki: Pki) -> Iterator[Started]:
+    started: list[ServerProcess] = []
+
+    def start(agent_ca: Path | None) -> ServerProcess:
+        server = https_server(tmp_path / f"server{len(started)}", pki, agent_ca=agent_ca)
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        stop_workspaces(server)
+
+
+def owner_client(server: ServerProcess, ca: Path) -> Client:
+    client = Client(server.url, ca_file=ca)
+    client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
+    client.login("owner", OWNER_PASSWORD)
+    return client
+
+
+def push_template(client: Client, tmp_path: Path) -> None:
+    directory = tmp_path / "template"
+    directory.mkdir(exist_ok=True)
+    (directory / "stockade.yaml").write_text(TEMPLATE)
+    client.push_template("t", build_archive(directory))
+
+
+def wait_for(
+    server: ServerProcess,
+    client: Client,
+    name: str,
+    check: Callable[[types.Workspace], bool],
+    what: str,
+) -> types.Workspace:
+    deadline = time.monotonic() + 60
+    while True:
+        ws = client.get_workspace("owner", name)
+        if check(ws):
+            return ws
+        assert time.monotonic() < deadline, (
+            f"timed out waiting for {what}: {ws}\n{agent_log(server, ws.id)}"
+        )
+        time.sleep(0.1)
+
+
+def agent_log(server: ServerProcess, workspace_id: str) -> str:
+    path = server.data_dir / "workspaces" / workspace_id / "agent.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+def test_settings_refuse_tls_that_cannot_work(pki: Pki, tmp_path: Path) -> None:
+    base = {"data_dir": tmp_path}
+    on = Settings(tls_cert_file=pki.cert, tls_key_file=pki.key, **base)  # type: ignore[arg-type]
+    # TLS: the access URL defaults to https, and session cookies are Secure.
+    assert on.tls and on.access_url.startswith("https://") and on.secure_cookies
+    assert not Settings(**base).tls  # type: ignore[arg-type]
+    # An https access URL without TLS here: a TLS-terminating proxy in front.
+    proxied = Settings(access_url="https://stockade.example", **base)  # type: ignore[arg-type]
+    assert proxied.secure_cookies and not proxied.tls
+
+    refused = {
+        "must be set together": {"tls_cert_file": pki.cert},
+        "access_url must be https://": {
+            "tls_cert_file": pki.cert,
+            "tls_key_file": pki.key,
+            "access_url": "http://127.0.0.1:7080",
+        },
+        "agent_url must be https://": {
+            "tls_cert_file": pki.cert,
+            "tls_key_file": pki.key,
+            "agent_url": "http://172.17.0.1:7080",
+        },
+        "cannot load the TLS certificate": {"tls_cert_file": pki.cert, "tls_key_file": pki.ca},
+        "is not a readable file": {
+            "tls_cert_file": tmp_path / "missing.pem",
+            "tls_key_file": pki.key,
+        },
+        "cannot read the CA bundle": {"agent_ca_file": tmp_path / "missing.pem"},
+        "is not a PEM CA bundle": {"agent_ca_file": pki.key},
+    }
+    for message, values in refused.items():
+        with pytest.raises(ValidationError, match=message):
+            Settings(**base, **values)  # type: ignore[arg-type]
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValidationError, match="not a valid PEM CA bundle"):
+        Settings(agent_ca_file=garbled, **base)  # type: ignore[arg-type]
+    assert Settings(agent_ca_file=pki.ca, **base).agent_ca_pem == pki.ca.read_text()  # type: ignore[arg-type]
+
+
+def test_the_server_says_why_it_will_not_start(pki: Pki, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    done = subprocess.run(
+        [STOCKADE, "server", "--data-dir", str(tmp_path), "--tls-cert-file", str(pki.cert),
+         "--tls-key-file", str(pki.key), "--access-url", "http://127.0.0.1:7080"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "access_url must be https://" in done.stderr, done.stderr
+
+
+# --- a server with a private CA -------------------------------------------------------
+
+
+def test_local_workspace_agent_and_cli_trust_the_private_ca(
+    start_https: Started, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("ssh", shutil.which("ssh") is not None, "apt-get install openssh-client")
+    server = start_https(pki.ca)
+    # Clients verify: without the CA the server is refused, with the wrong
+    # one too; plain http to the https port gets nowhere.
+    for ca in (None, pki.other_ca):
+        with pytest.raises(ConnectionFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            Client(server.url, ca_file=ca).health()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+    owner = owner_client(server, pki.ca)
+    # Session cookies are Secure on https.
+    with httpx.Client(verify=client_ssl_context(pki.ca)) as raw:
+        login = raw.post(
+            f"{server.url}/api/v2/users/login",
+            json={"username": "owner", "password": OWNER_PASSWORD},
+        )
+    assert login.status_code == 200 and "secure" in login.headers["set-cookie"].lower()
+
+    push_template(owner, tmp_path)
+    owner.create_workspace("w", "t")
+    ws = wait_for(
+        server,
+        owner,
+        "w",
+        lambda w: w.agent is not None and w.agent.lifecycle_state in ("ready", "start_error"),
+        "the agent",
+    )
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready", agent_log(server, ws.id)
+    lines = [line.line for line in owner.agent_logs("owner", "w").logs]
+    # The sandbox has the CA at a fixed path, read-only, and the agent is told so.
+    assert "ca=/run/stockade/ca.pem" in lines, lines
+    assert "-----BEGIN CERTIFICATE-----" in lines, lines
+    assert (server.data_dir / "workspaces" / ws.id / "ca.pem").read_text() == pki.ca.read_text()
+
+    # The CLI and the ssh ProxyCommand trust the CA through STOCKADE_CA_FILE.
+    config_dir, ssh_config = tmp_path / "cli", tmp_path / "ssh_config"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    env.update(STOCKADE_URL=server.url, STOCKADE_TOKEN=owner.token or "",
+               STOCKADE_CONFIG_DIR=str(config_dir), **{CA_FILE_ENV: str(pki.ca)})  # fmt: skip
+    listed = subprocess.run([STOCKADE, "list"], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)  # fmt: skip
+    assert listed.returncode == 0 and "w" in listed.stdout, listed.stderr
+    configured = subprocess.run(
+        [STOCKADE, "config-ssh", "--ssh-config-file", str(ssh_config)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert configured.returncode == 0, configured.stderr
+
+    def ssh(environment: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "stockade.w", *args],
+            env=environment, capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    result = ssh(env, "echo hello over tls; exit 3")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == b"hello over tls\n"
+    # Without the CA the ProxyCommand refuses the server (the known-hosts
+    # lookup over the API, then the tunnel), and says why.
+    (config_dir / "known_hosts").unlink()
+    without = ssh({k: v for k, v in env.items() if k != CA_FILE_ENV}, "true")
+    assert without.returncode == 255
+    assert b"CERTIFICATE_VERIFY_FAILED" in without.stderr, without.stderr
+    # A CA file that is not there is named, not a traceback.
+    missing = ssh({**env, CA_FILE_ENV: str(tmp_path / "nope.pem")}, "true")
+    assert missing.returncode == 255
+    assert b"cannot use the CA bundle" in missing.stderr, missing.stderr
+
+    # The SDK's tunnel client: the system's CAs alone are not enough.
+    async def open_without_ca() -> None:
+        await open_stream(server.url, owner.token or "", StreamSpec("owner", "w", "ssh"))
+
+    monkeypatch.delenv(CA_FILE_ENV, raising=False)
+    with pytest.raises(TunnelError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(open_without_ca())
+    owner.close()
+
+
+def test_without_the_ca_the_agent_does_not_connect_and_says_why(
+    start_https: Started, pki: Pki, tmp_path: Path
+) -> None:
+    server = start_https(None)
+    owner = owner_client(server, pki.ca)
+    push_template(owner, tmp_path)
+    owner.create_workspace("w", "t")
+    ws = wait_for(server, owner, "w", lambda w: w.latest_build.status == "succeeded", "the build")
+    deadline = time.monotonic() + 30
+    while "CERTIFICATE_VERIFY_FAILED" not in agent_log(server, ws.id):
+        assert time.monotonic() < deadline, agent_log(server, ws.id)
+        time.sleep(0.2)
+    log = agent_log(server, ws.id)
+    assert "stockade-bootstrap: control plane unreachable at https://127.0.0.1" in log, log
+    ws = owner.get_workspace("owner", "w")
+    assert ws.agent is not None and ws.agent.status != "connected"
+    assert not (server.data_dir / "workspaces" / ws.id / "ca.pem").exists()
+    owner.close()
+
+
+def test_the_ca_is_part_of_the_workspace_config() -> None:
+    """A new CA changes the config hash, so a running workspace is replaced on
+    its next start build and its agent gets the new CA."""
+    manifest = Manifest.model_validate({"name": "t", "backend": "local"})
+    spec = WorkspaceSpec(
+        workspace_id="w1", workspace_name="w", owner_id="o1", owner_username="owner",
+        deployment_id="d", build_id="b", build_number=1, template_name="t",
+        template_version=1, manifest=manifest, parameters={},
+        compute=resolve_compute(manifest.compute, {}), files_dir=Path("/nonexistent"),
+        access_url="https://127.0.0.1:7080",
+    )  # fmt: skip
+    one = dataclasses.replace(spec, agent_ca="-----BEGIN CERTIFICATE-----\nA\n")
+    two = dataclasses.replace(spec, agent_ca="-----BEGIN CERTIFICATE-----\nB\n")
+    assert len({spec.config_hash, one.config_hash, two.config_hash}) == 3
+    assert AGENT_CA_ENV == AGENT_READS
+    assert AGENT_CA_ENV not in agent_environment(spec)
+    assert agent_environment(one, ca_path="/x/ca.pem")[AGENT_CA_ENV] == "/x/ca.pem"
+    with pytest.raises(ValueError, match="install"):
+        agent_environment(one)
+
+
+def test_the_system_ca_context_verifies(pki: Pki) -> None:
+    context = client_ssl_context(pki.ca)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
