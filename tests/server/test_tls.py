@@ -10,6 +10,7 @@ certificate it signs for 127.0.0.1 and localhost, and an unrelated CA."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -20,7 +21,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import docker
 import httpx
 import pytest
 from pydantic import ValidationError
@@ -28,17 +31,20 @@ from pydantic import ValidationError
 from stockade.agent.agent import CA_FILE_ENV as AGENT_READS
 from stockade.devtools.server import ServerProcess
 from stockade.provisioner.backends.base import AGENT_CA_ENV, WorkspaceSpec, agent_environment
+from stockade.provisioner.backends.docker import BASE_IMAGE, container_name, volume_name
 from stockade.sdk import Client, ConnectionFailed, types
 from stockade.sdk.templates import Manifest, build_archive, resolve_compute
 from stockade.sdk.tls import CA_FILE_ENV, client_ssl_context
 from stockade.sdk.tunnel import StreamSpec, TunnelError, open_stream
 from stockade.server.settings import Settings
 from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
+from tests.provisioner.conftest import base_image, docker_client  # noqa: F401  (fixtures)
 
 STOCKADE = str(Path(sys.executable).with_name("stockade"))
 TEMPLATE = """\
 name: t
-backend: local
+backend: {backend}
+{compute}
 agent:
   startup_script: |
     echo "ca=$STOCKADE_AGENT_CA_FILE"
@@ -130,10 +136,11 @@ def owner_client(server: ServerProcess, ca: Path) -> Client:
     return client
 
 
-def push_template(client: Client, tmp_path: Path) -> None:
+def push_template(client: Client, tmp_path: Path, backend: str = "local") -> None:
     directory = tmp_path / "template"
     directory.mkdir(exist_ok=True)
-    (directory / "stockade.yaml").write_text(TEMPLATE)
+    compute = f"compute:\n  image: {BASE_IMAGE}" if backend == "docker" else ""
+    (directory / "stockade.yaml").write_text(TEMPLATE.format(backend=backend, compute=compute))
     client.push_template("t", build_archive(directory))
 
 
@@ -342,3 +349,59 @@ def test_the_ca_is_part_of_the_workspace_config() -> None:
 def test_the_system_ca_context_verifies(pki: Pki) -> None:
     context = client_ssl_context(pki.ca)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_a_docker_workspace_agent_trusts_the_ca_on_the_gateway_listener(
+    tmp_path: Path,
+    docker_client: Any,  # noqa: F811
+    base_image: str,  # noqa: F811
+) -> None:
+    """A loopback access URL: containers reach the server on their network's
+    gateway, where it listens too, with the same certificate (made for that
+    address, read back from Docker)."""
+    network = docker_client.networks.create(
+        f"stockade-tls-{os.getpid()}-{time.monotonic_ns() % 10**6}", driver="bridge"
+    )
+    server: ServerProcess | None = None
+    workspace_id = ""
+    try:
+        network.reload()
+        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+        directory = tmp_path / "pki"
+        directory.mkdir()
+        ca = make_ca(directory, "ca")
+        cert, key = make_server_cert(directory, ca, ["127.0.0.1", gateway])
+        pki = Pki(ca=ca[0], cert=cert, key=key, other_ca=ca[0])
+        server = https_server(tmp_path / "server", pki, agent_ca=pki.ca)
+        server.args += ["--docker-network", network.name, "--provisioner-backends", "docker"]
+        server.start()
+        owner = owner_client(server, pki.ca)
+        push_template(owner, tmp_path, "docker")
+        workspace_id = owner.create_workspace("box", "t").id
+        ws = wait_for(
+            server,
+            owner,
+            "box",
+            lambda w: w.agent is not None and w.agent.lifecycle_state in ("ready", "start_error"),
+            "the agent",
+        )
+        assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+        lines = [line.line for line in owner.agent_logs("owner", "box").logs]
+        assert "ca=/etc/stockade/ca.pem" in lines, lines
+        assert "-----BEGIN CERTIFICATE-----" in lines, lines
+        assert owner.health().provisioners["docker_agent_addresses"] == [gateway]
+        # The agent reached the gateway listener over https.
+        container = docker_client.containers.get(container_name(workspace_id))
+        environment = container.attrs["Config"]["Env"]
+        assert f"STOCKADE_ACCESS_URL=https://{gateway}:{server.port}" in environment
+        assert f"{AGENT_CA_ENV}=/etc/stockade/ca.pem" in environment
+        owner.close()
+    finally:
+        if server is not None:
+            server.stop()
+        if workspace_id:
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.containers.get(container_name(workspace_id)).remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.volumes.get(volume_name(workspace_id)).remove(force=True)
+        network.remove()
