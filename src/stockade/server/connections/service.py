@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from stockade.sdk import types
@@ -115,23 +116,8 @@ class ConnectionService:
         if owner_name == "me":
             owner_name = actor.username
         async with self.db.session() as session:
-            owner = (
-                await session.execute(select(User).where(User.username == owner_name))
-            ).scalar_one_or_none()
-            if owner is None or not can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
-                raise NotFound("workspace not found", reason="workspace_not_found")
-            ws = (
-                await session.execute(
-                    select(Workspace).where(
-                        Workspace.owner_id == owner.id,
-                        Workspace.name == name,
-                        Workspace.deleted.is_(False),
-                    )
-                )
-            ).scalar_one_or_none()
-            if ws is None:
-                raise NotFound("workspace not found", reason="workspace_not_found")
-            if not can(actor, Perm.WORKSPACE_CONNECT, owner_id=owner.id):
+            ws = await _visible_workspace(session, actor, owner_name, name)
+            if not can(actor, Perm.WORKSPACE_CONNECT, owner_id=ws.owner_id):
                 raise Forbidden(
                     "you do not have permission to connect to this workspace",
                     log_message=f"{actor.username} lacks workspace.connect on {owner_name}/{name}",
@@ -158,22 +144,7 @@ class ConnectionService:
     async def host_key(self, actor: Actor, owner_name: str, name: str) -> types.WorkspaceSSHInfo:
         """The workspace's SSH host public key (made on first use)."""
         async with self.db.session() as session:
-            owner = (
-                await session.execute(select(User).where(User.username == owner_name))
-            ).scalar_one_or_none()
-            if owner is None or not can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
-                raise NotFound("workspace not found", reason="workspace_not_found")
-            ws = (
-                await session.execute(
-                    select(Workspace).where(
-                        Workspace.owner_id == owner.id,
-                        Workspace.name == name,
-                        Workspace.deleted.is_(False),
-                    )
-                )
-            ).scalar_one_or_none()
-            if ws is None:
-                raise NotFound("workspace not found", reason="workspace_not_found")
+            ws = await _visible_workspace(session, actor, owner_name, name)
         async with self.db.transaction() as session:
             key = await self.agents.ssh_host_key(session, ws.id)
             return types.WorkspaceSSHInfo(
@@ -453,22 +424,7 @@ class ConnectionService:
     ) -> types.WorkspaceConnectionList:
         """The workspace's most recent connections, open ones included."""
         async with self.db.session() as session:
-            owner = (
-                await session.execute(select(User).where(User.username == owner_name))
-            ).scalar_one_or_none()
-            if owner is None or not can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
-                raise NotFound("workspace not found", reason="workspace_not_found")
-            ws = (
-                await session.execute(
-                    select(Workspace).where(
-                        Workspace.owner_id == owner.id,
-                        Workspace.name == name,
-                        Workspace.deleted.is_(False),
-                    )
-                )
-            ).scalar_one_or_none()
-            if ws is None:
-                raise NotFound("workspace not found", reason="workspace_not_found")
+            ws = await _visible_workspace(session, actor, owner_name, name)
             rows = (
                 await session.execute(
                     select(WorkspaceConnection)
@@ -494,6 +450,30 @@ class ConnectionService:
                 for row in rows
             ]
         return types.WorkspaceConnectionList(connections=views)
+
+
+async def _visible_workspace(
+    session: AsyncSession, actor: Actor, owner_name: str, name: str
+) -> Workspace:
+    """The workspace ``owner_name/name`` if ``actor`` may see it; otherwise
+    the same 404 as for one that does not exist."""
+    owner = (
+        await session.execute(select(User).where(User.username == owner_name))
+    ).scalar_one_or_none()
+    if owner is None or not can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
+        raise NotFound("workspace not found", reason="workspace_not_found")
+    ws = (
+        await session.execute(
+            select(Workspace).where(
+                Workspace.owner_id == owner.id,
+                Workspace.name == name,
+                Workspace.deleted.is_(False),
+            )
+        )
+    ).scalar_one_or_none()
+    if ws is None:
+        raise NotFound("workspace not found", reason="workspace_not_found")
+    return ws
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
