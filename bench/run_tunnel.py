@@ -426,6 +426,23 @@ async def _open_latencies(port: int, count: int) -> list[float]:
     return latencies
 
 
+async def _stream_round_trips(port: int, count: int) -> list[float]:
+    """Microseconds of 1-byte round trips on one open connection to ``port``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    samples = []
+    try:
+        for i in range(count + 100):  # the first 100 warm up
+            started = time.perf_counter()
+            writer.write(b"x")
+            if await reader.readexactly(1) != b"x":
+                raise RuntimeError("echo: the byte that came back was not the one sent")
+            if i >= 100:
+                samples.append((time.perf_counter() - started) * 1e6)
+    finally:
+        writer.close()
+    return samples
+
+
 async def _forward_all(port: int, streams: int, size: int) -> tuple[float, list[Any]]:
     payloads = [os.urandom(size) for _ in range(streams)]
     started = time.perf_counter()
@@ -453,6 +470,10 @@ def port_forward(deployment: Deployment, streams: int, size: int) -> dict[str, f
             raise RuntimeError(f"stockade port-forward said: {line!r}")
         local = int(match.group(1))
         opens = asyncio.run(_open_latencies(local, 20))
+        # The relays alone (no SSH): one byte through an open stream, and
+        # the same echo server reached directly.
+        relayed = asyncio.run(_stream_round_trips(local, 2000))
+        plain = asyncio.run(_stream_round_trips(remote, 2000))
         wall, results = asyncio.run(_forward_all(local, streams, size))
         firsts = [r[0] * 1000 for r in results]
         totals = [r[1] * 1000 for r in results]
@@ -462,6 +483,9 @@ def port_forward(deployment: Deployment, streams: int, size: int) -> dict[str, f
             "wall_seconds": wall,
             # Bytes each way over wall time (every byte also came back).
             "mb_per_s_each_way": streams * size / wall / 1e6,
+            "echo_us_through_stream_p50": percentile(relayed, 50),
+            "echo_us_through_stream_p99": percentile(relayed, 99),
+            "echo_us_direct_p50": percentile(plain, 50),
             "open_one_ms_p50": percentile(opens, 50),
             "open_one_ms_max": max(opens),
             "first_byte_ms_p50": percentile(firsts, 50),
@@ -581,6 +605,11 @@ def main() -> int:
         print(
             f"Port-forward, {fwd['streams']} concurrent streams x "
             f"{fwd['bytes_per_stream'] / 1e6:.1f} MB echoed and verified:"
+        )
+        print(
+            f"  1-byte echo on an open stream: p50 {fwd['echo_us_through_stream_p50']:.0f} us, "
+            f"p99 {fwd['echo_us_through_stream_p99']:.0f} us (the echo server directly: p50 "
+            f"{fwd['echo_us_direct_p50']:.0f} us): the relays' share of the ssh echo"
         )
         print(
             f"  one stream at a time, connect to 1-byte echo: p50 {fwd['open_one_ms_p50']:.0f} "
