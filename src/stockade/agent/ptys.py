@@ -100,12 +100,13 @@ def valid_pty_id(value: object) -> bool:
 
 def parse_size(rows: object, cols: object) -> tuple[int, int] | None:
     """(rows, cols) when both are integers from 1 to 1000, else None."""
-    for value in (rows, cols):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return None
-        if not 1 <= value <= MAX_DIMENSION:
-            return None
-    return rows, cols  # type: ignore[return-value]  # both checked to be int above
+    if isinstance(rows, bool) or isinstance(cols, bool):
+        return None
+    if not isinstance(rows, int) or not isinstance(cols, int):
+        return None
+    if not (1 <= rows <= MAX_DIMENSION and 1 <= cols <= MAX_DIMENSION):
+        return None
+    return rows, cols
 
 
 def login_shell() -> str:
@@ -372,13 +373,12 @@ class PtyManager:
     async def serve(self, request: StreamRequest) -> None:
         """The ``pty`` stream handler: find or start the terminal, then attach."""
         pty_id = request.message.get("pty_id")
-        if not valid_pty_id(pty_id):
+        if not isinstance(pty_id, str) or not valid_pty_id(pty_id):
             raise StreamRefused(
                 CLOSE_BAD_REQUEST,
                 f"a pty stream needs an id of 1 to {MAX_ID_LENGTH} "
                 "letters, digits, '-', '_' or '.'",
             )
-        assert isinstance(pty_id, str)
         size: tuple[int, int] | None = None
         if "rows" in request.message or "cols" in request.message:
             size = parse_size(request.message.get("rows"), request.message.get("cols"))
