@@ -89,6 +89,7 @@ async def app(scope, receive, send):
             "raw_path": scope["raw_path"].decode(),
             "query": scope["query_string"].decode(),
             "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
+            "client_port": scope["client"][1],
         }
         body = json.dumps(info).encode()
         await send({"type": "http.response.start", "status": 200,
@@ -141,7 +142,8 @@ def start_app(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "testapp:app", "--app-dir", str(tmp_path),
-         "--port", str(port), "--lifespan", "off", "--no-access-log", "--log-level", "warning"],
+         "--port", str(port), "--lifespan", "off", "--no-access-log", "--log-level", "warning",
+         "--timeout-keep-alive", "1", "--no-proxy-headers"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -302,6 +304,23 @@ def test_path_app_streams_bodies_both_ways(env: Env) -> None:
         # Ports by path: the owner's.
         port = http.get(f"/@owner/w/ports/{env.app_port}/info", headers=bearer(env.owner))
         assert port.status_code == 200 and port.json()["path"] == "/info"
+
+
+def test_streams_to_an_app_are_kept_alive_and_renewed(env: Env) -> None:
+    with env.http() as http:
+
+        def client_port() -> int:
+            response = http.get("/@owner/w/apps/web/info", headers=bearer(env.owner))
+            assert response.status_code == 200, response.text
+            return int(response.json()["client_port"])
+
+        # One connection from the agent to the app carries request after request...
+        first = client_port()
+        assert [client_port() for _ in range(5)] == [first] * 5
+        # ...until the app closes it (its keep-alive timeout is 1 s here):
+        # the next request goes on a new one, without an error.
+        time.sleep(2.5)
+        assert client_port() != first
 
 
 def test_websockets_through_path_and_subdomain(env: Env) -> None:

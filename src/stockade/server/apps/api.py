@@ -12,12 +12,13 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import RedirectResponse
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.sdk import types
 from stockade.server.apps.proxy import (
     AgentStream,
     AppUnreachable,
+    Counters,
     new_client_websocket,
     open_websocket,
     proxy_http,
@@ -28,6 +29,7 @@ from stockade.server.apps.service import (
     AUTHORIZE_PATH,
     TOKEN_QUERY,
     AppService,
+    AppSession,
     ResolvedApp,
     parse_path,
 )
@@ -325,8 +327,7 @@ class AppProxyMiddleware:
                     await _answer(scope, send, 403, "cross-origin WebSocket refused", "forbidden")
                     return
             client = scope.get("client")
-            auth = await self.services.auth.authenticate(token, client[0] if client else None)
-            actor = auth.actor
+            actor = await apps.actor_for_token(token, client[0] if client else None)
         resolved = await apps.resolve(parsed.address)
         if resolved is None or not apps.allowed(actor, resolved, by_path=True):
             if actor is None:
@@ -361,29 +362,18 @@ class AppProxyMiddleware:
         info = ClientInfo(client[0] if client else None, headers.get("user-agent"))
         session = await apps.session(actor, info, resolved, via=via)
         forwarded = forwarded_headers(scope, host=host, prefix=prefix)
-        if scope["type"] == "websocket":
+        try:
+            if scope["type"] == "http":
+                await self._exchange(scope, receive, send, resolved, target, forwarded, session)
+                return
             connect = await receive()
             if connect["type"] != "websocket.connect":
                 return
-        agent_ws, pending = await apps.dial(resolved)
-        stream = AgentStream(agent_ws, pending, session.counters)
+            agent_ws, pending = await apps.dial(resolved)
+            stream = AgentStream(agent_ws, pending, session.counters)
+        finally:
+            session.last_used = time.monotonic()
         try:
-            if scope["type"] == "http":
-                try:
-                    await proxy_http(
-                        scope,
-                        receive,
-                        send,
-                        stream,
-                        target.encode("latin-1"),
-                        forwarded,
-                        blocked_cookies=_STRIPPED_COOKIES,
-                    )
-                except AppUnreachable as exc:
-                    await _answer(
-                        scope, send, 502, f"{resolved.address.label}: {exc}", "app_unreachable"
-                    )
-                return
             ws = new_client_websocket()
             try:
                 upgrade = await open_websocket(
@@ -408,6 +398,52 @@ class AppProxyMiddleware:
         finally:
             await stream.close()
             session.last_used = time.monotonic()
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        resolved: ResolvedApp,
+        target: str,
+        forwarded: list[tuple[bytes, bytes]],
+        session: AppSession,
+    ) -> None:
+        """One HTTP exchange on a kept-alive stream; a request without a body
+        is tried once more on a new stream when a reused one turns out closed."""
+        apps = self.apps
+        has_body = any(n in (b"content-length", b"transfer-encoding") for n, _ in forwarded)
+        for attempt in (1, 2):
+            lease = await apps.lease(resolved, fresh=attempt > 1)
+            lease.stream.counters = session.counters
+            kept = False
+            try:
+                kept = await proxy_http(
+                    scope,
+                    receive if attempt == 1 else _no_body,
+                    send,
+                    lease.stream,
+                    target.encode("latin-1"),
+                    forwarded,
+                    conn=lease.conn,
+                    blocked_cookies=_STRIPPED_COOKIES,
+                )
+                return
+            except AppUnreachable as exc:
+                if lease.reused and not has_body and attempt == 1:
+                    continue
+                message = f"{resolved.address.label}: {exc}"
+                await _answer(scope, send, 502, message, "app_unreachable")
+                return
+            finally:
+                lease.stream.counters = Counters()
+                if not (kept and apps.pool.release(lease)):
+                    await lease.stream.close()
+
+
+async def _no_body() -> Message:
+    """The request of a retried exchange: it had no body (already read once)."""
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 def _raw_path(scope: Scope) -> str:

@@ -7,16 +7,17 @@ and each stream send is awaited before the next read, so a slow browser
 slows the app down through the tunnel's TCP windows (the tunnel's contract,
 :mod:`stockade.tunnel.protocol`).
 
-One stream carries one HTTP exchange (or one WebSocket): opening a stream
-costs a control message and the agent's dial-back, a few milliseconds on
-loopback, which browsers hide behind their parallel connections.
+Opening a stream costs a control message, the agent's dial-back and its
+connection to the app (milliseconds), so HTTP streams are kept alive and
+reused, as any reverse proxy keeps its upstream connections
+(:class:`StreamPool`); a WebSocket has its stream to itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,14 +84,14 @@ class AgentStream:
     def __init__(self, websocket: WebSocket, pending: PendingStream, counters: Counters) -> None:
         self._ws = websocket
         self._pending = pending
-        self._counters = counters
+        self.counters = counters
         self._eof = False
 
     async def send(self, data: bytes) -> None:
         """Send bytes to the app (in tunnel-sized messages)."""
         for start in range(0, len(data), CHUNK_BYTES):
             chunk = data[start : start + CHUNK_BYTES]
-            self._counters.to_workspace += len(chunk)
+            self.counters.to_workspace += len(chunk)
             await self._ws.send({"type": "websocket.send", "bytes": chunk})
 
     async def receive(self) -> bytes:
@@ -102,7 +103,7 @@ class AgentStream:
                 break
             data = message.get("bytes")
             if data:
-                self._counters.from_workspace += len(data)
+                self.counters.from_workspace += len(data)
                 return bytes(data)
             text = message.get("text")
             if text is not None and control_type(text) == "eof":
@@ -160,12 +161,14 @@ async def proxy_http(
     target: bytes,
     headers: list[tuple[bytes, bytes]],
     *,
+    conn: h11.Connection | None = None,
     blocked_cookies: frozenset[str] = frozenset(),
     on_response: Callable[[int], None] | None = None,
-) -> None:
+) -> bool:
     """One HTTP exchange: the browser's request (method from ``scope``, path
-    ``target``, ``headers`` already cleaned) to the app over ``stream``, and
-    the app's response back, both bodies streamed.
+    ``target``, ``headers`` already cleaned) to the app over ``stream`` (whose
+    HTTP state is ``conn``), and the app's response back, both bodies streamed.
+    Returns whether the stream may carry another exchange (keep-alive).
 
     Raises :class:`AppUnreachable` when no response began (the caller
     answers 502); after the response began an error just ends the exchange
@@ -181,7 +184,7 @@ async def proxy_http(
         outgoing = [(n, v) for n, v in outgoing if n != b"content-length"]
         outgoing.append((b"transfer-encoding", b"chunked"))
     has_body = has_length or chunked
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+    conn = conn or new_http_connection()
     try:
         head = conn.send(h11.Request(method=method, target=target, headers=outgoing))
     except h11.LocalProtocolError as exc:
@@ -211,7 +214,7 @@ async def proxy_http(
             if body_task.done() and body_task.exception() is not None:
                 error = body_task.exception()
                 if isinstance(error, ClientGone):
-                    return
+                    return False
                 # The app stopped reading (it may still answer): keep reading.
             try:
                 event = conn.next_event()
@@ -244,7 +247,13 @@ async def proxy_http(
                 )
             elif isinstance(event, h11.EndOfMessage):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
+                if not body_task.done():
+                    return False  # the app answered before reading all of the body
+                return (
+                    body_task.exception() is None
+                    and conn.our_state is h11.DONE
+                    and conn.their_state is h11.DONE
+                )
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 if not started:
                     raise AppUnreachable("the app closed the connection without an answer")
@@ -254,6 +263,91 @@ async def proxy_http(
             body_task.cancel()
         with contextlib.suppress(BaseException):
             await body_task
+
+
+def new_http_connection() -> h11.Connection:
+    """The client side of HTTP/1.1 on a new stream to an app."""
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+
+
+@dataclass(eq=False)
+class Lease:
+    """A stream to an app with its HTTP state, lent for one exchange."""
+
+    key: tuple[str, str, int]  # agent id, host, port
+    stream: AgentStream
+    conn: h11.Connection
+    reused: bool = False
+    watcher: asyncio.Task[None] | None = None
+    dead: bool = False  # its watcher saw it end (and closes it)
+
+
+class StreamPool:
+    """Idle HTTP streams to apps, by agent and target, for reuse.
+
+    While idle, a stream is watched: anything arriving (the app closing its
+    keep-alive connection, the agent going away) or ``idle_seconds`` of
+    silence closes it, so a stream handed out is one that was open a moment
+    ago. The app may still close it just then; callers retry a request that
+    had no body once on a new stream."""
+
+    def __init__(self, *, max_idle_per_target: int = 16, idle_seconds: float = 15.0) -> None:
+        self.max_idle = max_idle_per_target
+        self.idle_seconds = idle_seconds
+        self._idle: dict[tuple[str, str, int], list[Lease]] = {}
+
+    async def acquire(
+        self,
+        key: tuple[str, str, int],
+        dial: Callable[[], Awaitable[AgentStream]],
+        *,
+        fresh: bool = False,
+    ) -> Lease:
+        """An idle stream for ``key``, else (or when ``fresh``) a new one from ``dial``."""
+        idle = None if fresh else self._idle.get(key)
+        while idle:
+            lease = idle.pop()
+            watcher, lease.watcher = lease.watcher, None
+            if watcher is None or watcher.done() or lease.dead:
+                continue  # the watcher closes it
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            if watcher.cancelled() and not lease.dead:
+                lease.reused = True
+                return lease
+        return Lease(key, await dial(), new_http_connection())
+
+    def release(self, lease: Lease) -> bool:
+        """Keep a stream whose exchange ended cleanly; False when the pool
+        is full (the caller closes it)."""
+        idle = self._idle.setdefault(lease.key, [])
+        if len(idle) >= self.max_idle:
+            return False
+        lease.conn.start_next_cycle()
+        lease.watcher = asyncio.ensure_future(self._watch(lease))
+        idle.append(lease)
+        return True
+
+    async def _watch(self, lease: Lease) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(lease.stream.receive(), self.idle_seconds)
+        # Not cancelled: the stream ended, spoke out of turn, or idled out.
+        lease.dead = True
+        idle = self._idle.get(lease.key)
+        if idle is not None and lease in idle:
+            idle.remove(lease)
+            if not idle:
+                del self._idle[lease.key]
+        await lease.stream.close()
+
+    async def close(self) -> None:
+        """Close every idle stream."""
+        leases = [lease for idle in self._idle.values() for lease in idle]
+        self._idle.clear()
+        for lease in leases:
+            if lease.watcher is not None:
+                lease.watcher.cancel()
+            await lease.stream.close()
 
 
 async def _receive_or_body_failure(stream: AgentStream, body_task: asyncio.Future[None]) -> bytes:

@@ -64,11 +64,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import ValidationError
 from sqlalchemy import select
+from starlette.websockets import WebSocket
 
 from stockade.sdk import types
 from stockade.sdk.templates import App, AppTarget, Manifest, app_target
-from stockade.server.agents.service import AgentService
-from stockade.server.apps.proxy import Counters
+from stockade.server.agents.service import AgentService, PendingStream
+from stockade.server.apps.proxy import AgentStream, Counters, Lease, StreamPool
 from stockade.server.auth.service import AuthService
 from stockade.server.authz import Actor, Perm, Role, can
 from stockade.server.connections.service import (
@@ -297,8 +298,10 @@ class AppService:
         self.tokens = AppTokens(audit_key)
         self._workspaces: dict[tuple[str, str], _Workspace] = {}
         self._keys: dict[str, tuple[float, Actor | None]] = {}
+        self._tokens: dict[str, tuple[float, Actor | None]] = {}
         self._sessions: dict[tuple[str, str, str], AppSession] = {}
         self._session_lock = asyncio.Lock()
+        self.pool = StreamPool()
         access = urlsplit(settings.access_url)
         self.scheme = access.scheme
         self.access_origin = f"{access.scheme}://{access.netloc}"
@@ -488,6 +491,22 @@ class AppService:
         self._keys[key_id] = (now, actor)
         return actor if actor is not None and actor.user_id == user_id else None
 
+    async def actor_for_token(self, token: str, ip: str | None) -> Actor | None:
+        """The user of a session or API token presented to a path app.
+        Remembered for KEY_RECHECK_SECONDS (by the token's hash), so a page's
+        many requests do not each query the database; a revoked token stops
+        working within that time."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._tokens.get(digest)
+        if cached is not None and now - cached[0] < KEY_RECHECK_SECONDS:
+            return cached[1]
+        actor = (await self.auth.authenticate(token, ip)).actor
+        if len(self._tokens) > 10_000:
+            self._tokens.clear()
+        self._tokens[digest] = (now, actor)
+        return actor
+
     # --- the workspace's apps, for the API ---------------------------------------------
 
     async def list_apps(self, actor: Actor, owner: str, name: str) -> types.WorkspaceAppList:
@@ -617,7 +636,18 @@ class AppService:
 
     # --- streams ----------------------------------------------------------------------
 
-    async def dial(self, app: ResolvedApp) -> tuple[Any, Any]:
+    async def lease(self, app: ResolvedApp, *, fresh: bool = False) -> Lease:
+        """A kept-alive HTTP stream to the app, or a new one; give it back
+        with ``pool.release`` or close it."""
+
+        async def dial() -> AgentStream:
+            websocket, pending = await self.dial(app)
+            return AgentStream(websocket, pending, Counters())
+
+        key = (app.agent_id or "", app.target.host, app.target.port)
+        return await self.pool.acquire(key, dial, fresh=fresh)
+
+    async def dial(self, app: ResolvedApp) -> tuple[WebSocket, PendingStream]:
         """A stream to the app's port inside the workspace."""
         where = f"{app.address.owner}/{app.address.workspace}"
         if app.agent_id is None:
