@@ -315,3 +315,34 @@ def test_bootstrap_needs_python_3_9(tmp_path: Path) -> None:
     assert "Python 3.8.18" in result.stderr
     assert "needs Python 3.9 or newer" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
+
+
+def test_the_agent_masks_frames_in_c_from_the_bundle(tmp_path: Path) -> None:
+    """The bundle carries websockets' apply_mask for this Python; the agent's
+    WebSocket client then masks with it, byte for byte as wsproto would."""
+    data = build_bundle()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        tag = f"cpython-{sys.version_info.major}{sys.version_info.minor}"
+        assert any(n.startswith("stockade_speedups/speedups.") and tag in n for n in names)
+        archive.extractall(tmp_path / "x")
+    check = (
+        "import os, sys\n"
+        "from stockade.agent import wsclient\n"
+        "from wsproto import frame_protocol\n"
+        "assert wsclient.C_MASKING\n"
+        "fast = frame_protocol.XorMaskerSimple\n"
+        "slow = fast.__mro__[1]\n"
+        "for size in (0, 1, 3, 5, 4096, 262147):\n"
+        "    key = os.urandom(4); a, b = fast(key), slow(key)\n"
+        "    chunk = os.urandom(size)\n"
+        "    assert a.process(chunk) == b.process(chunk)\n"
+        "    assert a.process(chunk[:7]) == b.process(chunk[:7])\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path / 'x')!r})\n"
+         + check],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
