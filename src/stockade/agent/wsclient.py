@@ -42,7 +42,10 @@ def _use_c_masking() -> bool:
     try:
         from stockade_speedups.speedups import apply_mask  # type: ignore[import-not-found]
     except (ImportError, OSError):
-        return False
+        try:  # an agent run from the source tree, next to websockets
+            from websockets.speedups import apply_mask
+        except (ImportError, OSError, SyntaxError):
+            return False
 
     class CMasker(frame_protocol.XorMaskerSimple):
         def process(self, data: bytes) -> bytes:
