@@ -451,6 +451,13 @@ def test_share_levels(env: Env) -> None:
         )
         assert hidden.status_code == missing.status_code == 404
         assert hidden.json()["message"] == missing.json()["message"]
+    # Refusals are audited too.
+    refused = [
+        e
+        for e in env.owner.list_audit(action="workspace.connect").entries
+        if e.status_code == 404 and e.username == "alice"
+    ]
+    assert {(e.details or {}).get("target") for e in refused} >= {"web", "nope"}
     # ...an authenticated app opens for any signed-in user...
     cookie = sign_in_to_app(env, env.member, "shared")
     with env.http() as http:

@@ -70,6 +70,7 @@ from stockade.sdk import types
 from stockade.sdk.templates import App, AppTarget, Manifest, app_target
 from stockade.server.agents.service import AgentService, PendingStream
 from stockade.server.apps.proxy import AgentStream, Counters, Lease, StreamPool
+from stockade.server.audit.service import AuditRecord, write_record
 from stockade.server.auth.service import AuthService
 from stockade.server.authz import Actor, Perm, Role, can
 from stockade.server.connections.service import (
@@ -296,6 +297,7 @@ class AppService:
         self.connections = connections
         self.auth = auth
         self.tokens = AppTokens(audit_key)
+        self.audit_key = audit_key
         self._workspaces: dict[tuple[str, str], _Workspace] = {}
         self._keys: dict[str, tuple[float, Actor | None]] = {}
         self._tokens: dict[str, tuple[float, Actor | None]] = {}
@@ -570,6 +572,7 @@ class AppService:
             )
         resolved = await self.resolve(address)
         if resolved is None or not self.allowed(actor, resolved, by_path=False):
+            await self._audit_denial(actor, client, address)
             raise _not_found()
         await self.session(actor, client, resolved, via="subdomain")
         token = self.tokens.mint(
@@ -581,6 +584,24 @@ class AppService:
         )
         separator = "&" if parts.query else "?"
         return f"{redirect_uri.split('#', 1)[0]}{separator}{TOKEN_QUERY}={token}"
+
+    async def _audit_denial(self, actor: Actor, client: ClientInfo, address: AppAddress) -> None:
+        """A refused app sign-in, in the audit log like a refused tunnel."""
+        record = AuditRecord(ip=client.ip, user_agent=client.user_agent)
+        record.user_id, record.username = actor.user_id, actor.username
+        record.describe(
+            "workspace.connect",
+            "workspace",
+            resource_name=f"{address.owner}/{address.workspace}",
+            kind=address.kind,
+            target=address.label,
+            via="subdomain",
+            reason="app_not_found",
+        )
+        try:
+            await write_record(self.db, record, 404, key=self.audit_key)
+        except Exception:
+            log.exception("audit_write_failed", action=record.action)
 
     def cookie_token(self, claims: TokenClaims) -> str:
         return self.tokens.mint(
