@@ -57,16 +57,13 @@ from stockade.agent.wsclient import ConnectionClosed, WebSocketClient
 from stockade.tunnel.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_NORMAL,
+    CLOSE_PTY_TAKEN_OVER,
     CLOSE_TARGET_REFUSED,
     CLOSE_TOO_MANY,
     control_type,
 )
 
 log = logging.getLogger("stockade.agent")
-
-# A client that attaches to a terminal another client holds takes it over;
-# the other's stream closes with this code ("gone": do not reconnect).
-CLOSE_PTY_TAKEN_OVER = 4410
 
 RING_BYTES = 64 * 1024
 READ_BYTES = 64 * 1024

@@ -82,6 +82,7 @@ CLOSE_UNAUTHENTICATED = 4401  # no valid session or token
 CLOSE_NOT_FOUND = 4404  # no such workspace, or not allowed to see it
 CLOSE_FORBIDDEN = 4403  # may see the workspace but not connect to it
 CLOSE_AGENT_UNAVAILABLE = 4409  # workspace not running / agent not connected
+CLOSE_PTY_TAKEN_OVER = 4410  # another client attached to this terminal: do not reconnect
 CLOSE_TOO_MANY = 4429  # too many open streams
 CLOSE_TARGET_REFUSED = 4502  # the port inside the workspace refused or is closed
 CLOSE_UNSUPPORTED = 4503  # the agent cannot serve this kind (e.g. no SSH here)
