@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -329,7 +330,15 @@ async def test_stop_leaves_no_process(
         state,
         "setsid sleep 1000 &\n(trap '' TERM; sleep 1001) &\nnohup sleep 1002 >/dev/null 2>&1 &",
     )
-    assert len(carriers(spec.workspace_id)) >= 5
+    # All three run (once forked they may take a moment to exec sleep), and
+    # so does the agent's bootstrap, whose helper processes come and go.
+    sleeps = {f"sleep\0{n}\0".encode() for n in (1000, 1001, 1002)}
+    deadline = time.monotonic() + 10
+    while not sleeps <= (seen := {cmdline(pid) for pid in carriers(spec.workspace_id)}):
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.05)
+    run = json.loads((local.dir / spec.workspace_id / "run.json").read_text())
+    assert run["main_pid"] in carriers(spec.workspace_id)
     await local.backend.stop(spec, state, RecordedProgress())
     assert not proc_alive(state["pid"])
     assert await wait_gone(spec.workspace_id) == []
