@@ -4,6 +4,7 @@ process of its own (tests/agent/ssh_harness.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
@@ -234,10 +235,11 @@ async def test_signals_reach_the_command(target: SSHTarget) -> None:
         process = await conn.create_process(
             "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done"
         )
-        assert (await process.stdout.readline()).strip() == "ready"
+        # Bounded waits: a signal that never arrives must fail the test, not hang the suite.
+        assert (await asyncio.wait_for(process.stdout.readline(), 30)).strip() == "ready"
         process.send_signal("TERM")
-        assert (await process.stdout.readline()).strip() == "got-term"
-        result = await process.wait()
+        assert (await asyncio.wait_for(process.stdout.readline(), 30)).strip() == "got-term"
+        result = await asyncio.wait_for(process.wait(), 30)
         assert result.exit_status == 7
 
         killed = await conn.run("kill -KILL $$", check=False)
