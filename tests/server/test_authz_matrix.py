@@ -181,8 +181,8 @@ class Walk:
         self.target = self.new_user("target")
         self.target_token = owner.create_token(unique("tok"), user=self.target).name
         self.template = self.new_template()
-        # Builds of this template never finish on their own (so there is
-        # always one to cancel); the fixture deletes the workspaces.
+        # The fixture deletes the workspaces (a cancel may find their first
+        # build already ended: see the table test).
         self.slow_template = self.new_template(startup="sleep 120")
         self.workspaces: list[str] = []
         self.workspace = self.new_workspace()
@@ -320,6 +320,12 @@ def test_every_route_for_every_role_matches_the_table(walk: Walk, tmp_path: Path
             response = walk.send(method, template, role)
             got = outcome(response.status_code)
             expected = expected_row[role].removeprefix("public ")
+            if template.endswith("/cancel") and got == "409" and expected == "ok":
+                # Authorized, but the build already ended: a start build ends
+                # once the agent is launched, often before the cancel arrives.
+                # That the 409 comes after the permission check is what counts.
+                assert response.json().get("reason") == "build_finished", response.text
+                got = "ok"
             if got != "ok":
                 body = response.json()
                 assert isinstance(body.get("message"), str) and body["message"], (
