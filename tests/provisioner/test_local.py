@@ -31,6 +31,20 @@ from tests.provisioner.conftest import RecordedProgress, SpecFactory, stop_local
 ROOT = os.geteuid() == 0
 
 
+async def settled_carriers(workspace_id: str) -> list[int]:
+    """The workspace's pids once they stop changing: right after a start the
+    bootstrap still starts and ends helper processes (python for the bundle
+    fetch), so one reading may catch one of them."""
+    previous = sorted(carriers(workspace_id))
+    deadline = time.monotonic() + 15
+    while True:
+        await asyncio.sleep(0.4)
+        current = sorted(carriers(workspace_id))
+        if current == previous or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
 def carriers(workspace_id: str) -> list[int]:
     """Pids of live processes whose environment names the workspace."""
     needle = f"STOCKADE_WORKSPACE_ID={workspace_id}".encode()
@@ -351,7 +365,7 @@ async def test_a_new_backend_adopts_the_running_workspace(
 ) -> None:
     spec = local.track(make_spec(agent_token="tok-1"))
     state = await local.backend.start(spec, {}, progress)
-    before = sorted(carriers(spec.workspace_id))
+    before = await settled_carriers(spec.workspace_id)
 
     # A restarted server: a new backend object, the state from the database.
     restarted = LocalBackend(BackendOptions(workspaces_dir=local.dir))
@@ -359,7 +373,7 @@ async def test_a_new_backend_adopts_the_running_workspace(
     state2 = await restarted.start(spec, state, again)
     assert state2 == state
     assert "Starting sandbox" not in again.stages
-    assert sorted(carriers(spec.workspace_id)) == before
+    assert await settled_carriers(spec.workspace_id) == before
     # Even with the state lost, the workspace is found by name.
     assert (await restarted.start(spec, {}, RecordedProgress()))["pid"] == state["pid"]
     # A new start build brings a new token (the old one is revoked): the
