@@ -465,14 +465,43 @@ class SSHServerCore:
 
     async def _hang_up(self, child: asyncio.subprocess.Process) -> None:
         """SIGHUP (and SIGCONT, for stopped jobs) to the session's process
-        group, then SIGKILL if it is still there after the grace period."""
+        group, then SIGKILL if it is still there after the grace period.
+
+        Background jobs of an interactive shell run in process groups of
+        their own: they get the SIGHUP too, as from the kernel's hangup of a
+        terminal (a shell forwards it to its jobs, but not when it dies
+        first). Jobs that ignore it (nohup) keep running, as under sshd."""
         for sig in (signal.SIGHUP, signal.SIGCONT):
             _signal_group(child.pid, sig)
+            for pgid in _session_groups(child.pid) - {child.pid}:
+                _signal_group(pgid, sig)
         try:
             await asyncio.wait_for(child.wait(), HANGUP_GRACE_SECONDS)
         except asyncio.TimeoutError:
             _signal_group(child.pid, signal.SIGKILL)
             await child.wait()
+
+
+def _session_groups(sid: int) -> set[int]:
+    """The process groups of session ``sid`` (Linux /proc; empty elsewhere)."""
+    groups: set[int] = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return groups
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...: comm may hold spaces.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid:
+            groups.add(int(fields[2]))
+    return groups
 
 
 def _signal_group(pgid: int, sig: int) -> None:
