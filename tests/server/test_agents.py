@@ -21,6 +21,8 @@ from stockade.sdk.templates import build_archive
 from tests.conftest import OWNER_PASSWORD, ServerFactory
 from tests.server.test_build_queue import Daemon
 
+SQLITE_ONLY = "the agent's protocol; its storage is plain inserts and updates"
+
 TEMPLATE = """\
 name: t
 backend: local

@@ -30,6 +30,8 @@ from tests.conftest import OWNER_PASSWORD, ServerFactory
 from tests.server.test_agents import wait_until
 from tests.server.test_build_queue import Daemon
 
+SQLITE_ONLY = "terminals live in the agent; the server only relays their streams"
+
 TEMPLATE = """\
 name: t
 backend: local

@@ -40,6 +40,8 @@ from stockade.server.settings import Settings
 from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
 from tests.provisioner.conftest import base_image, docker_client  # noqa: F401  (fixtures)
 
+SQLITE_ONLY = "TLS and CA delivery do not touch the database"
+
 STOCKADE = str(Path(sys.executable).with_name("stockade"))
 TEMPLATE = """\
 name: t

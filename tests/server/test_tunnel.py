@@ -29,6 +29,8 @@ from tests.conftest import OWNER_PASSWORD, ServerFactory, require
 from tests.server.test_agents import start_agent, wait_until
 from tests.server.test_build_queue import Daemon
 
+SQLITE_ONLY = "streams are relayed beyond the database; connection records are plain inserts"
+
 TEMPLATE = """\
 name: t
 backend: local
