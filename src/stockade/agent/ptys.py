@@ -41,18 +41,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
 import pwd
 import signal
-import struct
-import termios
 from collections.abc import Awaitable
 from typing import Any, Callable
 
 from stockade.agent.streams import StreamRefused, StreamRequest, StreamStats
+from stockade.agent.terminals import (
+    login_shell,
+    set_window_size,
+    signal_group,
+    take_controlling_terminal,
+)
 from stockade.agent.wsclient import ConnectionClosed, WebSocketClient
 from stockade.tunnel.protocol import (
     CLOSE_BAD_REQUEST,
@@ -73,7 +76,6 @@ MAX_DIMENSION = 1000
 DEFAULT_ROWS = 24
 DEFAULT_COLS = 80
 TERM = "xterm-256color"
-FALLBACK_SHELL = "/bin/sh"
 
 IDLE_ENV = "STOCKADE_AGENT_PTY_IDLE_SECONDS"
 MAX_ENV = "STOCKADE_AGENT_MAX_PTYS"
@@ -104,32 +106,6 @@ def parse_size(rows: object, cols: object) -> tuple[int, int] | None:
     if not (1 <= rows <= MAX_DIMENSION and 1 <= cols <= MAX_DIMENSION):
         return None
     return rows, cols
-
-
-def login_shell() -> str:
-    """The user's shell from the password database, else /bin/sh."""
-    try:
-        shell = pwd.getpwuid(os.getuid()).pw_shell
-    except KeyError:
-        shell = ""
-    if shell and os.path.isabs(shell) and os.access(shell, os.X_OK):
-        return shell
-    return FALLBACK_SHELL
-
-
-def _set_window_size(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _take_controlling_terminal() -> None:
-    """In the child, after setsid(): make its stdin (the PTY) the
-    controlling terminal, so job control, ^C and hangups work."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def _env_number(name: str, default: float) -> float:
@@ -304,7 +280,7 @@ class ReconnectingPty:
     def resize(self, rows: int, cols: int) -> None:
         """Set the window size; the foreground job gets SIGWINCH."""
         with contextlib.suppress(OSError):
-            _set_window_size(self._master, rows, cols)
+            set_window_size(self._master, rows, cols)
 
     async def _write(self, data: bytes) -> None:
         """Write input to the PTY without blocking the agent when the
@@ -332,11 +308,11 @@ class ReconnectingPty:
         """Hang up the terminal's process group (SIGKILL after a grace period)."""
         if self._process.returncode is None:
             for sig in (signal.SIGHUP, signal.SIGCONT):
-                _signal_group(self._process.pid, sig)
+                signal_group(self._process.pid, sig)
             try:
                 await asyncio.wait_for(self._process.wait(), HANGUP_GRACE_SECONDS)
             except asyncio.TimeoutError:
-                _signal_group(self._process.pid, signal.SIGKILL)
+                signal_group(self._process.pid, signal.SIGKILL)
                 await self._process.wait()
         with contextlib.suppress(BaseException):
             await self._watcher
@@ -438,7 +414,7 @@ class PtyManager:
         cwd = self._cwd()  # the agent's callback falls back to / itself
         master, slave = os.openpty()
         try:
-            _set_window_size(slave, *size)
+            set_window_size(slave, *size)
             os.set_blocking(master, False)
             process = await asyncio.create_subprocess_exec(
                 "-" + os.path.basename(shell),  # a login shell, as a terminal gets
@@ -449,7 +425,7 @@ class PtyManager:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
+                preexec_fn=take_controlling_terminal,
             )
         except OSError as exc:
             os.close(master)
@@ -506,7 +482,6 @@ __all__ = [
     "CLOSE_PTY_TAKEN_OVER",
     "PtyManager",
     "ReconnectingPty",
-    "login_shell",
     "parse_size",
     "valid_pty_id",
 ]

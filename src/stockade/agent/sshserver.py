@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import logging
 import os
@@ -32,8 +31,6 @@ import posixpath
 import pwd
 import signal
 import socket
-import struct
-import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +38,13 @@ import asyncssh
 from asyncssh.constants import MSG_IGNORE
 from asyncssh.packet import SSHPacketLogger
 from asyncssh.sftp import MIN_SFTP_VERSION
+
+from stockade.agent.terminals import (
+    login_shell,
+    set_window_size,
+    signal_group,
+    take_controlling_terminal,
+)
 
 log = logging.getLogger("stockade.agent.ssh")
 
@@ -62,7 +66,6 @@ HANGUP_GRACE_SECONDS = 3.0
 PTY_DRAIN_SECONDS = 2.0
 # How long an exited session waits for the client to acknowledge the close.
 CLOSE_WAIT_SECONDS = 30.0
-FALLBACK_SHELL = "/bin/sh"
 _EMPTY_STRING = b"\x00\x00\x00\x00"  # an SSH "string" of length 0
 
 SessionProcess = asyncssh.SSHServerProcess[bytes]
@@ -88,27 +91,11 @@ class _Connection(asyncssh.SSHServerConnection):
         super().send_packet(pkttype, *args, handler=handler)
 
 
-def login_shell() -> str:
-    """The user's shell from the password database, else /bin/sh."""
-    try:
-        shell = pwd.getpwuid(os.getuid()).pw_shell
-    except KeyError:
-        shell = ""
-    if shell and os.path.isabs(shell) and os.access(shell, os.X_OK):
-        return shell
-    return FALLBACK_SHELL
-
-
-def _take_controlling_terminal() -> None:
-    """In the child, after setsid(): make its stdin (the PTY) the
-    controlling terminal, so job control, ^C and hangups work."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 def _set_window_size(fd: int, size: tuple[int, int, int, int]) -> None:
+    """An SSH client's (width, height, pixel width, pixel height), if any."""
     width, height, pixwidth, pixheight = size
     if width and height:
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pixwidth, pixheight))
+        set_window_size(fd, height, width, pixwidth, pixheight)
 
 
 def _loopback_only(host: str) -> str | None:
@@ -407,7 +394,7 @@ class SSHServerCore:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
+                preexec_fn=take_controlling_terminal,
             )
         except OSError:
             os.close(master)
@@ -472,13 +459,13 @@ class SSHServerCore:
         terminal (a shell forwards it to its jobs, but not when it dies
         first). Jobs that ignore it (nohup) keep running, as under sshd."""
         for sig in (signal.SIGHUP, signal.SIGCONT):
-            _signal_group(child.pid, sig)
+            signal_group(child.pid, sig)
             for pgid in _session_groups(child.pid) - {child.pid}:
-                _signal_group(pgid, sig)
+                signal_group(pgid, sig)
         try:
             await asyncio.wait_for(child.wait(), HANGUP_GRACE_SECONDS)
         except asyncio.TimeoutError:
-            _signal_group(child.pid, signal.SIGKILL)
+            signal_group(child.pid, signal.SIGKILL)
             await child.wait()
 
 
@@ -502,11 +489,6 @@ def _session_groups(sid: int) -> set[int]:
         if len(fields) > 3 and int(fields[3]) == sid:
             groups.add(int(fields[2]))
     return groups
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def _signal_name(number: int) -> str:
