@@ -44,17 +44,17 @@ import errno
 import json
 import logging
 import os
-import pwd
 import signal
 from collections.abc import Awaitable
 from typing import Any, Callable
 
 from stockade.agent.streams import StreamRefused, StreamRequest, StreamStats
 from stockade.agent.terminals import (
+    login_environment,
     login_shell,
     set_window_size,
     signal_group,
-    take_controlling_terminal,
+    spawn_on_pty,
 )
 from stockade.agent.wsclient import ConnectionClosed, WebSocketClient
 from stockade.tunnel.protocol import (
@@ -400,40 +400,17 @@ class PtyManager:
 
     async def _start(self, pty_id: str, size: tuple[int, int]) -> ReconnectingPty:
         shell = login_shell()
-        env = dict(self._environment())
-        try:
-            entry: pwd.struct_passwd | None = pwd.getpwuid(os.getuid())
-        except KeyError:
-            entry = None
-        if entry is not None:
-            env.setdefault("USER", entry.pw_name)
-            env.setdefault("LOGNAME", entry.pw_name)
-        env.setdefault("SHELL", shell)
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env = login_environment(self._environment(), shell)
         env["TERM"] = TERM
         cwd = self._cwd()  # the agent's callback falls back to / itself
-        master, slave = os.openpty()
+        argv = ["-" + os.path.basename(shell)]  # a login shell, as a terminal gets
         try:
-            set_window_size(slave, *size)
-            os.set_blocking(master, False)
-            process = await asyncio.create_subprocess_exec(
-                "-" + os.path.basename(shell),  # a login shell, as a terminal gets
-                executable=shell,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=take_controlling_terminal,
-            )
+            master, process = await spawn_on_pty(argv, shell, env, cwd, *size)
         except OSError as exc:
-            os.close(master)
             raise StreamRefused(
                 CLOSE_TARGET_REFUSED, f"could not start a shell ({shell}): {exc.strerror or exc}"
             ) from None
-        finally:
-            os.close(slave)
+        os.set_blocking(master, False)
         log.info("pty %s: started %s (pid %d)", pty_id, shell, process.pid)
         return ReconnectingPty(pty_id, master, process, self._stats)
 

@@ -28,7 +28,6 @@ import ipaddress
 import logging
 import os
 import posixpath
-import pwd
 import signal
 import socket
 from collections.abc import Callable
@@ -40,10 +39,10 @@ from asyncssh.packet import SSHPacketLogger
 from asyncssh.sftp import MIN_SFTP_VERSION
 
 from stockade.agent.terminals import (
+    login_environment,
     login_shell,
-    set_window_size,
     signal_group,
-    take_controlling_terminal,
+    spawn_on_pty,
 )
 
 log = logging.getLogger("stockade.agent.ssh")
@@ -89,13 +88,6 @@ class _Connection(asyncssh.SSHServerConnection):
         ):
             return
         super().send_packet(pkttype, *args, handler=handler)
-
-
-def _set_window_size(fd: int, size: tuple[int, int, int, int]) -> None:
-    """An SSH client's (width, height, pixel width, pixel height), if any."""
-    width, height, pixwidth, pixheight = size
-    if width and height:
-        set_window_size(fd, height, width, pixwidth, pixheight)
 
 
 def _loopback_only(host: str) -> str | None:
@@ -272,17 +264,7 @@ class SSHServerCore:
         return cwd if os.path.isdir(cwd) else "/"
 
     def _session_env(self, process: SessionProcess, shell: str) -> dict[str, str]:
-        env = dict(self._environment())
-        try:
-            entry: pwd.struct_passwd | None = pwd.getpwuid(os.getuid())
-        except KeyError:
-            entry = None
-        if entry is not None:
-            env.setdefault("USER", entry.pw_name)
-            env.setdefault("LOGNAME", entry.pw_name)
-            env.setdefault("HOME", entry.pw_dir)
-        env.setdefault("SHELL", shell)
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env = login_environment(self._environment(), shell)
         # What the client sent (SendEnv/SetEnv): the user's own session, so
         # every name is accepted, as in Coder.
         for name, value in process.channel.get_environment_bytes().items():
@@ -380,27 +362,11 @@ class SSHServerCore:
         env: dict[str, str],
         cwd: str,
     ) -> asyncio.subprocess.Process:
-        master, slave = os.openpty()
-        try:
-            _set_window_size(slave, process.term_size)
-            env["SSH_TTY"] = os.ttyname(slave)
-            child = await asyncio.create_subprocess_exec(
-                argv[0],
-                *argv[1:],
-                executable=shell,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=take_controlling_terminal,
-            )
-        except OSError:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
+        width, height, pixwidth, pixheight = process.term_size
+        master, child = await spawn_on_pty(
+            argv, shell, env, cwd, height, width,
+            xpixels=pixwidth, ypixels=pixheight, tty_env="SSH_TTY",
+        )  # fmt: skip
         process.set_redirect_pid(child.pid)
         # The master carries both directions; each redirect owns one fd.
         await process.redirect(stdin=os.dup(master), stdout=master, send_eof=False)

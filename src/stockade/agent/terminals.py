@@ -5,6 +5,7 @@ controlling terminal, signals to a process group. Python 3.9+, stdlib."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -41,3 +42,56 @@ def signal_group(pgid: int, sig: int) -> None:
     """Send ``sig`` to a process group that may be gone already."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def login_environment(base: dict[str, str], shell: str) -> dict[str, str]:
+    """``base`` plus what a login sets when it is missing: USER, LOGNAME,
+    HOME, SHELL and a PATH."""
+    env = dict(base)
+    try:
+        entry: pwd.struct_passwd | None = pwd.getpwuid(os.getuid())
+    except KeyError:
+        entry = None
+    if entry is not None:
+        env.setdefault("USER", entry.pw_name)
+        env.setdefault("LOGNAME", entry.pw_name)
+        env.setdefault("HOME", entry.pw_dir)
+    env.setdefault("SHELL", shell)
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
+
+
+async def spawn_on_pty(
+    argv: list[str],
+    executable: str,
+    env: dict[str, str],
+    cwd: str,
+    rows: int,
+    cols: int,
+    *,
+    xpixels: int = 0,
+    ypixels: int = 0,
+    tty_env: str | None = None,
+) -> tuple[int, asyncio.subprocess.Process]:
+    """Start ``argv`` in a new session on a new PTY of the given size, the
+    PTY its controlling terminal; returns (the PTY's master fd, the process).
+    ``tty_env`` names a variable to set to the terminal's path (SSH_TTY).
+    Raises OSError (the master is closed then)."""
+    master, slave = os.openpty()
+    try:
+        if rows and cols:
+            set_window_size(slave, rows, cols, xpixels, ypixels)
+        if tty_env:
+            env = {**env, tty_env: os.ttyname(slave)}
+        process = await asyncio.create_subprocess_exec(
+            argv[0], *argv[1:], executable=executable,
+            stdin=slave, stdout=slave, stderr=slave,
+            cwd=cwd, env=env, start_new_session=True,
+            preexec_fn=take_controlling_terminal,
+        )  # fmt: skip
+    except OSError:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return master, process
