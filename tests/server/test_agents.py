@@ -6,11 +6,7 @@ agent itself, as a backend's compute would."""
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,6 +14,7 @@ import pytest
 
 from stockade.sdk import Client, types
 from stockade.sdk.templates import build_archive
+from tests.agents import start_agent, wait_until
 from tests.conftest import OWNER_PASSWORD, ServerFactory
 from tests.server.test_build_queue import Daemon
 
@@ -40,18 +37,6 @@ agent:
 """
 
 
-def wait_until(
-    read: Callable[[], types.Workspace], check: Callable[[types.Workspace], bool], what: str
-) -> types.Workspace:
-    deadline = time.monotonic() + 30
-    while True:
-        ws = read()
-        if check(ws):
-            return ws
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {ws.agent}"
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def setup(start_server: ServerFactory, tmp_path: Path) -> Iterator[tuple[str, Client, Daemon]]:
     server = start_server(env={"STOCKADE_PROVISIONER_WORKERS": "0"})
@@ -66,22 +51,6 @@ def setup(start_server: ServerFactory, tmp_path: Path) -> Iterator[tuple[str, Cl
     yield server.url, client, daemon
     daemon.http.close()
     client.close()
-
-
-def start_agent(url: str, token: str, home: Path) -> subprocess.Popen[bytes]:
-    home.mkdir(exist_ok=True)
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "STOCKADE_ACCESS_URL": url,
-        "STOCKADE_AGENT_TOKEN": token,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "stockade.agent"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
 
 
 def test_an_agent_reports_and_is_revoked_at_stop(

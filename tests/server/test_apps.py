@@ -28,9 +28,8 @@ from stockade.devtools.ports import free_port
 from stockade.sdk import Client, types
 from stockade.sdk.client import ApiError
 from stockade.sdk.templates import ManifestError, build_archive, parse_manifest
+from tests.agents import agent_workspace
 from tests.conftest import OWNER_PASSWORD, ServerFactory
-from tests.server.test_agents import start_agent, wait_until
-from tests.server.test_build_queue import Daemon
 
 SQLITE_ONLY = "the app proxy works beyond the database; its records are plain inserts"
 
@@ -177,33 +176,15 @@ def env(start_server: ServerFactory, tmp_path: Path) -> Iterator[Env]:
     owner.create_user("alice", "alice@example.com", OWNER_PASSWORD)
     member = Client(server.url)
     member.login("alice", OWNER_PASSWORD)
-    directory = tmp_path / "tpl"
-    directory.mkdir()
-    (directory / "stockade.yaml").write_text(template(app_port, free_port()))
-    owner.push_template("t", build_archive(directory))
-    daemon = Daemon(server.url, owner.create_provisioner_key("test").key)
-    owner.create_workspace("w", "t")
-    job = daemon.acquire()
-    assert job is not None
-    assert daemon.complete(job["build_id"]).status_code == 204
-    agent = start_agent(server.url, str(job["agent_token"]), tmp_path / "home")
     try:
-        wait_until(
-            lambda: owner.get_workspace("owner", "w"),
-            lambda w: w.agent is not None and w.agent.lifecycle_state == "ready",
-            "the agent to be ready",
-        )
-        port = int(server.url.rsplit(":", 1)[1])
-        yield Env(server.url, port, owner, member, app_port)
+        with agent_workspace(server.url, owner, template(app_port, free_port()), tmp_path / "home"):
+            port = int(server.url.rsplit(":", 1)[1])
+            yield Env(server.url, port, owner, member, app_port)
     finally:
-        agent.kill()
-        agent.wait()
         app.kill()
         app.wait()
-        for proc in (agent, app):
-            if proc.stderr:
-                proc.stderr.close()
-        daemon.http.close()
+        if app.stderr:
+            app.stderr.close()
         owner.close()
         member.close()
 

@@ -26,10 +26,8 @@ from playwright.sync_api import Request, Route, WebSocket, sync_playwright
 from stockade.devtools.ports import free_port
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
-from stockade.sdk.templates import build_archive
+from tests.agents import agent_workspace
 from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
-from tests.server.test_agents import start_agent, wait_until
-from tests.server.test_build_queue import Daemon
 
 CHROMIUM = "/usr/bin/chromium"
 CACHE = Path(
@@ -107,25 +105,11 @@ def test_code_server_in_chromium_through_a_subdomain_app(
     client = Client(server.url)
     client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
     client.login("owner", OWNER_PASSWORD)
-    directory = tmp_path / "tpl"
-    directory.mkdir()
-    (directory / "stockade.yaml").write_text(
+    manifest = (
         f"name: t\nbackend: local\napps:\n  - slug: code\n    display_name: VS Code\n"
         f"    port: {code_server}\n    health_check: {{url: /healthz, interval: 1}}\n"
     )
-    client.push_template("t", build_archive(directory))
-    daemon = Daemon(server.url, client.create_provisioner_key("test").key)
-    client.create_workspace("w", "t")
-    job = daemon.acquire()
-    assert job is not None
-    assert daemon.complete(job["build_id"]).status_code == 204
-    agent = start_agent(server.url, str(job["agent_token"]), tmp_path / "home")
-    try:
-        wait_until(
-            lambda: client.get_workspace("owner", "w"),
-            lambda w: w.agent is not None and w.agent.lifecycle_state == "ready",
-            "the agent to be ready",
-        )
+    with agent_workspace(server.url, client, manifest, tmp_path / "home"):
         apps = client.request("GET", "/api/v2/workspaces/owner/w/apps").json()["apps"]
         url = apps[0]["url"]
         port = urlsplit(server.url).port
@@ -205,10 +189,4 @@ def test_code_server_in_chromium_through_a_subdomain_app(
         assert any(urlsplit(r).netloc == dashboard_host for r in requests)  # the sign-in
         connections = client.workspace_connections("owner", "w")
         assert any(c.kind == "app" and c.target == "code" for c in connections), connections
-    finally:
-        agent.kill()
-        agent.wait()
-        if agent.stderr:
-            agent.stderr.close()
-        daemon.http.close()
-        client.close()
+    client.close()

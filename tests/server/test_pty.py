@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,11 +22,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from stockade.sdk import Client
-from stockade.sdk.templates import build_archive
 from stockade.sdk.tunnel import StreamSpec, TunnelError, open_pty, open_stream, resize_message
+from tests.agents import agent_workspace
 from tests.conftest import OWNER_PASSWORD, ServerFactory
-from tests.server.test_agents import wait_until
-from tests.server.test_build_queue import Daemon
 
 SQLITE_ONLY = "terminals live in the agent; the server only relays their streams"
 
@@ -59,47 +55,16 @@ def env(start_server: ServerFactory, tmp_path: Path) -> Iterator[Env]:
     client = Client(server.url)
     client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
     client.login("owner", OWNER_PASSWORD)
-    directory = tmp_path / "tpl"
-    directory.mkdir()
-    (directory / "stockade.yaml").write_text(TEMPLATE)
-    client.push_template("t", build_archive(directory))
-    daemon = Daemon(server.url, client.create_provisioner_key("test").key)
-    client.create_workspace("w", "t")
-    job = daemon.acquire()
-    assert job is not None
-    assert daemon.complete(job["build_id"]).status_code == 204
-    home = tmp_path / "home"
-    home.mkdir()
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "stockade.agent"],
-        env={
-            "PATH": os.environ["PATH"],
-            "HOME": str(home),
-            "STOCKADE_ACCESS_URL": server.url,
-            "STOCKADE_AGENT_TOKEN": str(job["agent_token"]),
-            "STOCKADE_AGENT_PTY_IDLE_SECONDS": str(IDLE_SECONDS),
-            "STOCKADE_AGENT_MAX_PTYS": str(MAX_PTYS),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    agent_env = {
+        "STOCKADE_AGENT_PTY_IDLE_SECONDS": str(IDLE_SECONDS),
+        "STOCKADE_AGENT_MAX_PTYS": str(MAX_PTYS),
+    }
     try:
-        wait_until(
-            lambda: client.get_workspace("owner", "w"),
-            lambda w: w.agent is not None and w.agent.lifecycle_state == "ready",
-            "the agent to be ready",
-        )
-        yield Env(server.url, client.token or "", home)
+        with agent_workspace(
+            server.url, client, TEMPLATE, tmp_path / "home", agent_env=agent_env
+        ) as home:
+            yield Env(server.url, client.token or "", home)
     finally:
-        agent.terminate()
-        try:
-            agent.wait(10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        if agent.stderr:
-            agent.stderr.close()
-        daemon.http.close()
         client.close()
 
 

@@ -23,11 +23,9 @@ from pathlib import Path
 import pytest
 
 from stockade.sdk import Client
-from stockade.sdk.templates import build_archive
 from stockade.sdk.tunnel import StreamSpec, TunnelError, open_stream, relay, stream_url
+from tests.agents import agent_workspace
 from tests.conftest import OWNER_PASSWORD, ServerFactory, require
-from tests.server.test_agents import start_agent, wait_until
-from tests.server.test_build_queue import Daemon
 
 SQLITE_ONLY = "streams are relayed beyond the database; connection records are plain inserts"
 
@@ -97,30 +95,10 @@ def env(start_server: ServerFactory, tmp_path: Path) -> Iterator[Env]:
     client = Client(server.url)
     client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
     client.login("owner", OWNER_PASSWORD)
-    directory = tmp_path / "tpl"
-    directory.mkdir()
-    (directory / "stockade.yaml").write_text(TEMPLATE)
-    client.push_template("t", build_archive(directory))
-    daemon = Daemon(server.url, client.create_provisioner_key("test").key)
-    client.create_workspace("w", "t")
-    job = daemon.acquire()
-    assert job is not None
-    assert daemon.complete(job["build_id"]).status_code == 204
-    home = tmp_path / "home"
-    agent = start_agent(server.url, str(job["agent_token"]), home)
     try:
-        wait_until(
-            lambda: client.get_workspace("owner", "w"),
-            lambda w: w.agent is not None and w.agent.lifecycle_state == "ready",
-            "the agent to be ready",
-        )
-        yield Env(server.url, client, home, tmp_path / "cfg", tmp_path / "ssh_config")
+        with agent_workspace(server.url, client, TEMPLATE, tmp_path / "home") as home:
+            yield Env(server.url, client, home, tmp_path / "cfg", tmp_path / "ssh_config")
     finally:
-        agent.kill()
-        agent.wait()
-        if agent.stderr:
-            agent.stderr.close()
-        daemon.http.close()
         client.close()
 
 
