@@ -176,37 +176,31 @@ def network_gateway(attrs: dict[str, Any]) -> str | None:
     return None
 
 
-def _token_archive(token: str) -> bytes:
-    """A tar of TOKEN_FILE for ``put_archive`` at ``/``."""
+def _file_archive(path: str, content: str, *, directory_mode: int) -> bytes:
+    """A tar of one read-only file at ``path`` (and its directory, with
+    ``directory_mode``) for ``put_archive`` at ``/``."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        directory = tarfile.TarInfo(TOKEN_DIR)
+        directory = tarfile.TarInfo(os.path.dirname(path).lstrip("/"))
         directory.type = tarfile.DIRTYPE
-        directory.mode = 0o733
+        directory.mode = directory_mode
         archive.addfile(directory)
-        data = token.encode()
-        entry = tarfile.TarInfo(TOKEN_FILE.lstrip("/"))
+        data = content.encode()
+        entry = tarfile.TarInfo(path.lstrip("/"))
         entry.size = len(data)
         entry.mode = 0o444
         archive.addfile(entry, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def _token_archive(token: str) -> bytes:
+    """TOKEN_FILE, in a directory others may enter but not list (0733)."""
+    return _file_archive(TOKEN_FILE, token, directory_mode=0o733)
 
 
 def _ca_archive(pem: str) -> bytes:
-    """A tar of CA_FILE (readable by the image's user, whoever it is) for
-    ``put_archive`` at ``/``."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        directory = tarfile.TarInfo(os.path.dirname(CA_FILE).lstrip("/"))
-        directory.type = tarfile.DIRTYPE
-        directory.mode = 0o755
-        archive.addfile(directory)
-        data = pem.encode()
-        entry = tarfile.TarInfo(CA_FILE.lstrip("/"))
-        entry.size = len(data)
-        entry.mode = 0o444
-        archive.addfile(entry, io.BytesIO(data))
-    return buffer.getvalue()
+    """CA_FILE, readable by the image's user, whoever it is."""
+    return _file_archive(CA_FILE, pem, directory_mode=0o755)
 
 
 def _gpu_error(explanation: str) -> bool:
