@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import json
 
-PROTOCOL_VERSION = 1
-
 CLIENT_PATH = "/api/v2/workspaces/{owner}/{name}/tunnel"
 AGENT_STREAM_PATH = "/api/v2/workspaceagents/me/streams/{stream_id}"
 STREAM_ID_LENGTH = 32
@@ -49,9 +47,6 @@ STREAM_ID_LENGTH = 32
 KIND_SSH = "ssh"
 KIND_TCP = "tcp"
 KIND_PTY = "pty"
-KINDS = (KIND_SSH, KIND_TCP, KIND_PTY)
-# How connections are recorded: "app" is a tcp stream opened by the app proxy.
-AUDIT_KINDS = (KIND_SSH, "port", "app", KIND_PTY)
 
 OPENED_MESSAGE = json.dumps({"type": "opened"})
 EOF_MESSAGE = json.dumps({"type": "eof"})
