@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -445,18 +446,31 @@ async def test_a_canceled_start_leaves_a_container_that_stop_removes(
     docker_client: Any,
 ) -> None:
     spec = make_docker_spec()
+    ensure_container = docker_backend._ensure_container
+    creating, created = threading.Event(), threading.Event()
+
+    def slow_ensure_container(*args: Any) -> Any:
+        # Holds the create in its thread long enough that the cancel below
+        # always lands while it is on its way to Docker.
+        creating.set()
+        time.sleep(0.5)
+        try:
+            return ensure_container(*args)
+        finally:
+            created.set()
+
+    docker_backend._ensure_container = slow_ensure_container  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(docker_backend.start(spec, {}, progress))
-    deadline = time.monotonic() + 30
-    while "Starting container" not in progress.stages:
-        assert time.monotonic() < deadline, progress.stages
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(creating.wait, 30), progress.stages
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     # Whatever the cancel interrupted, stop removes it, and a start adopts
     # nothing half-made.
     await docker_backend.stop(spec, {}, progress)
+    assert await asyncio.to_thread(created.wait, 30)
     assert container_of(docker_client, spec.workspace_id) is None
+    docker_backend._ensure_container = ensure_container  # type: ignore[method-assign]
     await docker_backend.start(spec, {}, progress)
     assert container_of(docker_client, spec.workspace_id).status == "running"
 

@@ -54,7 +54,7 @@ import re
 import socket
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -208,6 +208,26 @@ def _gpu_error(explanation: str) -> bool:
     return "gpu" in text or "device driver" in text or "nvidia" in text
 
 
+async def _finish_before_cancel(call: Awaitable[T]) -> T:
+    """Await ``call``; when cancelled, wait for it to finish, then re-raise.
+
+    A thread cannot be interrupted: a canceled build whose ``containers.create``
+    is on the wire would otherwise create the container after the build ended,
+    behind the back of the stop that follows, whose own create then collides
+    with it. Docker's client timeout bounds the wait.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError as cancel:
+        while not task.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancel is what the caller sees
+        raise cancel
+
+
 class DockerBackend(Backend):
     """Workspaces as Docker containers with a home volume; see the module
     docstring. ``deployment_id`` is the deployment this backend works for; it
@@ -260,7 +280,7 @@ class DockerBackend(Backend):
         """Run a blocking Docker call in a worker thread; Docker's failures
         become ``BackendError``s."""
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await _finish_before_cancel(asyncio.to_thread(fn, *args, **kwargs))
         except BackendError:
             raise
         except requests.exceptions.RequestException as exc:
