@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException
 
@@ -32,14 +33,33 @@ from stockade.server.system import api as system_api
 from stockade.server.templates import api as templates_api
 from stockade.server.users import api as users_api
 from stockade.server.validation import describe_validation_errors
+from stockade.server.web import account as web_account
+from stockade.server.web.core import (
+    STATIC_DIR,
+    STATIC_PREFIX,
+    LoginRequired,
+    error_page,
+    login_redirect,
+)
 from stockade.server.workspaces import api as workspaces_api
 
 log = get_logger("stockade.server")
 
 
+def _is_page(request: Request) -> bool:
+    """Dashboard pages answer errors in HTML; the API (and anything under
+    it, such as a missing route) in JSON."""
+    path = request.url.path
+    return not path.startswith("/api/") and not path.startswith(STATIC_PREFIX + "/")
+
+
 def _error_response(
     request: Request, status: int, message: str, reason: str, **extra: Any
-) -> JSONResponse:
+) -> Response:
+    if _is_page(request):
+        response = error_page(request, status, message, reason)
+        response.headers.update(extra.get("headers") or {})
+        return response
     body = types.ApiError(
         message=message,
         reason=reason,
@@ -53,7 +73,7 @@ def _error_response(
 
 def _install_error_handlers(app: FastAPI, services: Services) -> None:
     @app.exception_handler(StockadeError)
-    async def _stockade_error(request: Request, exc: StockadeError) -> JSONResponse:
+    async def _stockade_error(request: Request, exc: StockadeError) -> Response:
         services.metrics.errors.labels(exc.reason).inc()
         log.info("api_error", reason=exc.reason, status=exc.status_code, detail=exc.log_message)
         return _error_response(
@@ -62,15 +82,17 @@ def _install_error_handlers(app: FastAPI, services: Services) -> None:
         )  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         message, detail = describe_validation_errors(exc.errors())
         services.metrics.errors.labels("invalid_input").inc()
         return _error_response(request, 400, message, "invalid_input", detail=detail)
 
     @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> Response:
         if isinstance(exc.__cause__, StockadeError):  # raised while FastAPI read the body
             return await _stockade_error(request, exc.__cause__)
+        if _is_page(request) and exc.status_code == 404:
+            return _error_response(request, 404, "There is no page at this address.", "http_404")
         messages = {
             404: f"no API route {request.url.path}; see /api/v2/openapi.json",
             405: f"{request.method} is not allowed on {request.url.path}",
@@ -83,8 +105,12 @@ def _install_error_handlers(app: FastAPI, services: Services) -> None:
             headers=dict(exc.headers or {}),
         )  # fmt: skip
 
+    @app.exception_handler(LoginRequired)
+    async def _login_required(request: Request, exc: LoginRequired) -> Response:
+        return login_redirect(exc)
+
     @app.exception_handler(IntegrityError)
-    async def _integrity(request: Request, exc: IntegrityError) -> JSONResponse:
+    async def _integrity(request: Request, exc: IntegrityError) -> Response:
         # Checks in the services come first; this catches a race between two
         # requests, which the database settled.
         log.info("integrity_conflict", error=str(exc.orig))
@@ -153,8 +179,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         agents_api.router,
         connections_api.router,
         apps_api.router,
+        web_account.router,
     ):
         app.router.routes.extend(router.routes)
+    app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
     check_routes(app.routes)
     _install_error_handlers(app, services)
     app.add_middleware(RequestMiddleware, services=services)

@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
@@ -34,6 +34,19 @@ API_BODY_LIMIT = 1024 * 1024
 # Routes that take uploads, with their own limit: (method, path pattern, bytes).
 UPLOAD_LIMITS = (("POST", re.compile(r"^/api/v2/templates/[^/]+/versions$"), MAX_ARCHIVE_BYTES),)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+STATIC_PREFIX = "/static/"
+# Every response of the API and the dashboard (workspace apps, served before
+# this middleware, keep their own): nothing but this origin, no inline script,
+# no framing by another site.
+SECURITY_HEADERS = (
+    (
+        "content-security-policy",
+        "default-src 'self'; base-uri 'self'; form-action 'self'; frame-ancestors 'self'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "same-origin"),
+    ("x-frame-options", "SAMEORIGIN"),
+)
 
 
 def presented_token(headers: Headers) -> tuple[str, bool] | None:
@@ -113,6 +126,8 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
         self.services = services
+        access = urlsplit(services.settings.access_url)
+        self.origin = f"{access.scheme}://{access.netloc}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -140,7 +155,21 @@ class RequestMiddleware:
         state["actor"] = None
         presented = presented_token(headers)
         refreshed_cookie: str | None = None
-        if presented is not None and path.startswith("/api/"):
+        unsafe = method not in _SAFE_METHODS
+        if unsafe and (not path.startswith("/api/") or (presented and presented[1])):
+            # Browsers send Origin with every POST: a form or script of another
+            # site (a workspace app on a sibling subdomain included) must not
+            # act with this site's session cookie. Pages check a CSRF token too.
+            origin = headers.get("origin")
+            if origin is not None and origin != self.origin:
+                await _reject(
+                    send, 403,
+                    f"request refused: it came from {origin[:100]}, not from this site "
+                    f"({self.origin}). Open Stockade at its access URL and try again.",
+                    "cross_site", request_id,
+                )  # fmt: skip
+                return
+        if presented is not None and not path.startswith(STATIC_PREFIX):
             token, from_cookie = presented
             auth = await self.services.auth.authenticate(token, ip)
             if from_cookie and auth.slid_for:
@@ -156,9 +185,9 @@ class RequestMiddleware:
         # Provisioner daemons' heartbeats and log batches are not user actions;
         # the builds they finish are audited by the build queue itself.
         audited = (
-            method not in _SAFE_METHODS
-            and path.startswith("/api/")
+            unsafe
             and not path.startswith(PROVISIONERD_PREFIX)
+            and not path.startswith(STATIC_PREFIX)
         )
         status = 500
         receive = _limit_body(receive, body_limit(method, path))
@@ -172,6 +201,8 @@ class RequestMiddleware:
                 status = message["status"]
                 response_headers = MutableHeaders(scope=message)
                 response_headers["x-request-id"] = request_id
+                for name, value in SECURITY_HEADERS:
+                    response_headers.setdefault(name, value)
                 sets_session = any(
                     v.startswith(f"{SESSION_COOKIE}=")
                     for v in response_headers.getlist("set-cookie")
