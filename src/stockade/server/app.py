@@ -34,6 +34,10 @@ from stockade.server.templates import api as templates_api
 from stockade.server.users import api as users_api
 from stockade.server.validation import describe_validation_errors
 from stockade.server.web import account as web_account
+from stockade.server.web import admin as web_admin
+from stockade.server.web import templates_pages as web_templates
+from stockade.server.web import terminal as web_terminal
+from stockade.server.web import workspaces as web_workspaces
 from stockade.server.web.core import (
     STATIC_DIR,
     STATIC_PREFIX,
@@ -180,6 +184,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         connections_api.router,
         apps_api.router,
         web_account.router,
+        web_workspaces.router,
+        web_terminal.router,
+        web_templates.router,
+        web_admin.router,
     ):
         app.router.routes.extend(router.routes)
     app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")

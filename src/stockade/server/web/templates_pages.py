@@ -1,0 +1,7 @@
+"""Dashboard pages: templates_pages. (Being written.)"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(include_in_schema=False)  # pages, not API
