@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from stockade.sdk import types
 from stockade.server.deps import AuditDep, ServicesDep
-from stockade.server.errors import StockadeError
+from stockade.server.errors import InvalidInput, StockadeError
 from stockade.server.middleware import SESSION_COOKIE, session_cookie
 from stockade.server.web.core import (
     FormErrors,
@@ -176,18 +176,17 @@ async def create_token(
 ) -> Response:
     form = await read_form(request, actor)
     name, days = field(form, "name").strip(), field(form, "days").strip()
+    most = services.settings.max_token_lifetime_seconds // 86400
     try:
+        if days and not (days.isdecimal() and 1 <= int(days) <= most):
+            # The form asks for days, so the message must too (the API speaks seconds).
+            message = f"Days must be a whole number from 1 to {most}."
+            raise InvalidInput(message, detail=[{"field": "days", "message": message}])
         lifetime = int(days) * 86400 if days else None
-    except ValueError:
-        lifetime = -1  # refused below with the API's message
-    try:
         body = types.CreateTokenRequest(name=name, lifetime_seconds=lifetime)
         created = await services.auth.create_token(actor, actor.user_id, body, record)
     except (StockadeError, ValidationError) as exc:
         errors = FormErrors.of(exc)
-        if "lifetime_seconds" in errors.fields or lifetime == -1:
-            most = services.settings.max_token_lifetime_seconds // 86400
-            errors.fields["days"] = f"Days must be a whole number from 1 to {most}."
         return await _account(
             request, actor, services, status_code=errors.status, token_errors=errors,
             token_values={"name": name, "days": days},
