@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Page, WebSocketRoute
 
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
@@ -137,11 +137,20 @@ def test_typing_reload_resize_and_take_over_in_chromium(
     # adopted (without it the text has the page's colour, dark on dark).
     colour = page.locator(".xterm-rows").evaluate("e => getComputedStyle(e).color")
     assert colour == FOREGROUND, colour
-    run(page, "clear; printf '\\033[38;2;255;100;0mtrue-colour %s\\033[0m\\n' $((7*6))")
+    run(page, "printf '\\033[38;2;255;100;0mtrue-colour %s\\033[0m\\n' $((7*6))")
     wait_for_output(page, r"^true-colour 42$")
     chromium.screenshot("terminal-page")
-    span = page.locator(".xterm-rows span", has_text="true-colour")
+    span = page.locator(".xterm-rows span", has_text=re.compile(r"^true-colour 42$"))
     assert span.evaluate("e => getComputedStyle(e).color") == "rgb(255, 100, 0)"
+
+    # From here the page's WebSocket goes through Playwright, to be cut below.
+    sockets: list[WebSocketRoute] = []
+
+    def relay(ws: WebSocketRoute) -> None:
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    page.route_web_socket(re.compile(r".*/tunnel\?kind=pty&.*"), relay)
 
     # A reload attaches to the same shell: its recent output is replayed and
     # what was set in it is still there.
@@ -151,6 +160,22 @@ def test_typing_reload_resize_and_take_over_in_chromium(
     wait_for_output(page, r"^true-colour 42$")
     run(page, 'echo "again=$(($$+0)) mark=$STOCKADE_MARK-$((1+1))."')
     assert wait_for_output(page, r"^again=(\d+ mark=\S+)\.$") == f"{pid} mark=kept-2"
+
+    # The connection breaks (a server restart, say): the page says so and
+    # comes back by itself to the same shell, its screen not shown twice.
+    run(page, 'echo "before=$((4*4))"')
+    wait_for_output(page, r"^before=16$")
+    assert len(sockets) == 1
+    sockets[0].close(code=1012, reason="restarting")
+    status = page.locator("#term-status")
+    poll("the page to notice", lambda: status.get_attribute("data-state") == "waiting")
+    assert "Reconnecting in" in status.inner_text()
+    wait_connected(page)
+    assert len(sockets) == 2
+    wait_for_output(page, r"^before=16$")
+    assert screen(page).count("before=16") == 1
+    run(page, 'echo "back=$(($$+0))."')
+    assert wait_for_output(page, r"^back=(\d+)\.$") == pid
 
     # A smaller window: the fit add-on resizes the terminal and the shell sees it.
     run(page, 'echo "size=$(stty size)."')
@@ -169,7 +194,6 @@ def test_typing_reload_resize_and_take_over_in_chromium(
     other = chromium.context.new_page()
     other.goto(page.url)
     wait_connected(other)
-    status = page.locator("#term-status")
     poll("the take-over", lambda: status.get_attribute("data-state") == "taken")
     assert "another tab" in status.inner_text()
     assert page.locator("#term-action").inner_text() == "Use it here"
@@ -186,7 +210,18 @@ def test_typing_reload_resize_and_take_over_in_chromium(
     wait_connected(page)
     assert page.url.rsplit("=", 1)[1] != session
     run(page, 'echo "new=$(($$+0))."')
-    assert wait_for_output(page, r"^new=(\d+)\.$") != pid
+    new_pid = wait_for_output(page, r"^new=(\d+)\.$")
+    assert new_pid != pid
+
+    # The shell exits: the page says so and Enter starts another.
+    run(page, "exit")
+    status = page.locator("#term-status")
+    poll("the end of the shell", lambda: status.get_attribute("data-state") == "ended")
+    assert "Press Enter to reconnect" in "\n".join(screen(page))
+    page.keyboard.press("Enter")
+    wait_connected(page)
+    run(page, 'echo "after=$(($$+0))."')
+    assert wait_for_output(page, r"^after=(\d+)\.$") not in (pid, new_pid)
 
     # No terminal for a stopped workspace: a message that says what to do.
     response = page.goto(chromium.base_url + Workspaces.page(workspaces.stopped))

@@ -24,7 +24,7 @@
   const RETRIED = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014, 4409, 4504]);
   const MESSAGES = {
     4400: "The server refused the terminal's request",
-    4401: "Your session has ended: sign in again to reconnect.",
+    4401: "The server did not accept your session",
     4403: "You may not connect to this workspace.",
     4404: "This workspace no longer exists, or you may no longer see it.",
     4409: "The workspace's agent is not connected: the workspace may be stopped or still starting.",
@@ -53,6 +53,7 @@
     cursorBlink: true,
     fontFamily: 'ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
     fontSize: 14,
+    lineHeight: 1.15,  // 1 clips underscores in common monospace fonts
     scrollback: 5000,
     theme: { background: "#0f1214", foreground: "#d6dde3", cursor: "#d6dde3" },
   });
