@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,8 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import stockade
 from stockade.sdk import types
 from stockade.server.authz import Perm, public, requires
-from stockade.server.db import migrate
 from stockade.server.deps import ServicesDep
+from stockade.server.system import service
 
 router = APIRouter()
 
@@ -41,31 +39,4 @@ async def buildinfo(services: ServicesDep) -> types.BuildInfo:
 async def debug_health(services: ServicesDep) -> types.Health:
     """Database reachability and latency, migration state, background jobs,
     the built-in build workers and the orphans the reconciler last removed."""
-    started = time.perf_counter()
-    database: dict[str, object] = {"dialect": services.db.dialect, **services.db.pool_status()}
-    try:
-        await services.db.ping()
-        database["ok"] = True
-        database["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        current = await migrate.current_revision(services.db)
-    except Exception as exc:  # report, don't fail: this is the page you read when it's broken
-        database["ok"] = False
-        database["error"] = type(exc).__name__
-        current = None
-    head = migrate.head_revision()
-    workers = services.background.status()
-    provisioners = services.provisioner.status()
-    healthy = (
-        bool(database["ok"])
-        and current == head
-        and all(w["alive"] for w in workers.values())
-        and provisioners["alive"] == provisioners["built_in"]
-    )
-    return types.Health(
-        status="ok" if healthy else "degraded",
-        database=database,
-        migrations={"current": current, "head": head, "up_to_date": current == head},
-        workers=workers,
-        provisioners=provisioners,
-        version=stockade.__version__,
-    )
+    return await service.health(services)
