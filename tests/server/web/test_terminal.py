@@ -177,6 +177,13 @@ def test_typing_reload_resize_and_take_over_in_chromium(
     run(page, 'echo "back=$(($$+0))."')
     assert wait_for_output(page, r"^back=(\d+)\.$") == pid
 
+    # Back to the terminal's plain address in this tab (from the workspace's
+    # page, say): the tab remembers its terminal.
+    page.goto(chromium.base_url + Workspaces.page(workspaces.running))
+    poll("the same terminal", lambda: page.url.endswith(f"?session={session}"))
+    wait_connected(page)
+    wait_for_output(page, r"^back=(\d+)\.$")
+
     # A smaller window: the fit add-on resizes the terminal and the shell sees it.
     run(page, 'echo "size=$(stty size)."')
     rows, cols = map(int, wait_for_output(page, r"^size=(\d+ \d+)\.$").split())
