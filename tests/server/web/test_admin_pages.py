@@ -7,21 +7,37 @@ from __future__ import annotations
 
 import re
 from html import unescape
+from pathlib import Path
 
 import pytest
 
+from stockade.agent.protocol import PROTOCOL_VERSION
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client
 from stockade.server.settings import Settings
 from stockade.server.system.service import effective_settings
-from tests.conftest import OWNER_PASSWORD, PASSWORD, ServerFactory, UserFactory, unique
+from tests.agents import agent_workspace
+from tests.conftest import (
+    OWNER_PASSWORD,
+    PASSWORD,
+    ServerFactory,
+    UserFactory,
+    run_sql,
+    unique,
+)
 from tests.server.web.conftest import Chromium, WebClient
 
 SQLITE_ONLY = "pages call the same services the API tests cover on both databases"
 
 
+TEMPLATE = """\
+name: t
+backend: local
+"""
+
+
 def _rows(html: str) -> list[str]:
-    """The body rows of the page's first table, as text."""
+    """The body rows of the first table in ``html``, as text."""
     body = html.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.DOTALL)
     return [unescape(re.sub(r"<[^>]+>", " ", row)) for row in rows]
@@ -212,28 +228,57 @@ def user_id_of(web: WebClient, name: str) -> str:
     return found.group(1)
 
 
-def test_deployment_page_masks_secrets(start_server: ServerFactory) -> None:
+def test_deployment_page(
+    start_server: ServerFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Health, the provisionerd worker and key, the connected agent, and the
+    settings: every one listed with its help, the secret audit key masked.
+    Then a broken audit chain, on this server of its own."""
     secret = "audit-key-that-must-never-show-" + unique("k")
-    server = start_server(env={"STOCKADE_AUDIT_KEY": secret})
-    with Client(server.url) as setup:
-        setup.create_first_user("boss", "boss@example.com", OWNER_PASSWORD)
+    server = start_server(env={"STOCKADE_AUDIT_KEY": secret, "STOCKADE_PROVISIONER_WORKERS": "0"})
+    owner = Client(server.url)
+    owner.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
+    owner.login("owner", OWNER_PASSWORD)
     web = WebClient(server)
     try:
-        web.login("boss", OWNER_PASSWORD)
-        page = web.get("/admin/deployment")
+        web.login("owner", OWNER_PASSWORD)
+        with agent_workspace(server.url, owner, TEMPLATE, tmp_path / "home"):
+            page = web.get("/admin/deployment")
         assert page.status_code == 200
         html = page.text
         assert secret not in html and secret[:12] not in html
-        audit_key = html.split('id="setting-audit_key"', 1)[1].split("</tr>", 1)[0]
-        assert "••• set" in audit_key
+        assert "••• set" in _section(html, 'id="setting-audit_key"', "</tr>")
         assert "sqlite" in html and "Schema revision" in html and "latest" in html
-        assert "Built-in workers" in html and "No agent is connected" in html
+        assert "builds run on <code>stockade provisionerd</code> daemons only" in html
+
+        agents = _rows(_section(html, 'id="agents"', "</section>"))
+        assert len(agents) == 1
+        assert agents[0].split()[:4] == ["w", "owner", "protocol", str(PROTOCOL_VERSION)]
+        assert "ready" in agents[0]
+        assert '<span class="count">1</span>' in html
+        workers = _rows(_section(html, "Workers seen in the last 24 hours", "</table>"))
+        assert [w.split()[:3] for w in workers] == [["w1", "provisionerd", "1"]]
+        keys = _rows(_section(html, "<h3>Provisioner keys</h3>", "</table>"))
+        assert len(keys) == 1 and keys[0].split()[0] == "test" and "connected" in keys[0]
         # Every setting is listed with its help text.
+        text = unescape(html)
         for name, info in Settings.model_fields.items():
             assert f'id="setting-{name}"' in html, name
-            assert (info.description or "")[:30].replace("'", "&#39;") in html, name
+            assert (info.description or "")[:40] in text, name
+
+        # The audit page says where the chain breaks when someone edits the log.
+        run_sql(server, request, "UPDATE audit_log SET ip = '10.9.9.9' WHERE seq = 2")
+        broken = _section(web.get("/admin/audit").text, 'id="chain"', "</div>")
+        assert "Chain broken at entry 2:" in broken and "modified after it was written" in broken
     finally:
         web.close()
+        owner.close()
+
+
+def _section(html: str, start: str, end: str) -> str:
+    """The part of ``html`` from ``start`` to the next ``end``."""
+    assert start in html, start
+    return html.split(start, 1)[1].split(end, 1)[0]
 
 
 def test_settings_secrets_are_masked_by_rule() -> None:
