@@ -21,7 +21,10 @@ from stockade.server.errors import PayloadTooLarge
 from stockade.server.observability import get_logger
 
 if TYPE_CHECKING:
+    from starlette.responses import Response
+
     from stockade.server.services import Services
+    from stockade.server.settings import Settings
 
 log = get_logger("stockade.http")
 
@@ -70,6 +73,15 @@ def session_cookie(token: str, max_age: int, *, secure: bool) -> str:
     """The Set-Cookie value for a session (the login endpoint sets the same)."""
     return f"{SESSION_COOKIE}={token}; HttpOnly; Max-Age={max_age}; Path=/; SameSite=lax" + (
         "; Secure" if secure else ""
+    )
+
+
+def set_session_cookie(response: Response, token: str, settings: Settings) -> None:
+    """Give the browser the session just signed in (the API's login and the
+    dashboard's)."""
+    secure = bool(settings.secure_cookies)
+    response.headers.append(
+        "set-cookie", session_cookie(token, settings.session_lifetime_seconds, secure=secure)
     )
 
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from stockade.sdk import types
 from stockade.server.authz import public, signed_in
 from stockade.server.deps import ActorDep, AuditDep, ServicesDep
-from stockade.server.middleware import SESSION_COOKIE, session_cookie
+from stockade.server.middleware import SESSION_COOKIE, set_session_cookie
 from stockade.server.users.service import to_api
 
 router = APIRouter(prefix="/api/v2")
@@ -29,14 +29,7 @@ async def login(
     token, expires_at, user = await services.auth.login(
         body.username, body.password, ip=record.ip or "unknown", record=record
     )
-    response.headers.append(
-        "set-cookie",
-        session_cookie(
-            token,
-            services.settings.session_lifetime_seconds,
-            secure=bool(services.settings.secure_cookies),
-        ),
-    )
+    set_session_cookie(response, token, services.settings)
     return types.LoginResponse(session_token=token, expires_at=expires_at, user=to_api(user))
 
 

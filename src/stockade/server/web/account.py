@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from stockade.sdk import types
 from stockade.server.deps import AuditDep, ServicesDep
 from stockade.server.errors import InvalidInput, StockadeError
-from stockade.server.middleware import SESSION_COOKIE, session_cookie
+from stockade.server.middleware import SESSION_COOKIE, set_session_cookie
 from stockade.server.web.core import (
     FormErrors,
     PageActor,
@@ -62,14 +62,7 @@ async def login(request: Request, services: ServicesDep, record: AuditDep) -> Re
         context = {"next": next_path, "username": username, "errors": errors}
         return render(request, "login.html", context, status_code=errors.status)
     response = redirect(next_path)
-    response.headers.append(
-        "set-cookie",
-        session_cookie(
-            token,
-            services.settings.session_lifetime_seconds,
-            secure=bool(services.settings.secure_cookies),
-        ),
-    )
+    set_session_cookie(response, token, services.settings)
     return response
 
 
