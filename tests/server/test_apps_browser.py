@@ -28,8 +28,8 @@ from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
 from tests.agents import agent_workspace
 from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
+from tests.server.web.conftest import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
 CACHE = Path(
     os.environ.get("STOCKADE_CACHE_DIR")
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stockade"
@@ -124,13 +124,7 @@ def test_code_server_in_chromium_through_a_subdomain_app(
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=CHROMIUM,
-                args=[
-                    "--no-sandbox",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--host-resolver-rules=MAP *.apps.localhost 127.0.0.1",
-                ],
+                args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP *.apps.localhost 127.0.0.1"],
             )
             context = browser.new_context()
             # Signed in to the dashboard: its session cookie, on its host only.

@@ -20,7 +20,7 @@ from stockade.devtools.ports import free_port
 from stockade.sdk import Client
 from stockade.sdk.templates import build_archive
 from tests.conftest import OWNER_PASSWORD, PASSWORD, ServerFactory, require
-from tests.server.web.conftest import ARTIFACTS, CHROMIUM, watch
+from tests.server.web.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, watch
 from tests.server.web.test_terminal import poll, run, wait_connected, wait_for_output
 
 SQLITE_ONLY = "pages call the same services the API tests cover on both databases"
@@ -75,11 +75,7 @@ def test_a_whole_day_in_the_browser(start_server: ServerFactory, tmp_path: Path)
     base = server.url
     port = free_port()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         watched = watch(context, base)
         page = context.new_page()
