@@ -48,6 +48,11 @@ parameters:
     mutable: true
 compute:
   cpu: ${{cores}}
+apps:
+  - slug: notes
+    display_name: Notes
+    port: 8080
+    subdomain: false
 agent:
   startup_script: |
     echo "greeting is $STOCKADE_PARAMETER_GREETING"
@@ -207,6 +212,9 @@ def test_create_through_the_generated_form(web: WebClient, owner: Client, tmp_pa
     assert "greeting is good day" in page.text  # the startup script's output
     assert '<span class="badge s-ready">ready</span>' in page.text
     assert "<code>cores</code></dt><dd>2</dd>" in page.text
+    # Its apps, each opening in a new tab at its URL.
+    app_url = f"{web.server.url}/@owner/{name}/apps/notes/"
+    assert f'href="{app_url}" target="_blank" rel="noopener">Open' in page.text
 
     build = web.get(f"/workspaces/owner/{name}/builds/1")
     assert build.status_code == 200
@@ -276,6 +284,32 @@ def test_actions_through_the_forms(
     assert web.post(f"{url}/builds", {"transition": "start"}).status_code == 303
     assert settled(owner, "owner", name).status == "running"
 
+    # Mutable parameters change with a start build; the form has only those.
+    page = web.get(url)
+    assert 'id="f-param-greeting"' in page.text and 'id="f-param-cores"' not in page.text
+    refused = web.post(f"{url}/builds", {"transition": "start", "param-greeting": "Bye!"})
+    assert refused.status_code == 400
+    assert field_error(refused.text, "param-greeting").startswith("'Bye!' does not match")
+    assert '<details class="fold" open>' in refused.text  # the form opens on its error
+    # A forged field of an immutable parameter: the service's sentence says which.
+    refused = web.post(f"{url}/builds", {"transition": "restart", "param-cores": "3"})
+    assert refused.status_code == 400
+    assert "Parameter 'cores' is immutable" in unescape(refused.text)
+    changed = web.post(
+        f"{url}/builds",
+        {"transition": "start", "param-greeting": "bye now", "param-debug": "true"},
+    )
+    assert changed.status_code == 303
+    assert owner.get_workspace("owner", name).latest_build.number == 5
+    assert settled(owner, "owner", name).status == "running"
+    assert owner.get_workspace("owner", name).parameters == {
+        "greeting": "bye now",
+        "cores": 1,
+        "region": "north",
+        "tools": ["git"],
+        "debug": True,
+    }
+
     deleted = web.post(f"{url}/builds", {"transition": "delete"})
     assert deleted.status_code == 303 and "Deleting owner/" in web.get(url).text
     until(lambda: gone(owner, "owner", name), f"{name} to be deleted")
@@ -327,6 +361,13 @@ def test_a_workspace_followed_live_in_chromium(
     page.fill("#f-param-greeting", "hi there")
     page.select_option("#f-param-region", "south")
     chromium.screenshot("workspaces-new")
+    # A value the template refuses comes back in place, next to its field.
+    page.fill("#f-param-greeting", "Hi there!")
+    page.click("button[type=submit].primary")
+    page.wait_for_selector("#e-param-greeting")
+    assert "does not match the regex" in page.inner_text("#e-param-greeting")
+    chromium.screenshot("workspaces-new-error")
+    page.fill("#f-param-greeting", "hi there")
     page.click("button[type=submit].primary")
     page.wait_for_url(f"{base}/workspaces/owner/{name}")
     page.evaluate("window.stayed = true")  # gone if the page reloads
@@ -356,6 +397,8 @@ def test_a_workspace_followed_live_in_chromium(
     page.wait_for_selector("#ws-body .badge.s-ready", timeout=30_000)
     assert page.evaluate("window.stayed") is True
     assert "==> " in log.inner_text()
+    page.click("#parameters summary")  # the folded form of the mutable parameters
+    page.wait_for_selector("#f-param-greeting")
     chromium.screenshot("workspaces-detail")
 
     page.click("#build-log [data-role=link]")

@@ -297,10 +297,20 @@ class ParamField:
         return self.param.display_name or self.param.name
 
 
-def _param_fields(manifest: Manifest, posted: FormData | None) -> list[ParamField]:
-    """The form's fields, filled with what was posted or else the defaults."""
+def _param_fields(
+    manifest: Manifest,
+    posted: FormData | None,
+    *,
+    current: Mapping[str, Any] | None = None,
+    only_mutable: bool = False,
+) -> list[ParamField]:
+    """The form's fields, filled with what was posted, or else the
+    workspace's ``current`` values, or else the defaults. ``only_mutable``:
+    the fields of a workspace's parameters that may still change."""
     out = []
     for p in manifest.parameters:
+        if only_mutable and not p.mutable:
+            continue
         if p.options is not None and p.type == "list(string)":
             widget = "multi"
         elif p.options is not None:
@@ -322,7 +332,7 @@ def _param_fields(manifest: Manifest, posted: FormData | None) -> list[ParamFiel
             f.chosen = [r for r in raws if r]
             f.value = raws[-1] if raws else ""
         else:
-            default = p.default
+            default = current[p.name] if current and p.name in current else p.default
             if isinstance(default, list):
                 f.chosen = list(default)
                 f.value = "\n".join(default)
@@ -347,7 +357,7 @@ def _param_fields(manifest: Manifest, posted: FormData | None) -> list[ParamFiel
             f.help.append(f"Must match the regular expression {rule.regex}")
         if widget == "lines":
             f.help.append("One item per line.")
-        if not p.mutable:
+        if not p.mutable and not only_mutable:
             f.help.append("Fixed once the workspace is created.")
         out.append(f)
     return out
@@ -376,12 +386,14 @@ def _parameter_values(form: FormData, manifest: Manifest) -> dict[str, Any]:
     for f in _param_fields(manifest, form):
         p = f.param
         by_key = {_key(o): o for o in p.options or []}
+        if not [v for v in form.getlist(f.name) if isinstance(v, str)]:
+            # Not in the form at all: the default (or the current value) applies.
+            # (Checkbox groups carry an empty marker, so none ticked is a value.)
+            continue
         if f.widget == "multi":
             if f.chosen or not p.required:
                 values[p.name] = [by_key.get(r, r) for r in f.chosen]
             continue
-        if not [v for v in form.getlist(f.name) if isinstance(v, str)]:
-            continue  # not in the form at all: the default applies
         raw = f.value
         if f.widget == "select":
             if raw:
@@ -403,9 +415,10 @@ def _parameter_values(form: FormData, manifest: Manifest) -> dict[str, Any]:
 _PARAM_IN_MESSAGE = re.compile(r"parameter '([a-z][a-z0-9_]*)'")
 
 
-def _form_errors(exc: StockadeError | ValidationError) -> FormErrors:
+def _form_errors(exc: StockadeError | ValidationError, *, every_field: bool = True) -> FormErrors:
     """The service's errors on the fields that caused them: parameters (the
-    service names each in ``detail``), the name, the owner."""
+    service names each in ``detail``), the name, the owner. ``every_field``:
+    the form shows every parameter, so the fields say it all."""
     errors = FormErrors.of(exc)
     if isinstance(exc, ValidationError):
         for err in exc.errors():
@@ -427,7 +440,7 @@ def _form_errors(exc: StockadeError | ValidationError) -> FormErrors:
         text = "Required: give it a value." if item.get("missing") else str(item.get("message"))
         errors.fields.setdefault(PARAM + name, text[:1].upper() + text[1:])
         mapped += 1
-    if mapped and mapped == len(exc.detail or []):
+    if every_field and mapped and mapped == len(exc.detail or []):
         # The service's sentence speaks CLI (--parameter); the fields say it here.
         errors.message = (
             "Fix the parameter marked below."
@@ -567,6 +580,21 @@ async def _workspace_regions(
     ]
 
 
+async def _version_manifest(
+    services: Services, actor: Actor, ws: types.Workspace
+) -> Manifest | None:
+    """The manifest of the template version the workspace is on (None: the
+    caller can no longer read the template, for example once it is archived)."""
+    try:
+        versions = await services.templates.versions(actor, ws.template_name)
+    except StockadeError:
+        return None
+    for version in versions.versions:
+        if version.number == ws.template_version:
+            return Manifest.model_validate(version.manifest)
+    return None
+
+
 async def _workspace_page(
     request: Request,
     actor: Actor,
@@ -576,12 +604,19 @@ async def _workspace_page(
     *,
     errors: FormErrors | None = None,
     retry: str | None = None,
+    posted: FormData | None = None,
     status_code: int = 200,
 ) -> Response:
     ws, regions = await _workspace_regions(request, services, actor, owner, name)
     latest = ws.latest_build
     logs = await services.workspaces.logs(actor, owner, name, latest.number, after=0)
     url = _workspace_url(ws.owner_name, ws.name)
+    manifest = await _version_manifest(services, actor, ws)
+    mutable = (
+        _param_fields(manifest, posted, current=ws.parameters, only_mutable=True)
+        if manifest is not None and can(actor, Perm.WORKSPACE_BUILD, owner_id=ws.owner_id)
+        else []
+    )
     return render(
         request,
         "workspaces/detail.html",
@@ -595,7 +630,10 @@ async def _workspace_page(
             "lines": logs.logs,
             "errors": errors,
             "retry": retry,
-            "fmt": Fmt,
+            "mutable": mutable,
+            "param_errors": errors
+            if errors and any(k.startswith(PARAM) for k in errors.fields)
+            else None,
         },
         status_code=status_code,
     )
@@ -629,7 +667,9 @@ async def create_build(
     record: AuditDep,
 ) -> Response:
     """Start, stop, restart, update or delete (the ``transition`` field);
-    ``cancel_running`` cancels a build in progress first, as the API's flag."""
+    ``cancel_running`` cancels a build in progress first, as the API's flag.
+    A start or restart may carry new values of mutable parameters
+    (``param-NAME`` fields, as on the creation form)."""
     form = await read_form(request, actor)
     transition = field(form, "transition")
     try:
@@ -638,16 +678,29 @@ async def create_build(
                 f"there is no action {transition[:32]!r}: start, stop, restart, update or delete",
                 reason="unknown_action",
             )
+        parameters: dict[str, Any] = {}
+        if any(key.startswith(PARAM) for key in form):
+            ws = await services.workspaces.get(actor, owner, name)
+            manifest = await _version_manifest(services, actor, ws)
+            if manifest is None:
+                raise Conflict(
+                    f"the template {ws.template_name!r} cannot be read any more, so its "
+                    "parameters cannot change",
+                    reason="template_not_found",
+                )
+            parameters = _parameter_values(form, manifest)
         body = types.CreateBuildRequest(
             transition=ACTIONS[transition][0],
             update=transition == "update",
+            parameters=parameters,
             cancel_running=field(form, "cancel_running") == "true",
         )
         build = await services.workspaces.create_build(actor, owner, name, body, record)
     except (StockadeError, ValidationError) as exc:
         if isinstance(exc, NotFound) and exc.reason == "workspace_not_found":
             raise
-        errors = FormErrors.of(exc)
+        # Only mutable parameters are on the page: the sentence names the others.
+        errors = _form_errors(exc, every_field=False)
         retry = None
         if isinstance(exc, Conflict) and exc.reason == "build_in_progress":
             # The service's sentence names the CLI's ways out; the page has a button.
@@ -660,7 +713,7 @@ async def create_build(
             )
         return await _workspace_page(
             request, actor, services, owner, name,
-            errors=errors, retry=retry, status_code=errors.status,
+            errors=errors, retry=retry, posted=form, status_code=errors.status,
         )  # fmt: skip
     return redirect(
         _workspace_url(build.owner_name, build.workspace_name),
