@@ -407,7 +407,11 @@ def test_a_workspace_followed_live_in_chromium(
     chromium.screenshot("workspaces-build")
 
     page.goto(f"{base}/workspaces")
-    page.wait_for_selector(f"a.ws-name:text('{name}')")
+    row = page.locator("tr", has=page.locator(f"a.ws-name:text-is('{name}')"))
+    row.locator(".badge.s-ready").wait_for()
     chromium.screenshot("workspaces-list")
+    # The list is live too: a delete from elsewhere shows, then the row goes.
+    page.evaluate("window.stayed = true")
     owner.create_build("owner", name, "delete", cancel_running=True)
-    until(lambda: gone(owner, "owner", name), f"{name} to be deleted")
+    row.wait_for(state="detached", timeout=60_000)
+    assert page.evaluate("window.stayed") is True
