@@ -11,6 +11,8 @@ from collections.abc import Callable
 from html import unescape
 from pathlib import Path
 
+import httpx
+
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import build_archive
@@ -317,6 +319,16 @@ def test_actions_through_the_forms(
     # An htmx poll of a deleted workspace takes the browser to the list.
     poll = web.http.get(f"{url}/live", headers={"HX-Request": "true"})
     assert poll.status_code == 200 and poll.headers["hx-redirect"] == "/workspaces"
+    # And one after the session ended, to the login page and back.
+    with httpx.Client(base_url=server.url, trust_env=False) as anonymous:
+        poll = anonymous.get(
+            "/workspaces/rows",
+            headers={"HX-Request": "true", "HX-Current-URL": f"{server.url}/workspaces"},
+        )
+        assert (
+            poll.status_code == 200 and poll.headers["hx-redirect"] == "/login?next=%2Fworkspaces"
+        )
+        assert anonymous.get("/workspaces/rows").status_code == 303  # not htmx: the usual
 
 
 def test_others_workspaces_are_not_found(

@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 from pydantic import ValidationError
@@ -44,9 +44,11 @@ from stockade.server.web.core import (
     PageActor,
     csrf_token,
     field,
+    page_actor,
     read_form,
     redirect,
     render,
+    safe_next,
     templates,
 )
 
@@ -157,12 +159,34 @@ def _poll_answer(
     return HTMLResponse(html, headers={"cache-control": "no-store"})
 
 
+async def _poll_actor(request: Request) -> Actor | None:
+    """The signed-in user of a poll; ``None`` when an htmx poll comes after
+    the session ended (a plain request is sent to the login page as usual)."""
+    actor: Actor | None = request.state.actor
+    if actor is None and request.headers.get("hx-request") != "true":
+        return await page_actor(request)
+    return actor
+
+
+PollActor = Annotated[Actor | None, Depends(_poll_actor)]
+
+
+def _to_login(request: Request) -> Response:
+    """htmx follows a redirect itself and would put the login page in place
+    of the poller: it is told to take the browser there instead."""
+    page = safe_next(urlsplit(request.headers.get("hx-current-url", "")).path)
+    return Response(
+        status_code=200,
+        headers={"HX-Redirect": f"/login?next={quote(page, safe='')}", "cache-control": "no-store"},
+    )
+
+
 def _gone(request: Request, exc: NotFound, owner: str, name: str) -> Response:
     """A poll of a workspace that is gone (deleted, or no longer visible):
     htmx takes the browser to the list; a plain request gets the 404 page."""
     if request.headers.get("hx-request") != "true":
         raise exc
-    response = redirect("/workspaces", f"Workspace {owner}/{name} is gone: it was deleted.")
+    response = redirect("/workspaces", f"Workspace {owner}/{name} no longer exists.")
     return Response(
         status_code=200,
         headers={
@@ -267,8 +291,10 @@ async def list_page(
 
 @router.get("/workspaces/rows")
 async def list_rows(
-    request: Request, actor: PageActor, services: ServicesDep, q: Filter = ""
+    request: Request, actor: PollActor, services: ServicesDep, q: Filter = ""
 ) -> Response:
+    if actor is None:
+        return _to_login(request)
     region, _ = await _list_region(request, services, actor, q)
     params = {"q": q.strip()} if q.strip() else None
     return _poll_answer(request, "/workspaces/rows", [region], params=params)
@@ -648,8 +674,10 @@ async def workspace_page(
 
 @router.get("/workspaces/{owner}/{name}/live")
 async def workspace_live(
-    owner: Owner, name: Name, request: Request, actor: PageActor, services: ServicesDep
+    owner: Owner, name: Name, request: Request, actor: PollActor, services: ServicesDep
 ) -> Response:
+    if actor is None:
+        return _to_login(request)
     try:
         ws, regions = await _workspace_regions(request, services, actor, owner, name)
     except NotFound as exc:
@@ -818,9 +846,11 @@ async def build_live(
     name: Name,
     number: Number,
     request: Request,
-    actor: PageActor,
+    actor: PollActor,
     services: ServicesDep,
 ) -> Response:
+    if actor is None:
+        return _to_login(request)
     try:
         build, region = await _build_region(request, services, actor, owner, name, number)
     except NotFound as exc:
