@@ -17,7 +17,6 @@ timed out. ``--no-wait`` skips that wait.
 from __future__ import annotations
 
 import json
-import math
 import queue
 import threading
 import time
@@ -35,7 +34,7 @@ from rich.text import Text
 from stockade.cli.common import OutputOpt, UserError, YesOpt, client, confirm, interactive
 from stockade.cli.output import Format, console, err_console, print_json, print_table, show
 from stockade.sdk import ApiError, Client, ConnectionFailed, types
-from stockade.sdk.templates import Manifest, Parameter
+from stockade.sdk.templates import Manifest, Parameter, parse_number
 
 T = TypeVar("T")
 FINISHED = ("succeeded", "failed", "canceled")
@@ -141,15 +140,8 @@ def convert_value(param: Parameter | None, raw: str) -> types.ParameterValue:
     kind = param.type if param is not None else "string"
     text = raw.strip()
     if kind == "number":
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            number = float(text)
-        except ValueError:
-            return raw
-        return number if math.isfinite(number) else raw
+        number = parse_number(text)
+        return raw if number is None else number
     if kind == "bool":
         if text.lower() in _TRUE:
             return True

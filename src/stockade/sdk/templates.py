@@ -298,6 +298,22 @@ def _type_name(kind: ParameterType) -> str:
     )
 
 
+def parse_number(text: str) -> int | float | None:
+    """A number parameter's value as a person types it (``3``, ``2.5``), or
+    None when it is not a finite number. Clients send what does not parse as
+    text, so that the server names the parameter and what it needs."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def check_value(param: Parameter, value: Any) -> str | None:
     """Why ``value`` is not acceptable for ``param`` (``None``: it is).
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from stockade.sdk import types
-from stockade.sdk.templates import Manifest, Parameter
+from stockade.sdk.templates import Manifest, Parameter, parse_number
 from stockade.server.authz import Actor, Perm, can
 from stockade.server.deps import AuditDep, ServicesDep
 from stockade.server.errors import Conflict, InvalidInput, NotFound, StockadeError
@@ -389,21 +388,6 @@ def _param_fields(
     return out
 
 
-def _number(text: str) -> int | float | str:
-    """A number typed in a form; what is not one stays text, for the service
-    to name the parameter and what it needs."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return number if math.isfinite(number) else text
-
-
 def _parameter_values(form: FormData, manifest: Manifest) -> dict[str, Any]:
     """The posted parameter values, each as its type wants it. A field left
     empty is not sent, so the default applies (or the service says the
@@ -428,7 +412,7 @@ def _parameter_values(form: FormData, manifest: Manifest) -> dict[str, Any]:
             values[p.name] = {"true": True, "false": False}.get(raw, raw)
         elif f.widget == "number":
             if raw.strip():
-                values[p.name] = _number(raw)
+                values[p.name] = raw if (number := parse_number(raw)) is None else number
         elif f.widget == "lines":
             items = [line.strip() for line in raw.splitlines() if line.strip()]
             if items or not p.required:
