@@ -152,6 +152,8 @@ def test_a_whole_day_in_the_browser(start_server: ServerFactory, tmp_path: Path)
         app = opened.value
         app.wait_for_load_state()
         poll("the app's page", lambda: MARK in app.content())
+        link = page.locator("code[id^=app-url-]").first.text_content() or ""
+        assert link == f"{base}/@dev/day/apps/site/", link  # what Copy link copies
         shot(app, "5-app")
         app.close()
 

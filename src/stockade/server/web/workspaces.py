@@ -115,6 +115,7 @@ def _region(
             "request": request,
             "actor": actor,
             "csrf": csrf_token(services, actor),
+            "access_url": services.settings.access_url,
             "fmt": Fmt,
             **context,
         }
