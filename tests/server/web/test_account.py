@@ -197,3 +197,26 @@ def test_sign_in_and_account_in_chromium(chromium: Chromium) -> None:
     page.click("button[type=submit]")
     assert "Incorrect username or password" in page.locator("[role=alert]").inner_text()
     chromium.screenshot("login")
+
+    # By keyboard alone: the login form has the focus, Tab moves on, Enter sends.
+    page.goto(chromium.base_url + "/login")
+    assert page.evaluate("document.activeElement.id") == "f-username"
+    page.keyboard.type("owner")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "f-password"
+    page.keyboard.type(OWNER_PASSWORD)
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/workspaces")
+    # On every page the first Tab reaches the link that skips the navigation.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+
+    # Dark by the system's preference: the same page, other colours.
+    light = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    page.emulate_media(color_scheme="dark")
+    dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert light != dark, (light, dark)
+    page.goto(chromium.base_url + "/account")
+    chromium.screenshot("account-dark")
