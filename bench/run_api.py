@@ -197,6 +197,17 @@ def list_users(token: str, limit: int) -> Send:
     return send
 
 
+def users_page(token: str, limit: int) -> Send:
+    """The dashboard's users page, as a browser asks for it: the session
+    cookie, HTML rendered on the server."""
+    headers = {"cookie": f"stockade_session={token}"}
+
+    async def send(http: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await http.get("/admin/users", params={"limit": limit}, headers=headers)
+
+    return send
+
+
 async def load(
     url: str, pids: tuple[int, int | None], send: Send, args: argparse.Namespace
 ) -> Load:
@@ -279,6 +290,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 "login": login_as_users(args.users),
                 "list_1000": list_users(token, 1000),
                 "list_100": list_users(token, 100),
+                "users_page_100": users_page(token, 100),
             }
             for scenario, send in scenarios.items():
                 figures = asyncio.run(load(server.url, (pid, db_pid), send, args))
@@ -304,6 +316,7 @@ def cells(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("login", "login", "p99 < 300 ms"),
         ("list_1000", "list users limit=1000", "p99 < 100 ms"),
         ("list_100", "list users limit=100", "p99 < 100 ms"),
+        ("users_page_100", "dashboard users page, 100 rows", "p99 < 100 ms"),
     ]:
         c = r[key]
         busy = c["server_cpu_cores"] + c["db_cpu_cores"]
