@@ -139,6 +139,7 @@ def test_a_whole_day_in_the_browser(start_server: ServerFactory, tmp_path: Path)
         terminal_link.click()
         page.wait_for_url(re.compile(r".*/workspaces/dev/day/terminal\?session=.*"))
         wait_connected(page)
+        wait_for_output(page, r"^(\$)$")  # the prompt: typed-ahead keys would echo before it
         run(page, 'echo "sum=$((20+22)) user=$(whoami | wc -c)"')
         wait_for_output(page, r"^sum=42 user=\d+$")
         shot(page, "4-terminal")
