@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, cast
 
+from stockade.agent.terminals import reset_signals
+
 # A line longer than this is cut into pieces of this size.
 MAX_LINE_BYTES = 16 * 1024
 READ_SIZE = 65536
@@ -107,6 +109,7 @@ async def start_streamed(
             cwd=cwd,
             env=env,
             start_new_session=True,
+            preexec_fn=reset_signals,
         )
     except BaseException:
         os.close(read_fd)
@@ -163,6 +166,7 @@ async def run_captured(
         cwd=cwd,
         env=env,
         start_new_session=True,
+        preexec_fn=reset_signals,
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)

@@ -41,6 +41,7 @@ from asyncssh.sftp import MIN_SFTP_VERSION
 from stockade.agent.terminals import (
     login_environment,
     login_shell,
+    reset_signals,
     signal_group,
     spawn_on_pty,
 )
@@ -337,6 +338,7 @@ class SSHServerCore:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
+                preexec_fn=reset_signals,
             )
         except OSError:
             stdin_parent.close()

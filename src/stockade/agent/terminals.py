@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import signal
 import struct
 import termios
 
@@ -32,9 +33,28 @@ def set_window_size(fd: int, rows: int, cols: int, xpixels: int = 0, ypixels: in
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, xpixels, ypixels))
 
 
+# What a session's programs must get with the default action whatever the
+# agent inherited: an agent started under nohup ignores SIGHUP, an ignored
+# signal stays ignored across exec, and a shell cannot trap what it was
+# started ignoring, so its jobs would outlive the client's hangup.
+SESSION_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+)
+
+
+def reset_signals() -> None:
+    """In a session's child, before exec: default actions, nothing blocked
+    (as sshd and login give a session)."""
+    for sig in SESSION_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def take_controlling_terminal() -> None:
-    """In the child, after setsid(): make its stdin (the PTY) the
-    controlling terminal, so job control, ^C and hangups work."""
+    """In the child, after setsid(): default signals, and its stdin (the PTY)
+    as the controlling terminal, so job control, ^C and hangups work."""
+    reset_signals()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
