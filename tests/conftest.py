@@ -62,7 +62,9 @@ def stop_workspaces(server: ServerProcess) -> None:
 
     stop_local_workspaces(server.data_dir / "workspaces")
     if shutil.which("docker") and Path("/var/run/docker.sock").exists():
-        # Only networks no container uses; tests run one at a time.
+        # Only networks no container uses. Another xdist worker's network is
+        # unused only between a workspace's stop and its next start, and the
+        # docker backend makes it again if it is gone.
         subprocess.run(
             ["docker", "network", "prune", "-f", "--filter", "label=stockade.deployment"],
             capture_output=True,
