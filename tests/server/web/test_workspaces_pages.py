@@ -154,7 +154,7 @@ def test_create_through_the_generated_form(web: WebClient, owner: Client, tmp_pa
     )
     assert re.search(r'<textarea id="f-param-tools"[^>]*>git</textarea>', html)
     assert 'type="checkbox" id="f-param-debug" name="param-debug" value="true"' in html
-    assert "What the startup script says. Must match the regular expression ^[a-z ]+$" in html
+    assert "What the startup script says. Must match ^[a-z ]+$ (a regular expression)." in html
     assert "From 1 to 4." in html
 
     name = unique("ws")

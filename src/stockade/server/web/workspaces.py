@@ -380,7 +380,7 @@ def _param_fields(
             else:
                 f.help.append(f"At most {_key(rule.max)}.")
         if rule is not None and rule.regex is not None and p.type in ("string", "list(string)"):
-            f.help.append(f"Must match the regular expression {rule.regex}")
+            f.help.append(f"Must match {rule.regex} (a regular expression).")
         if widget == "lines":
             f.help.append("One item per line.")
         if not p.mutable and not only_mutable:
