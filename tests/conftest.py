@@ -54,6 +54,25 @@ def backend(request: pytest.FixtureRequest) -> str:
 ServerFactory = Callable[..., ServerProcess]
 
 
+def deployment_of(server: ServerProcess) -> str | None:
+    """The deployment id a server made in its database (None before it made one)."""
+    query = "SELECT deployment_id FROM deployment_info"
+    try:
+        if server.postgres_url:
+            bindir = find_bindir()
+            assert bindir is not None
+            out = subprocess.run(
+                [str(bindir / "psql"), server.postgres_url, "-tAc", query],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout  # fmt: skip
+            return out.strip() or None
+        with sqlite3.connect(server.data_dir / "stockade.db") as db:
+            row = db.execute(query).fetchone()
+            return str(row[0]) if row else None
+    except (subprocess.SubprocessError, sqlite3.Error):
+        return None
+
+
 def stop_workspaces(server: ServerProcess) -> None:
     """Local workspaces outlive their server by design; a test's must not
     outlive the test run. Nor may its deployment's Docker network: Docker has
@@ -62,6 +81,22 @@ def stop_workspaces(server: ServerProcess) -> None:
 
     stop_local_workspaces(server.data_dir / "workspaces")
     if shutil.which("docker") and Path("/var/run/docker.sock").exists():
+        deployment = deployment_of(server)
+        if deployment:
+            # Its docker workspaces, whose agents would otherwise call a dead
+            # server until the machine restarts, and keep their network busy.
+            mine = f"label=stockade.deployment={deployment}"
+            for kind in ("container", "volume"):
+                listed = subprocess.run(
+                    ["docker", kind, "ls", "-q", *(["-a"] if kind == "container" else []),
+                     "--filter", mine],
+                    capture_output=True, text=True, timeout=60, check=False,
+                )  # fmt: skip
+                if listed.stdout.split():
+                    subprocess.run(
+                        ["docker", kind, "rm", "-f", *listed.stdout.split()],
+                        capture_output=True, timeout=120, check=False,
+                    )  # fmt: skip
         # Only networks no container uses. Another xdist worker's network is
         # unused only between a workspace's stop and its next start, and the
         # docker backend makes it again if it is gone.
