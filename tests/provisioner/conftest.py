@@ -159,13 +159,18 @@ def docker_deployments(docker_client: Any) -> Iterator[set[str]]:
 
 
 @pytest.fixture
-def make_docker_spec(make_spec: SpecFactory, base_image: str) -> SpecFactory:
+def make_docker_spec(
+    make_spec: SpecFactory, base_image: str, docker_deployments: set[str]
+) -> SpecFactory:
     """``make_spec`` for the docker backend and the base image; a ``compute``
-    override is merged into ``{"image": base image}``."""
+    override is merged into ``{"image": base image}``. What is made for its
+    specs' deployment is removed after the test, whichever backend made it."""
 
     def factory(**overrides: Any) -> WorkspaceSpec:
         compute = {"image": base_image, **overrides.pop("compute", {})}
-        return with_compute(make_spec(backend="docker", **overrides), **compute)
+        spec = with_compute(make_spec(backend="docker", **overrides), **compute)
+        docker_deployments.add(spec.deployment_id)
+        return spec
 
     return factory
 
