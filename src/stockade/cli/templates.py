@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +10,7 @@ import typer
 
 from stockade.cli.common import OutputOpt, UserError, YesOpt, client, confirm
 from stockade.cli.output import Format, console, print_json, show
+from stockade.sdk.starters import STARTERS, write_starter
 from stockade.sdk.templates import (
     MANIFEST_NAME,
     ArchiveError,
@@ -25,106 +25,6 @@ COLUMNS = ["name", "display_name", "backend", "active_version", "archived_at", "
 VERSION_COLUMNS = ["number", "active", "message", "size", "archive_sha256", "created_at"]
 DirOpt = Annotated[Path, typer.Option("--directory", "-d", help="the template directory")]
 
-_STARTERS = {
-    "local": """\
-# A Stockade template: see README.md next to this file.
-name: {name}
-display_name: {title}
-description: A workspace on the Stockade host, sandboxed with bubblewrap.
-backend: local
-parameters:
-  - name: repo
-    display_name: Git repository
-    description: Cloned into ~/project at first start (empty for none).
-    type: string
-    default: ""
-    validation:
-      regex: "^$|^(https?|ssh|git)://.+$"
-    mutable: false
-  - name: dotfiles
-    type: bool
-    description: Apply ~/.dotfiles/install.sh at start if it exists.
-    default: false
-    mutable: true
-compute:
-  home_size: 10GiB
-agent:
-  # Parameters reach the script as STOCKADE_PARAMETER_<NAME> variables.
-  startup_script: |
-    set -eu
-    echo "workspace started in $HOME"
-    if [ -n "$STOCKADE_PARAMETER_REPO" ] && [ ! -d "$HOME/project" ]; then
-      git clone "$STOCKADE_PARAMETER_REPO" "$HOME/project"
-    fi
-    if [ "$STOCKADE_PARAMETER_DOTFILES" = true ] && [ -x "$HOME/.dotfiles/install.sh" ]; then
-      "$HOME/.dotfiles/install.sh"
-    fi
-  metadata:
-    - key: disk
-      display_name: Home disk usage
-      script: du -sh "$HOME" | cut -f1
-      interval: 300
-apps: []
-""",
-    "docker": """\
-# A Stockade template: see README.md next to this file.
-name: {name}
-display_name: {title}
-description: A workspace in its own container, with a persistent home volume.
-backend: docker
-parameters:
-  - name: cpu
-    display_name: CPU cores
-    type: number
-    default: 2
-    options: [1, 2, 4, 8]
-    mutable: true
-  - name: memory
-    display_name: Memory
-    type: string
-    default: 4GiB
-    options: [2GiB, 4GiB, 8GiB, 16GiB]
-    mutable: true
-compute:
-  image: stockade-base:bookworm
-  cpu: ${{cpu}}
-  memory: ${{memory}}
-  home_size: 20GiB
-agent:
-  startup_script: |
-    set -eu
-    echo "workspace started in $HOME"
-  metadata:
-    - key: load
-      display_name: Load average
-      script: cut -d' ' -f1 /proc/loadavg
-      interval: 30
-apps: []
-""",
-}
-
-_README = """\
-# {title}
-
-A Stockade template for the `{backend}` backend, written by `stockade templates init`.
-
-- `stockade.yaml` is the manifest: parameters users choose at creation, compute
-  settings, the agent's startup script and metadata commands, and apps.
-- Every other file in this directory is uploaded with it (except `.git`).
-
-Push it (as an owner or template-admin) and check the result:
-
-    stockade templates push {name} -d .
-    stockade templates versions {name}
-
-`--no-activate` uploads a version without making it the one new workspaces use.
-"""
-
-
-def _default_name(directory: Path) -> str:
-    name = re.sub(r"[^a-z0-9-]+", "-", directory.resolve().name.lower()).strip("-")[:32]
-    return name.strip("-") or "my-template"
-
 
 @app.command("init")
 def init(
@@ -134,19 +34,13 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="write into a non-empty dir")] = False,
 ) -> None:
     """Write a working starter template (stockade.yaml and README.md) into DIR."""
-    if backend not in _STARTERS:
+    if backend not in STARTERS:
         raise UserError(f"unknown backend {backend!r}; choose local or docker")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not force:
         raise UserError(f"{directory} is not empty; pass --force to write into it anyway")
-    name = name or _default_name(directory)
-    title = name.replace("-", " ").title()
-    directory.mkdir(parents=True, exist_ok=True)
-    manifest = _STARTERS[backend].format(name=name, title=title)
-    parse_manifest(manifest)  # a starter that does not validate is a bug here
-    (directory / MANIFEST_NAME).write_text(manifest)
-    (directory / "README.md").write_text(_README.format(name=name, title=title, backend=backend))
+    name = write_starter(directory, backend, name)
     console.print(f"Wrote a {backend} template {name!r} to {directory}.")
     console.print(f"Push it with: stockade templates push {name} -d {directory}")
 
