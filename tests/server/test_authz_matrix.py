@@ -70,6 +70,7 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("GET", "/api/v2/audit/verify"):                 row("401", "403", "ok", "403", "403", "ok"),
     ("GET", "/api/v2/audit/export"):                 row("401", "403", "ok", "403", "403", "ok"),
     ("GET", "/api/v2/debug/health"):                 row("401", "403", "ok", "403", "403", "403"),
+    ("GET", "/api/v2/deployment/egress"):            row("401", "403", "ok", "403", "403", "ok"),
     ("GET", "/api/v2/templates"):                    row("401", "ok", "ok", "ok", "ok", "ok"),
     ("GET", "/api/v2/templates/{name}"):             row("401", "ok", "ok", "ok", "ok", "ok"),
     ("GET", "/api/v2/templates/{name}/versions"):    row("401", "ok", "ok", "ok", "ok", "ok"),

@@ -33,7 +33,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
+from stockade import egress
 from stockade.agent.apphealth import AppHealth
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, CONNECT_PATH, PROTOCOL_VERSION
 from stockade.agent.ptys import PtyManager
@@ -47,6 +49,7 @@ from stockade.agent.wsclient import (
     connect,
     websocket_url,
 )
+from stockade.egress import EgressPolicy
 from stockade.tunnel.protocol import CLOSE_UNSUPPORTED, KIND_PTY, KIND_SSH
 
 log = logging.getLogger("stockade.agent")
@@ -180,6 +183,11 @@ class AgentConfig:
         if keepalive <= 0:
             raise ValueError(f"{KEEPALIVE_ENV} must be positive")
         return cls(access_url=url, token=token, ca_file=ca_file, keepalive=keepalive)
+
+    @property
+    def control_host(self) -> str:
+        """The control plane's host: the agent may always reach it."""
+        return urlsplit(self.access_url).hostname or ""
 
 
 @dataclass
@@ -479,6 +487,15 @@ class Agent:
         if first:
             self._startup_task = asyncio.ensure_future(self._run_startup(manifest))
         self._app_health.configure(manifest.get("apps"))
+        if "egress" in manifest:
+            try:
+                policy = EgressPolicy.from_wire(
+                    manifest["egress"], own_hosts=[self.config.control_host]
+                )
+            except ValueError as exc:
+                log.warning("keeping the egress allow-list: %s", exc)
+            else:
+                egress.install(policy, "agent")
         spec = manifest.get("metadata")
         spec = [item for item in spec if isinstance(item, dict)] if isinstance(spec, list) else []
         if spec != self._metadata_spec:
@@ -567,6 +584,21 @@ class Agent:
             if current != last:
                 await ws.send_text(json.dumps(current))
                 last = current
+            await self._report_egress(ws)
+
+    async def _report_egress(self, ws: WebSocketClient) -> None:
+        """Send what the egress guard counted since the last report (the
+        counts stay for the next connection when the send fails)."""
+        records = egress.ledger().drain()
+        if not records:
+            return
+        try:
+            await ws.send_text(
+                json.dumps({"type": "egress", "records": [r.as_dict() for r in records]})
+            )
+        except BaseException:
+            egress.ledger().add(records)
+            raise
 
     # -- scripts ------------------------------------------------------------
 
@@ -693,6 +725,9 @@ def main() -> int:
         os.getpid(),
         config.access_url,
     )
+    # Until the manifest brings the deployment's allow-list: the control
+    # plane and the private networks.
+    egress.install(EgressPolicy.build(own_hosts=[config.control_host]), "agent")
     return asyncio.run(_amain(config))
 
 

@@ -357,10 +357,11 @@ def bundle_files() -> dict[str, bytes]:
     agent_dir = Path(stockade.agent.__file__ or "").parent
     for path in sorted(agent_dir.glob("*.py")):
         files[f"stockade/agent/{path.name}"] = path.read_bytes()
-    # The stream protocol the agent shares with the server and the CLI.
-    tunnel_dir = agent_dir.parent / "tunnel"
-    for path in sorted(tunnel_dir.glob("*.py")):
-        files[f"stockade/tunnel/{path.name}"] = path.read_bytes()
+    # The stream protocol the agent shares with the server and the CLI, and
+    # the egress guard it shares with the server.
+    for shared in ("tunnel", "egress"):
+        for path in sorted((agent_dir.parent / shared).glob("*.py")):
+            files[f"stockade/{shared}/{path.name}"] = path.read_bytes()
     for module in (wsproto, h11):
         files.update(_package_files(module, module.__name__))
     files.update(_ssh_files())

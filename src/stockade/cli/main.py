@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from stockade.cli import (
     audit,
     common,
+    egress,
     identity,
     provisioners,
     ssh,
@@ -37,6 +38,9 @@ app.add_typer(users.app, name="users", help="Manage users and their roles.")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
 app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
+app.add_typer(
+    egress.app, name="egress", help="Show what the deployment tried to reach (owners, auditors)."
+)
 workspaces.register(app)
 ssh.register(app)
 app.add_typer(

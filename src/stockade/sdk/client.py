@@ -128,6 +128,9 @@ class Client:
     def health(self) -> types.Health:
         return self._get("/api/v2/debug/health", types.Health)
 
+    def egress_report(self) -> types.EgressReport:
+        return self._get("/api/v2/deployment/egress", types.EgressReport)
+
     # --- identity --------------------------------------------------------------
 
     def first_user_required(self) -> bool:

@@ -201,6 +201,36 @@ class Health(Response):
     version: str
 
 
+class EgressDestination(Response):
+    """Outbound attempts of one kind by one component to one destination."""
+
+    component: str = Field(
+        description="server, provisioner (the server's build workers), provisionerd:NAME "
+        "or agent (a workspace's agent: see workspace)"
+    )
+    workspace: str | None = Field(None, description="OWNER/NAME of an agent's workspace")
+    kind: Literal["connect", "send", "resolve"]
+    destination: str
+    port: int
+    allowed: bool
+    internal: bool = Field(description="loopback or a private network, whatever the allow-list")
+    reason: str = Field(description="what allowed it, or why it was denied")
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+class EgressReport(Response):
+    """Every outbound attempt the egress guard saw, allowed or denied."""
+
+    allow_list: list[str]
+    denied: int = Field(description="attempts refused, all components together")
+    external_allowed: int = Field(
+        description="destinations allowed only because egress_allow names them"
+    )
+    destinations: list[EgressDestination]
+
+
 class Template(Response):
     id: str
     name: str

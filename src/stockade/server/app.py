@@ -23,6 +23,7 @@ from stockade.server.auth import api as auth_api
 from stockade.server.authz import check_routes
 from stockade.server.connections import api as connections_api
 from stockade.server.db import migrate
+from stockade.server.egress import api as egress_api
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
 from stockade.server.observability import get_logger
@@ -48,6 +49,9 @@ from stockade.server.web.core import (
 from stockade.server.workspaces import api as workspaces_api
 
 log = get_logger("stockade.server")
+
+# How often the counts of the process's egress guard go to the database.
+EGRESS_FLUSH_SECONDS = 5.0
 
 
 def _is_page(request: Request) -> bool:
@@ -144,6 +148,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         services.background.every(
             "reconciler", settings.reconcile_interval_seconds, services.provisioner.reconcile
         )
+        services.background.every("egress_report", EGRESS_FLUSH_SECONDS, services.egress.flush)
         services.background.start()
         log.info(
             "server_ready",
@@ -156,6 +161,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         finally:
             await services.background.stop()
             await services.provisioner.stop()
+            try:
+                await services.egress.flush()  # the last attempts counted
+            except Exception as exc:  # a database gone at shutdown loses a few counts
+                log.warning("egress_flush_failed", error=str(exc))
             await services.db.dispose()
             log.info("server_stopped")
 
@@ -177,6 +186,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         auth_api.router,
         audit_api.router,
         system_api.router,
+        egress_api.router,
         templates_api.router,
         workspaces_api.router,
         provisioning_api.router,

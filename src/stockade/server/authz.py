@@ -44,6 +44,7 @@ class Perm(StrEnum):
     API_KEY_DELETE = "api_key.delete"
     AUDIT_READ = "audit.read"
     DEPLOYMENT_READ = "deployment.read"
+    EGRESS_READ = "egress.read"  # the egress report: owners and auditors
     TEMPLATE_READ = "template.read"  # active, non-archived templates
     TEMPLATE_WRITE = "template.write"  # push, activate, archive; see archived ones
     WORKSPACE_READ = "workspace.read"
@@ -74,7 +75,9 @@ SITE_PERMISSIONS: dict[Role, frozenset[Perm]] = {
     Role.OWNER: frozenset(Perm),
     Role.USER_ADMIN: frozenset({*_USER_ADMIN, Perm.TEMPLATE_READ}),
     Role.TEMPLATE_ADMIN: frozenset({Perm.USER_READ, Perm.TEMPLATE_READ, Perm.TEMPLATE_WRITE}),
-    Role.AUDITOR: frozenset({Perm.USER_READ, Perm.AUDIT_READ, Perm.TEMPLATE_READ}),
+    Role.AUDITOR: frozenset(
+        {Perm.USER_READ, Perm.AUDIT_READ, Perm.EGRESS_READ, Perm.TEMPLATE_READ}
+    ),
     Role.MEMBER: frozenset({Perm.TEMPLATE_READ}),
 }
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import uvicorn
 
+from stockade import egress
 from stockade.server.app import create_app
 from stockade.server.observability import configure_logging
 from stockade.server.services import Services
@@ -97,6 +98,9 @@ def serve(settings: Settings) -> None:
     # The database holds password and token hashes and the audit log.
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.data_dir.chmod(0o700)
+    # Before anything can dial out: every later connection and lookup of
+    # this process, whichever library makes it, goes through the allow-list.
+    egress.install(settings.egress_policy, "server")
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -106,6 +110,9 @@ def serve(settings: Settings) -> None:
         access_log=False,
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies or None,
+        # The standard loop, not uvloop: uvloop's transports open their
+        # sockets in C, out of the egress guard's sight.
+        loop="asyncio",
         ws_per_message_deflate=False,  # byte streams: compression costs CPU, gains nothing
         timeout_graceful_shutdown=10,
         server_header=False,

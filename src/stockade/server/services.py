@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stockade.egress import ledger
 from stockade.provisioner.backends.base import BackendOptions
 from stockade.server.agents.service import AgentService
 from stockade.server.apps.service import AppService
@@ -13,6 +14,7 @@ from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
 from stockade.server.connections.service import ConnectionService
 from stockade.server.db import Database
+from stockade.server.egress.service import EgressService
 from stockade.server.events import Notifier
 from stockade.server.observability import Metrics
 from stockade.server.provisioning.runner import ProvisionerRunner
@@ -42,6 +44,7 @@ class Services:
     notifier: Notifier
     background: Background
     audit_key: bytes
+    egress: EgressService
     apps: AppService = field(init=False)
 
 
@@ -50,7 +53,8 @@ def build_services(settings: Settings) -> Services:
     auth = AuthService(db, settings)
     notifier = Notifier()
     audit_key = load_key(settings.audit_key, settings.data_dir)
-    agents = AgentService(db, notifier, SecretBox(audit_key))
+    egress = EgressService(db, settings.egress_policy, ledger())
+    agents = AgentService(db, notifier, SecretBox(audit_key), egress)
     provisioning = ProvisioningService(
         db,
         notifier,
@@ -90,6 +94,7 @@ def build_services(settings: Settings) -> Services:
         notifier=notifier,
         background=Background(),
         audit_key=audit_key,
+        egress=egress,
     )
     services.apps = AppService(
         settings, db, agents, services.connections, auth, audit_key=audit_key

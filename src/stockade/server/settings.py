@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from stockade.egress import EgressPolicy
+
 
 def default_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -131,6 +133,19 @@ class Settings(BaseSettings):
         description="Secret key of the audit log's HMAC chain. Empty: a random key is "
         "created in DATA_DIR/audit.key. Keep it away from the database (whoever has both can "
         "rewrite history); replicas must all use the same one.",
+    )
+    egress_allow: str = Field(
+        "",
+        description="Comma-separated destinations the server, its build workers and workspace "
+        "agents may connect to beyond loopback and the private networks: IP addresses, CIDR "
+        "networks (10.20.0.0/16), host names (idp.corp.internal) or *.domain. The hosts of "
+        "the access URL, agent URL and PostgreSQL URL are always allowed. Everything else is "
+        "refused in-process and shows as denied in `stockade egress report`.",
+    )
+    egress_allow_private_networks: bool = Field(
+        True,
+        description="Allow the private networks (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, "
+        "fc00::/7) without listing them. False: only loopback and egress_allow.",
     )
     trusted_proxies: str = Field(
         "",
@@ -246,6 +261,18 @@ class Settings(BaseSettings):
         return [n for n in self.provisioner_backends.split(",") if n]
 
     @property
+    def egress_policy(self) -> EgressPolicy:
+        """The egress allow-list (checked at startup)."""
+        own = [
+            urlsplit(url).hostname for url in (self.access_url, self.agent_url, self.postgres_url)
+        ]
+        return EgressPolicy.build(
+            self.egress_allow.split(","),
+            private_networks=self.egress_allow_private_networks,
+            own_hosts=[host for host in own if host],
+        )
+
+    @property
     def workspaces_dir(self) -> Path:
         return self.data_dir / "workspaces"
 
@@ -281,6 +308,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         tls = self._check_tls()
+        self.egress_policy  # noqa: B018 -- a bad allow-list entry stops the server here
         if not self.access_url:
             self.access_url = f"{'https' if tls else 'http'}://{self.address}"
         self.access_url = self.access_url.rstrip("/")

@@ -35,6 +35,7 @@ from stockade.server.db.models import (
     WorkspaceSSHKey,
     utcnow,
 )
+from stockade.server.egress.service import AGENT_PREFIX, EgressService
 from stockade.server.events import Notifier
 from stockade.server.observability import get_logger
 from stockade.server.secretbox import SecretBox
@@ -80,8 +81,11 @@ def _text(value: Any, limit: int) -> str | None:
 
 
 class AgentService:
-    def __init__(self, db: Database, notifier: Notifier, secrets: SecretBox) -> None:
+    def __init__(
+        self, db: Database, notifier: Notifier, secrets: SecretBox, egress: EgressService
+    ) -> None:
         self.db = db
+        self.egress = egress
         self.notifier = notifier
         self.secrets = secrets
         # Agents connected to this process, by agent id.
@@ -230,7 +234,7 @@ class AgentService:
                     return
                 if not isinstance(message, dict):
                     continue
-                await self._handle(websocket, agent.id, message)
+                await self._handle(websocket, agent.id, message, workspace_id=agent.workspace_id)
                 now = utcnow()
                 if now - last_seen > SEEN_EVERY:
                     last_seen = now
@@ -259,7 +263,9 @@ class AgentService:
                 update(WorkspaceAgent).where(WorkspaceAgent.id == agent_id).values(**values)
             )
 
-    async def _handle(self, websocket: WebSocket, agent_id: str, message: dict[str, Any]) -> None:
+    async def _handle(
+        self, websocket: WebSocket, agent_id: str, message: dict[str, Any], *, workspace_id: str
+    ) -> None:
         kind = message.get("type")
         now = utcnow()
         if kind == "hello":
@@ -312,6 +318,8 @@ class AgentService:
                     for slug, state in list(apps.items())[:MAX_METADATA_ITEMS]
                     if state in ("initializing", "healthy", "unhealthy")
                 }
+        elif kind == "egress":
+            self.egress.add_remote(AGENT_PREFIX + workspace_id, message.get("records"))
         elif kind == "stats":
             fields = ("streams_open", "streams_total", "bytes_in", "bytes_out")
             try:
@@ -345,6 +353,8 @@ class AgentService:
             "metadata": [item.model_dump() for item in manifest.agent.metadata],
             "env": parameter_env(ws.parameters),
             "ssh_host_key": self.secrets.decrypt(host_key.encrypted_private_key, context=ws.id),
+            # The allow-list the agent's egress guard enforces (ssh -L, app checks).
+            "egress": self.egress.policy.to_wire(),
             # Apps with a health check, for the agent to check.
             "apps": [
                 {

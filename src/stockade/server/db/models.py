@@ -17,6 +17,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -401,3 +402,28 @@ class WorkspaceConnection(Base):
     bytes_from_workspace: Mapped[int] = mapped_column(BigInteger, default=0)
     close_code: Mapped[int | None]
     close_reason: Mapped[str | None] = mapped_column(String(256))
+
+
+class EgressDestination(Base):
+    """Outbound attempts of one kind by one component (the server, its build
+    workers, a provisioner daemon, a workspace's agent) to one destination,
+    with one decision: how many, first and last seen. The egress report."""
+
+    __tablename__ = "egress_destinations"
+    __table_args__ = (
+        UniqueConstraint(
+            "component", "kind", "destination", "port", "allowed", name="uq_egress_destination"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # "server", "provisioner", "provisionerd:NAME" or "agent:WORKSPACE_ID".
+    component: Mapped[str] = mapped_column(String(80))
+    kind: Mapped[str] = mapped_column(String(16))  # connect | send | resolve
+    destination: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)  # 0: a lookup without a port
+    allowed: Mapped[bool]
+    reason: Mapped[str] = mapped_column(String(128))
+    count: Mapped[int] = mapped_column(BigInteger)
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from stockade import egress
 from stockade.provisioner.backends import BackendSet
 from stockade.provisioner.backends.base import BackendError, BackendOptions
 from stockade.provisioner.worker import LeaseLostError, Worker
@@ -189,9 +190,12 @@ class ProvisionerRunner:
                 on_error=_log_worker_error,
             )
             self.workers.append(worker)
-            self._tasks.append(
-                asyncio.create_task(worker.run_forever(), name=f"stockade:worker-{i + 1}")
-            )
+            # The task keeps this context: its connections count as the
+            # build workers', not the API's, in the egress report.
+            with egress.as_component("provisioner"):
+                self._tasks.append(
+                    asyncio.create_task(worker.run_forever(), name=f"stockade:worker-{i + 1}")
+                )
 
     async def _listen_for_docker_agents(self, agent_url: Callable[[str], Awaitable[str]]) -> None:
         """Listen on the deployment's network gateway when the network exists,

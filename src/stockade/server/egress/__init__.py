@@ -1,0 +1,1 @@
+"""The egress report: what the egress guards counted, allowed or denied."""
