@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from stockade.cli import (
+    airgap,
     audit,
     common,
     egress,
@@ -38,6 +39,7 @@ app.add_typer(users.app, name="users", help="Manage users and their roles.")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
 app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
+app.add_typer(airgap.app, name="airgap", help="Build, verify and install offline bundles.")
 app.add_typer(
     egress.app, name="egress", help="Show what the deployment tried to reach (owners, auditors)."
 )

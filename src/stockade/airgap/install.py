@@ -1,0 +1,216 @@
+"""Installing from a bundle on a machine with no network: verify (refusing
+on any failure), extract, a fresh venv with ``pip install --no-index`` from
+the bundle's wheels alone, the agent's wheels where the agent bundle looks
+for them, ``docker load`` of the images, and the templates and Terraform
+mirror copied out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from stockade.airgap.errors import AirgapError, InstallError
+from stockade.airgap.manifest import AGENT_WHEELS, TEMPLATES, TERRAFORM_MIRROR, WHEELS, ImageInfo
+from stockade.airgap.verify import VerifiedBundle, verify_bundle
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What an install put where."""
+
+    prefix: Path
+    venv: Path
+    stockade: Path
+    templates: Path
+    terraform_mirror: Path | None
+    images: list[ImageInfo]
+    bundle: VerifiedBundle
+
+
+def _nothing(_: str) -> None:
+    return None
+
+
+def _offline_env() -> dict[str, str]:
+    """The environment for pip: no configuration file and no PIP_* variable,
+    so that nothing (an index URL, a find-links, a proxy) but the bundle's
+    wheelhouse can be used."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _run(command: list[str], what: str) -> str:
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=_offline_env(),
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        raise InstallError(f"{what}: cannot run {command[0]}: {exc.strerror}") from exc
+    if result.returncode != 0:
+        output = result.stdout + result.stderr
+        errors = [line for line in output.splitlines() if line.startswith("ERROR:")]
+        lines = errors or [line for line in output.splitlines() if line.strip()] or ["no output"]
+        raise InstallError(f"{what}: {lines[-1 if not errors else 0].strip()}")
+    return result.stdout
+
+
+def _python_version(python: str) -> str:
+    out = _run(
+        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        f"--python {python}",
+    )
+    return out.strip()
+
+
+def _docker_client() -> Any:
+    import docker
+
+    try:
+        client = docker.from_env(version="auto")
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise InstallError(
+            f"Docker is not reachable ({exc}): start dockerd (DOCKER_HOST to point elsewhere), "
+            "or pass --no-images to install without the workspace images"
+        ) from exc
+    return client
+
+
+def _load_images(client: Any, root: Path, images: list[ImageInfo], log: Log) -> None:
+    import docker
+
+    for image in images:
+        log(f"loading image {image.name}")
+        try:
+            with (root / image.file).open("rb") as data:
+                client.images.load(data)
+            loaded = client.images.get(image.name)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise InstallError(f"docker load {image.file}: {exc}") from exc
+        if loaded.id != image.id:
+            raise InstallError(
+                f"docker load {image.file}: {image.name} is now {loaded.id}, "
+                f"not the bundle's {image.id}"
+            )
+
+
+def _check_prefix(prefix: Path) -> bool:
+    """Whether the prefix exists already (it must then be an empty directory)."""
+    if prefix.is_symlink() or (prefix.exists() and not prefix.is_dir()):
+        raise InstallError(f"--prefix {prefix}: exists and is not a directory")
+    if prefix.is_dir():
+        if any(prefix.iterdir()):
+            raise InstallError(
+                f"--prefix {prefix} is not empty: install into a new (or empty) directory"
+            )
+        return True
+    if not prefix.parent.is_dir():
+        raise InstallError(f"--prefix {prefix}: {prefix.parent} does not exist")
+    return False
+
+
+def install_bundle(
+    archive: Path,
+    *,
+    prefix: Path,
+    public_key: Ed25519PublicKey | None = None,
+    fingerprint: str | None = None,
+    python: str | None = None,
+    include_images: bool = True,
+    log: Log = _nothing,
+) -> InstallResult:
+    """Verify ``archive`` and install it under ``prefix`` (a new or empty
+    directory): ``bundle/`` (the verified files), ``venv/``, ``templates/``
+    and, if the bundle has one, ``terraform-mirror/``."""
+    prefix = prefix.absolute()
+    python = python or sys.executable
+    if shutil.which(python) is None:
+        raise InstallError(f"--python {python}: not found")
+    existed = _check_prefix(prefix)
+    client = _docker_client() if include_images else None
+    staging = prefix / ".bundle.partial"
+    try:
+        prefix.mkdir(exist_ok=True)
+        staging.mkdir()
+        log(f"verifying {archive}")
+        try:
+            verified = verify_bundle(
+                archive, public_key=public_key, fingerprint=fingerprint, extract_to=staging
+            )
+        except AirgapError:
+            shutil.rmtree(staging)
+            if not existed:
+                prefix.rmdir()
+            raise
+        root = prefix / "bundle"
+        staging.rename(root)
+        info = verified.info
+        version = _python_version(python)
+        if version not in info.python_versions:
+            raise InstallError(
+                f"--python {python} is CPython {version}; the bundle has wheels for "
+                f"{', '.join(info.python_versions)}: pass --python with one of those"
+            )
+        venv = prefix / "venv"
+        log(f"creating {venv} (CPython {version})")
+        _run([python, "-m", "venv", str(venv)], f"creating the venv {venv}")
+        log(f"installing Stockade {info.stockade_version} from the bundle's wheels (--no-index)")
+        _run(
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--find-links",
+                str(root / WHEELS),
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--no-cache-dir",
+                f"stockade=={info.stockade_version}",
+            ],
+            "pip install from the bundle",
+        )
+        if (root / AGENT_WHEELS).is_dir():
+            # Where stockade.agent.bundle.agent_wheels_dir() looks by default.
+            shutil.copytree(root / AGENT_WHEELS, venv / AGENT_WHEELS)
+        templates = prefix / "templates"
+        shutil.copytree(root / TEMPLATES, templates)
+        mirror = None
+        if info.terraform_mirror:
+            mirror = prefix / "terraform-mirror"
+            shutil.copytree(root / TERRAFORM_MIRROR, mirror)
+        if client is not None:
+            _load_images(client, root, info.images, log)
+    except OSError as exc:
+        raise InstallError(f"installing into {prefix}: {exc}") from exc
+    finally:
+        if client is not None:
+            client.close()
+    return InstallResult(
+        prefix=prefix,
+        venv=venv,
+        stockade=venv / "bin" / "stockade",
+        templates=templates,
+        terraform_mirror=mirror,
+        images=info.images if client is not None else [],
+        bundle=verified,
+    )
