@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
 from stockade.cli.common import OutputOpt, client
 from stockade.cli.output import Format, console, fail, print_json, print_table
+from stockade.sdk import types
 
 app = typer.Typer(no_args_is_help=True)
 
-COLUMNS = ["allowed", "component", "workspace", "kind", "destination", "port", "internal",
-           "reason", "count", "first_seen", "last_seen"]  # fmt: skip
+COLUMNS = ["decision", "source", "kind", "destination", "count", "last_seen", "why"]
+
+
+class _Row(BaseModel):
+    """One destination, narrow enough for a terminal (--output json has all)."""
+
+    decision: str
+    source: str
+    kind: str
+    destination: str
+    count: int
+    last_seen: datetime
+    why: str
+
+    @classmethod
+    def of(cls, d: types.EgressDestination) -> _Row:
+        return cls(
+            decision="allowed" if d.allowed else "DENIED",
+            source=f"agent {d.workspace}" if d.workspace else d.component,
+            kind=d.kind,
+            destination=f"{d.destination}:{d.port}" if d.port else d.destination,
+            count=d.count,
+            last_seen=d.last_seen,
+            why=d.reason + ("" if d.internal or not d.allowed else " (external)"),
+        )
 
 
 @app.command("report")
@@ -37,16 +63,16 @@ def report(
         print_json(result)
     else:
         if result.destinations:
-            print_table(result.destinations, COLUMNS)
+            print_table([_Row.of(d) for d in result.destinations], COLUMNS)
         console.print("Allow-list: " + ", ".join(result.allow_list))
         if result.denied:
-            fail(f"{result.denied} outbound attempts were denied (the rows with ALLOWED False).")
+            fail(f"{result.denied} outbound attempts were denied (the DENIED rows).")
         else:
             console.print("No outbound attempt was denied.")
         if result.external_allowed:
             message = (
                 f"{result.external_allowed} allowed destinations are not internal: "
-                "allowed only because egress_allow names them (INTERNAL False)."
+                "allowed only because egress_allow names them (external)."
             )
             fail(message) if strict else console.print(message)
         else:
