@@ -102,7 +102,7 @@ def test_the_ledger_counts_by_destination_and_decision_until_drained() -> None:
 
 def test_a_flood_of_destinations_is_counted_in_bounded_memory() -> None:
     ledger = EgressLedger()
-    ledger.MAX_KEYS = 10  # type: ignore[misc]
+    ledger.MAX_KEYS = 10
     for port in range(1, 101):
         ledger.record("agent:w", "connect", "10.9.9.9", port, False, "denied")
     records = ledger.drain()
