@@ -209,6 +209,21 @@ def test_builds_run_on_the_daemon_until_its_key_is_deleted(setup: Setup) -> None
     setup.delete("dev")
     assert not (setup.tmp_path / "provisionerd" / "workspaces" / created.id).exists()
 
+    # The daemon's egress guard counted its calls to the server and sent them
+    # (at start, then every 10 s); the server's report shows them as its own.
+    deadline = time.monotonic() + 25
+    while True:
+        sources = {
+            (d.component, d.kind, d.destination, d.port, d.allowed)
+            for d in setup.owner.egress_report().destinations
+        }
+        mine = ("provisionerd:host-a", "connect", "127.0.0.1", setup.server.port, True)
+        if mine in sources or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert mine in sources, sources
+    assert not any(not allowed for *_, allowed in sources), sources
+
     # Revoked: the daemon's next call (its long poll ends within 10 s) is
     # refused, and it stops with a message that says so.
     setup.owner.delete_provisioner_key("test-host")

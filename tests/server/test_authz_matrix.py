@@ -111,6 +111,7 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("DELETE", "/api/v2/provisioner-keys/{name}"):   row("401", "403", "ok", "403", "403", "403"),
     # The daemon protocol takes a provisioner key, never a user's credentials.
     ("POST", "/api/v2/provisionerd/acquire"):        row("401", "401", "401", "401", "401", "401"),
+    ("POST", "/api/v2/provisionerd/egress"):         row("401", "401", "401", "401", "401", "401"),
     ("POST", "/api/v2/provisionerd/jobs/{build_id}/heartbeat"):
                                                      row("401", "401", "401", "401", "401", "401"),
     ("POST", "/api/v2/provisionerd/jobs/{build_id}/logs"):
@@ -268,6 +269,8 @@ class Walk:
             body = {"name": unique("key")}
         elif key == ("POST", "/api/v2/provisionerd/acquire"):
             body = {"worker_id": "w", "backends": ["local"]}
+        elif key == ("POST", "/api/v2/provisionerd/egress"):
+            body = {"daemon": "d", "records": []}
         elif key[1].startswith("/api/v2/provisionerd/jobs/"):
             body = (
                 {"worker_id": "w", "status": "failed"}

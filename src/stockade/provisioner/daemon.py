@@ -38,10 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
 import stockade
+from stockade import egress
 from stockade.provisioner.backends import NAMES as BACKEND_NAMES
 from stockade.provisioner.backends import BackendSet
 from stockade.provisioner.backends.base import Backend, BackendError, BackendOptions
@@ -51,6 +53,9 @@ from stockade.sdk.tls import client_ssl_context
 
 KEY_HEADER = "Stockade-Provisioner-Key"
 API = "/api/v2/provisionerd"
+# How often the egress guard's counts go to the server.
+EGRESS_REPORT_SECONDS = 10.0
+PROVISIONERD_COMPONENT = "provisionerd"
 # Request field limits of the protocol (see stockade.sdk.types): a value over
 # them would be a 422 that no retry fixes, so they are cut here.
 MAX_STAGE = 128
@@ -464,6 +469,7 @@ class Daemon:
             version=stockade.__version__,
         )
         tasks: dict[asyncio.Task[Any], int] = {}
+        reporter = asyncio.create_task(self._report_egress(http), name="provisionerd:egress")
         try:
             for i in range(config.workers):
                 tasks[self._start_worker(i, http, backends)] = i
@@ -493,9 +499,11 @@ class Daemon:
                 refused.cancel()
         finally:
             busy = [w.current for w in self.workers if w.current is not None]
-            for task in tasks:
+            for task in [*tasks, reporter]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, reporter, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._send_egress(http)  # the last counts
             await backends.close()
             await http.aclose()
             if busy:
@@ -508,6 +516,38 @@ class Daemon:
         if self.refused.is_set():
             raise KeyRefusedError(self.refusal or "the server refused the provisioner key")
         event(logging.INFO, "provisionerd_stopped", name=self.name)
+
+    async def _report_egress(self, http: httpx.AsyncClient) -> None:
+        """Send the egress guard's counts now and then; the server answers
+        with the deployment's allow-list, which the guard enforces from then on."""
+        while True:
+            try:
+                await self._send_egress(http)
+            except (httpx.HTTPError, ValueError) as exc:
+                event(logging.WARNING, "egress_report_failed", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(EGRESS_REPORT_SECONDS)
+
+    async def _send_egress(self, http: httpx.AsyncClient) -> None:
+        records = egress.ledger().drain()
+        body = types.EgressRecords(daemon=self.name[:64], records=[r.as_dict() for r in records])
+        try:
+            response = await http.post(
+                "/api/v2/provisionerd/egress", json=body.model_dump(mode="json")
+            )
+            response.raise_for_status()
+        except BaseException:
+            egress.ledger().add(records)
+            raise
+        policy = types.EgressPolicyWire.model_validate(response.json()).policy
+        if egress.guard_installed():
+            egress.install(
+                egress.EgressPolicy.from_wire(policy, own_hosts=[self.server_host]),
+                PROVISIONERD_COMPONENT,
+            )
+
+    @property
+    def server_host(self) -> str:
+        return urlsplit(self.config.url).hostname or ""
 
     def _start_worker(
         self, index: int, http: httpx.AsyncClient, backends: _Backends
@@ -538,6 +578,11 @@ class Daemon:
 async def serve(config: DaemonConfig) -> None:
     """Run a daemon with SIGTERM and SIGINT stopping it."""
     daemon = Daemon(config)
+    # Until the server sends the deployment's allow-list: the server and
+    # the private networks.
+    egress.install(
+        egress.EgressPolicy.build(own_hosts=[daemon.server_host]), PROVISIONERD_COMPONENT
+    )
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:

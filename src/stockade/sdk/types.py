@@ -231,6 +231,19 @@ class EgressReport(Response):
     destinations: list[EgressDestination]
 
 
+class EgressRecords(Request):
+    """What a provisioner daemon's egress guard counted since its last report."""
+
+    daemon: str = Field(min_length=1, max_length=64, description="the daemon's name")
+    records: list[dict[str, Any]] = Field(default_factory=list, max_length=500)
+
+
+class EgressPolicyWire(Response):
+    """The deployment's allow-list, for a remote component's guard to enforce."""
+
+    policy: dict[str, Any]
+
+
 class Template(Response):
     id: str
     name: str
