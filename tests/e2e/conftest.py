@@ -1,0 +1,26 @@
+"""Fixtures for end-to-end tests in an isolated network (see isolation.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import require
+from tests.e2e.isolation import IsolatedNetwork, isolated_network, missing_tools
+
+
+def require_tools(*tools: str, packages: str) -> None:
+    """Fail in CI, skip elsewhere, when a tool is missing."""
+    missing = missing_tools(*tools)
+    require(", ".join(missing) or "tools", not missing, f"apt-get install {packages}")
+
+
+@pytest.fixture(scope="session")
+def isolated() -> Iterator[IsolatedNetwork]:
+    """stk-iso and stk-sink, for the whole session (deleted at its end)."""
+    require("root", os.geteuid() == 0, "network namespaces need root: run the tests as root")
+    require_tools("ip", "tcpdump", "curl", packages="iproute2 tcpdump curl")
+    with isolated_network() as network:
+        yield network
