@@ -4,16 +4,19 @@ installs in them (and fail, saying why, without it), and the CLI and SDK
 trust it through ``STOCKADE_CA_FILE`` (the API, ``config-ssh`` and plain
 ``ssh`` through the ``ssh --stdio`` ProxyCommand).
 
-The certificates are made here with ``openssl``: a throw-away CA, a server
-certificate it signs for 127.0.0.1 and localhost, and an unrelated CA."""
+The certificates are made here with ``cryptography``: a throw-away CA, a
+server certificate it signs for 127.0.0.1 and localhost, and an unrelated CA."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import datetime
+import ipaddress
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -26,9 +29,14 @@ from typing import Any
 import docker
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from stockade.agent.agent import CA_FILE_ENV as AGENT_READS
+from stockade.devtools.ports import free_port
 from stockade.devtools.server import ServerProcess
 from stockade.provisioner.backends.base import AGENT_CA_ENV, WorkspaceSpec, agent_environment
 from stockade.provisioner.backends.docker import BASE_IMAGE, container_name, volume_name
@@ -62,40 +70,82 @@ class Pki:
     other_ca: Path
 
 
-def _openssl(*args: str) -> None:
-    done = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name | None,
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+    )
 
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-             "-subj", f"/CN=Stockade test {name}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    return cert, key
+    """A throw-away CA (P-256), made with ``cryptography``: (cert, key) files."""
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    cert = (
+        _certificate(f"Stockade test {name}", key, None)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def make_server_cert(directory: Path, ca: tuple[Path, Path], ips: list[str]) -> tuple[Path, Path]:
-    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.pem"
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(key), "-out", str(csr),
-             "-subj", "/CN=stockade test server")  # fmt: skip
-    extensions = directory / "server.ext"
-    names = ",".join(["DNS:localhost", *(f"IP:{ip}" for ip in ips)])
-    extensions.write_text(
-        f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    """A server certificate the CA signs for localhost and ``ips``."""
+    key_path, cert_path = directory / "server.key", directory / "server.pem"
+    ca_cert = x509.load_pem_x509_certificate(ca[0].read_bytes())
+    ca_key = serialization.load_pem_private_key(ca[1].read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        _certificate("stockade test server", key, ca_cert.subject)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
     )
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-             "-CAcreateserial", "-out", str(cert), "-days", "2",
-             "-extfile", str(extensions))  # fmt: skip
-    return cert, key
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    require("openssl", shutil.which("openssl") is not None, "apt-get install openssl")
     directory = tmp_path_factory.mktemp("pki")
     ca = make_ca(directory, "ca")
     cert, key = make_server_cert(directory, ca, ["127.0.0.1"])
@@ -103,8 +153,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(ca=ca[0], cert=cert, key=key, other_ca=other)
 
 
-def https_server(data_dir: Path, pki: Pki, *, agent_ca: Path | None) -> ServerProcess:
-    args = ["--tls-cert-file", str(pki.cert), "--tls-key-file", str(pki.key)]
+def https_server(
+    data_dir: Path, pki: Pki, *, agent_ca: Path | None, args: list[str] | None = None
+) -> ServerProcess:
+    args = ["--tls-cert-file", str(pki.cert), "--tls-key-file", str(pki.key), *(args or [])]
     if agent_ca is not None:
         args += ["--agent-ca-file", str(agent_ca)]
     server = ServerProcess(data_dir=data_dir, env=RELAXED_LIMITS, args=args)
@@ -200,6 +252,13 @@ def test_settings_refuse_tls_that_cannot_work(pki: Pki, tmp_path: Path) -> None:
             "tls_key_file": pki.key,
         },
         "cannot read the CA bundle": {"agent_ca_file": tmp_path / "missing.pem"},
+        "redirect_http_address needs TLS": {"redirect_http_address": "127.0.0.1:8080"},
+        "redirect_http_address must differ": {
+            "tls_cert_file": pki.cert,
+            "tls_key_file": pki.key,
+            "redirect_http_address": "127.0.0.1:7080",
+        },
+        "address must be HOST:PORT": {"redirect_http_address": "8080"},
         "is not a PEM CA bundle": {"agent_ca_file": pki.key},
     }
     for message, values in refused.items():
@@ -224,6 +283,47 @@ def test_the_server_says_why_it_will_not_start(pki: Pki, tmp_path: Path) -> None
 
 
 # --- a server with a private CA -------------------------------------------------------
+
+
+def test_plain_http_is_redirected_to_the_access_url_when_asked(pki: Pki, tmp_path: Path) -> None:
+    plain_port = free_port()
+    server = https_server(
+        tmp_path / "server", pki, agent_ca=None,
+        args=["--redirect-http-address", f"127.0.0.1:{plain_port}"],
+    ).start()  # fmt: skip
+    try:
+        for method in ("GET", "POST"):
+            response = httpx.request(
+                method,
+                f"http://127.0.0.1:{plain_port}/workspaces/a%20b?x=1&y=2",
+                headers={"Host": "evil.example"},  # never a redirect to a host a request names
+                timeout=10,
+            )
+            assert response.status_code == 308, response.text
+            assert response.headers["location"] == (
+                f"https://127.0.0.1:{server.port}/workspaces/a%20b?x=1&y=2"
+            )
+        # Followed, it ends on the https server, which the CA vouches for.
+        with httpx.Client(verify=client_ssl_context(pki.ca), follow_redirects=True) as client:
+            final = client.get(f"http://127.0.0.1:{plain_port}/api/v2/buildinfo")
+        assert final.status_code == 200 and str(final.url).startswith("https://")
+    finally:
+        server.stop()
+
+    # A redirect address that cannot be bound stops the server, saying why.
+    taken = https_server(
+        tmp_path / "server2", pki, agent_ca=None,
+        args=["--redirect-http-address", f"127.0.0.1:{server.port}"],
+    )  # fmt: skip
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", server.port))
+    blocker.listen()
+    try:
+        with pytest.raises(RuntimeError, match="redirect_listen_failed"):
+            taken.start(timeout=20)
+    finally:
+        blocker.close()
+        taken.stop()
 
 
 def test_local_workspace_agent_and_cli_trust_the_private_ca(

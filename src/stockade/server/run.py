@@ -10,10 +10,14 @@ import sys
 from urllib.parse import urlsplit
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
 
 from stockade import egress
 from stockade.server.app import create_app
-from stockade.server.observability import configure_logging
+from stockade.server.observability import configure_logging, get_logger
 from stockade.server.services import Services
 from stockade.server.settings import Settings
 
@@ -40,10 +44,14 @@ class _Server(uvicorn.Server):
     server at. The app's own sockets and these share one protocol, state and
     graceful shutdown."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(
+        self, config: uvicorn.Config, *, redirect_address: str = "", access_url: str = ""
+    ) -> None:
         super().__init__(config)
         self._extra: dict[str, asyncio.base_events.Server] = {}
         self._extra_lock = asyncio.Lock()
+        self.redirect_address = redirect_address
+        self.access_url = access_url
 
     async def listen_also(self, host: str) -> None:
         """Listen on ``host`` at the configured port too (idempotent); raises
@@ -74,10 +82,61 @@ class _Server(uvicorn.Server):
                 ssl=config.ssl,
             )
 
+    async def redirect_http(self, address: str, access_url: str) -> None:
+        """Listen on ``address`` with plain HTTP, sending every request to
+        the same path under ``access_url`` (308, so the method and body
+        stay). Connections share this server's state and shutdown."""
+        config = uvicorn.Config(
+            _redirect_app(access_url), loop="asyncio", lifespan="off", access_log=False,
+            log_config=None, server_header=False,
+        )  # fmt: skip
+        config.load()
+        host, _, port = address.rpartition(":")
+
+        def protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state={}, _loop=_loop
+            )
+            return made
+
+        loop = asyncio.get_running_loop()
+        self._extra[address] = await loop.create_server(
+            protocol, host=host.strip("[]"), port=int(port), backlog=config.backlog
+        )
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # The redirect first: when its address cannot be bound, the server
+        # stops before it ever answers, as uvicorn does for its own address.
+        if self.redirect_address:
+            try:
+                await self.redirect_http(self.redirect_address, self.access_url)
+            except OSError as exc:
+                get_logger("stockade.server").error(
+                    "redirect_listen_failed", address=self.redirect_address, error=str(exc)
+                )
+                sys.exit(1)
+        await super().startup(sockets)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self._extra.values():
             server.close()
         await super().shutdown(sockets)
+
+
+def _redirect_app(access_url: str) -> Starlette:
+    """Every request, whatever its Host, to the same path under the access
+    URL (never to a host the request names: no open redirect)."""
+
+    async def redirect(request: Request) -> Response:
+        target = access_url + request.url.path
+        if request.url.query:
+            target += "?" + request.url.query
+        return RedirectResponse(target, status_code=308)
+
+    return Starlette(routes=[Route("/{path:path}", redirect, methods=_ALL_METHODS)])
+
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def _on_loopback(url: str) -> bool:
@@ -119,7 +178,9 @@ def serve(settings: Settings) -> None:
         ssl_certfile=settings.tls_cert_file,
         ssl_keyfile=settings.tls_key_file,
     )
-    server = _Server(config)
+    server = _Server(
+        config, redirect_address=settings.redirect_http_address, access_url=settings.access_url
+    )
     if not settings.agent_url and _on_loopback(settings.access_url):
         # Containers cannot reach the host's loopback: docker workspaces get
         # the gateway of their network, where the server listens too (unless

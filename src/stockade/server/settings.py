@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(
         None, description="PEM private key of tls_cert_file (keep it readable by the server only)."
     )
+    redirect_http_address: str = Field(
+        "",
+        description="HOST:PORT to also listen on with plain HTTP, answering every request "
+        "with a permanent redirect (308) to the same path under the access URL, for users "
+        "who type http://. Needs tls_cert_file. Empty: off.",
+    )
     agent_ca_file: Path | None = Field(
         None,
         description="PEM CA bundle that workspaces' agents trust for the control plane, when "
@@ -284,6 +290,11 @@ class Settings(BaseSettings):
             raise ValueError(f"address must be HOST:PORT, got {value!r}")
         return value
 
+    @field_validator("redirect_http_address")
+    @classmethod
+    def _check_redirect_address(cls, value: str) -> str:
+        return cls._check_address(value) if value else value
+
     @field_validator("postgres_url")
     @classmethod
     def _check_postgres_url(cls, value: str) -> str:
@@ -308,6 +319,14 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         tls = self._check_tls()
+        if self.redirect_http_address:
+            if not tls:
+                raise ValueError(
+                    "redirect_http_address needs TLS here (tls_cert_file and tls_key_file): "
+                    "it redirects plain HTTP to the https access URL"
+                )
+            if self.redirect_http_address == self.address:
+                raise ValueError("redirect_http_address must differ from address")
         self.egress_policy  # noqa: B018 -- a bad allow-list entry stops the server here
         if not self.access_url:
             self.access_url = f"{'https' if tls else 'http'}://{self.address}"
