@@ -59,6 +59,7 @@ _LOOKUP_EVENTS = {
 }
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
+_DECISION_CACHE = 4096
 REASON_LOOPBACK = "loopback"
 REASON_PRIVATE = "private network"
 REASON_OWN = "Stockade's own address"
@@ -127,6 +128,7 @@ class EgressPolicy:
         self.suffixes = tuple(s.lower() for s in suffixes)
         self.local_names = frozenset(_normal_host(n) for n in local_names if n)
         self._loopback = tuple(ipaddress.ip_network(n) for n in LOOPBACK_NETWORKS)
+        self._decided: dict[str, str | None] = {}
 
     @classmethod
     def build(
@@ -185,6 +187,19 @@ class EgressPolicy:
 
     def decide(self, host: str) -> str | None:
         """Why ``host`` (an address or a name) may be reached, or None."""
+        # Decisions are cached: parsing addresses costs more than the
+        # loopback connect it guards (a few destinations recur for ever).
+        try:
+            return self._decided[host]
+        except KeyError:
+            pass
+        reason = self._decide(host)
+        if len(self._decided) >= _DECISION_CACHE:
+            self._decided.clear()
+        self._decided[host] = reason
+        return reason
+
+    def _decide(self, host: str) -> str | None:
         name = _normal_host(host)
         address = _parse_ip(name)
         if address is not None and (address.is_unspecified or address.is_loopback):
