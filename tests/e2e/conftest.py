@@ -10,17 +10,21 @@ import pytest
 from tests.conftest import require
 from tests.e2e.isolation import IsolatedNetwork, isolated_network, missing_tools
 
+# The Debian package of each tool the tests run.
+PACKAGES = {"ip": "iproute2", "tcpdump": "tcpdump", "curl": "curl", "docker": "docker.io",
+            "dockerd": "docker.io", "nsenter": "util-linux"}  # fmt: skip
 
-def require_tools(*tools: str, packages: str) -> None:
+
+def require_tools(*tools: str) -> None:
     """Fail in CI, skip elsewhere, when a tool is missing."""
-    missing = missing_tools(*tools)
-    require(", ".join(missing) or "tools", not missing, f"apt-get install {packages}")
+    for tool in missing_tools(*tools):
+        require(f"`{tool}`", False, f"apt-get install {PACKAGES[tool]}")
 
 
 @pytest.fixture(scope="session")
 def isolated() -> Iterator[IsolatedNetwork]:
     """stk-iso and stk-sink, for the whole session (deleted at its end)."""
     require("root", os.geteuid() == 0, "network namespaces need root: run the tests as root")
-    require_tools("ip", "tcpdump", "curl", packages="iproute2 tcpdump curl")
+    require_tools("ip", "tcpdump", "curl")
     with isolated_network() as network:
         yield network

@@ -159,10 +159,19 @@ def _write_sysctls(namespace: str, values: dict[str, str]) -> None:
             raise RuntimeError(f"{key} in {namespace} is {got}, not {value}")
 
 
+def _ipv6_on(namespace: str, name: str) -> bool:
+    """Whether the kernel does IPv6 on this interface (not at all without the
+    module; ``disable_ipv6`` where the machine turns it off by default)."""
+    if not Path("/proc/sys/net/ipv6").is_dir():
+        return False
+    key = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+    return _run(["ip", "netns", "exec", namespace, "cat", key]).strip() == "0"
+
+
 def _link_end(namespace: str, name: str, timeout: float = 5.0) -> LinkEnd:
     """Read an end back, waiting for its IPv6 link-local address (which comes
     once the link has a carrier) where the kernel does IPv6."""
-    has_ipv6 = Path("/proc/sys/net/ipv6").is_dir()
+    has_ipv6 = _ipv6_on(namespace, name)
     deadline = time.monotonic() + timeout
     while True:
         (info,) = json.loads(_run(["ip", "-j", "-n", namespace, "addr", "show", "dev", name]))
@@ -195,7 +204,7 @@ def create_isolated_network() -> IsolatedNetwork:
         _run(["ip", "link", "add", iso_if, "netns", iso, "type", "veth",
               "peer", "name", sink_if, "netns", sink])  # fmt: skip
         _write_sysctls(sink, {"net/ipv4/ip_forward": "0"})
-        if Path("/proc/sys/net/ipv6").is_dir():
+        if _ipv6_on(iso, iso_if):
             _write_sysctls(sink, {"net/ipv6/conf/all/forwarding": "0"})
             for namespace, name in ((iso, iso_if), (sink, sink_if)):
                 _write_sysctls(
