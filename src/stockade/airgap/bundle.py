@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from stockade.airgap.errors import BundleError
 from stockade.airgap.keys import fingerprint, load_private_key, public_pem
 from stockade.airgap.manifest import (
@@ -189,22 +191,20 @@ def _build_wheel(source: Path, scratch: Path, log: Log) -> Path:
 
 
 def _stockade_wheel(options: BundleOptions, scratch: Path, log: Log) -> Path:
-    if options.stockade_wheel is not None:
-        wheel = options.stockade_wheel
-        if not wheel.is_file():
-            raise BundleError(f"{wheel}: no such wheel file")
-        if not _WHEEL_NAME.match(wheel.name):
-            raise BundleError(f"{wheel.name} is not a Stockade wheel (stockade-VERSION-...whl)")
-        return wheel
-    origin = _installed_origin()
-    if origin is None:
-        raise BundleError(
-            "this Stockade was not installed from a local checkout or wheel: "
-            "pass --stockade-wheel FILE"
-        )
-    if origin.suffix == ".whl" and origin.is_file():
-        return origin
-    return _build_wheel(origin, scratch, log)
+    wheel = options.stockade_wheel
+    if wheel is None:
+        origin = _installed_origin()
+        if origin is None:
+            raise BundleError(
+                "this Stockade was not installed from a local checkout or wheel: "
+                "pass --stockade-wheel FILE"
+            )
+        wheel = origin if origin.suffix == ".whl" else _build_wheel(origin, scratch, log)
+    if not wheel.is_file():
+        raise BundleError(f"{wheel}: no such wheel file")
+    if not _WHEEL_NAME.match(wheel.name):
+        raise BundleError(f"{wheel.name} is not a Stockade wheel (stockade-VERSION-...whl)")
+    return wheel
 
 
 def _arch_groups(platforms: Sequence[str]) -> list[list[str]]:
@@ -288,44 +288,51 @@ def image_file_name(reference: str) -> str:
     return f"{IMAGES}/{re.sub(r'[^A-Za-z0-9._-]+', '_', reference)}.tar"
 
 
-def _save_images(references: Sequence[str], root: Path, log: Log) -> list[ImageInfo]:
+def _find_images(client: Any, references: Sequence[str]) -> list[tuple[str, Any]]:
+    """(tag, image) for each reference, checked before anything is downloaded."""
     import docker
 
-    client = _docker_client()
+    found: list[tuple[str, Any]] = []
+    for reference in dict.fromkeys(references):
+        try:
+            image = client.images.get(reference)
+        except docker.errors.ImageNotFound as exc:
+            raise BundleError(
+                f"image {reference} is not in the local Docker daemon: build or load it "
+                "there first (nothing is pulled)"
+            ) from exc
+        except docker.errors.DockerException as exc:
+            raise BundleError(f"image {reference}: {exc}") from exc
+        tags: list[str] = list(image.tags)
+        tag = next((t for t in (reference, f"{reference}:latest") if t in tags), None)
+        if tag is None:
+            raise BundleError(
+                f"image {reference}: give it by one of its tags ({', '.join(tags) or 'none'}); "
+                "an image saved by id loads without a name"
+            )
+        found.append((tag, image))
+    return found
+
+
+def _save_images(images: list[tuple[str, Any]], root: Path, log: Log) -> list[ImageInfo]:
+    """``docker save`` each image under its tag, so that ``docker load`` names it."""
+    import docker
+
     saved: list[ImageInfo] = []
-    try:
-        for reference in dict.fromkeys(references):
-            try:
-                image = client.images.get(reference)
-            except docker.errors.ImageNotFound as exc:
-                raise BundleError(
-                    f"image {reference} is not in the local Docker daemon: build or load it "
-                    "there first (nothing is pulled)"
-                ) from exc
-            except docker.errors.DockerException as exc:
-                raise BundleError(f"image {reference}: {exc}") from exc
-            tags: list[str] = list(image.tags)
-            tag = next((t for t in (reference, f"{reference}:latest") if t in tags), None)
-            if tag is None:
-                raise BundleError(
-                    f"image {reference}: give it by one of its tags ({', '.join(tags) or 'none'}); "
-                    "an image saved by id loads without a name"
-                )
-            name = image_file_name(tag)
-            if any(other.file == name for other in saved):
-                raise BundleError(f"images {tag} and another one would both be saved as {name}")
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            log(f"saving image {tag} ({image.id[:19]})")
-            try:
-                with path.open("wb") as out:
-                    for chunk in image.save(named=tag):
-                        out.write(chunk)
-            except docker.errors.DockerException as exc:
-                raise BundleError(f"docker save {tag}: {exc}") from exc
-            saved.append(ImageInfo(name=tag, id=image.id, file=name, size=path.stat().st_size))
-    finally:
-        client.close()
+    for tag, image in images:
+        name = image_file_name(tag)
+        if any(other.file == name for other in saved):
+            raise BundleError(f"images {tag} and another one would both be saved as {name}")
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"saving image {tag} ({image.id[:19]})")
+        try:
+            with path.open("wb") as out:
+                for chunk in image.save(named=tag):
+                    out.write(chunk)
+        except docker.errors.DockerException as exc:
+            raise BundleError(f"docker save {tag}: {exc}") from exc
+        saved.append(ImageInfo(name=tag, id=image.id, file=name, size=path.stat().st_size))
     return saved
 
 
@@ -456,6 +463,8 @@ def _check_options(options: BundleOptions) -> tuple[list[str], list[str]]:
         raise BundleError(f"{output} is a directory: give the bundle's file name")
     if not output.parent.is_dir():
         raise BundleError(f"{output.parent} is not a directory: create it first")
+    if options.stockade_wheel is not None and not options.stockade_wheel.is_file():
+        raise BundleError(f"--stockade-wheel {options.stockade_wheel}: no such file")
     if options.terraform_mirror is not None and not options.terraform_mirror.is_dir():
         raise BundleError(f"--terraform-mirror {options.terraform_mirror}: not a directory")
     return pythons, platforms
@@ -467,10 +476,26 @@ def build_bundle(options: BundleOptions, log: Log = _nothing) -> BundleSummary:
     pythons, platforms = _check_options(options)
     # The key first: a typo should not cost minutes of downloads.
     key = load_private_key(options.signing_key)
+    references = list(options.images or default_images()) if options.include_images else []
+    client = _docker_client() if references else None
+    try:
+        images = _find_images(client, references) if references else []
+        return _build(options, pythons, platforms, key, images, started, log)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _build(
+    options: BundleOptions,
+    pythons: list[str],
+    platforms: list[str],
+    key: Ed25519PrivateKey,
+    images: list[tuple[str, Any]],
+    started: float,
+    log: Log,
+) -> BundleSummary:
     signer = fingerprint(key.public_key())
-    images = list(options.images or default_images()) if options.include_images else []
-    if images:
-        _docker_client().close()
     created = datetime.now(UTC).replace(microsecond=0)
     with tempfile.TemporaryDirectory(
         dir=options.output.parent, prefix=f".{options.output.name}."

@@ -249,7 +249,10 @@ def install(
     except AirgapError as exc:
         _fail(exc)
     info = result.bundle.info
-    _say(f"Installed Stockade {info.stockade_version} into {result.venv} from {file}.")
+    _say(
+        f"Installed Stockade {info.stockade_version} into {result.venv} from {file} "
+        f"in {result.seconds:.1f} s."
+    )
     for image in result.images:
         _say(f"  loaded image {image.name} ({image.id[:19]})")
     if info.images and not result.images:
