@@ -24,6 +24,7 @@ from typing import Any
 from stockade.sdk import Client
 from tests.agents import agent_workspace
 from tests.conftest import OWNER_PASSWORD, ServerFactory, require
+from tests.server.web.conftest import WebClient
 
 SQLITE_ONLY = "the report's upsert is covered on both databases by test_report_adds_up"
 
@@ -138,6 +139,20 @@ def test_an_agents_denied_forward_is_reported_and_fails_the_report(
         assert as_json.returncode == 1
         data: dict[str, Any] = json.loads(as_json.stdout)
         assert data["denied"] == report.denied
+
+        # The dashboard's egress page, for owners and auditors.
+        web = WebClient(server)
+        try:
+            web.login("owner", OWNER_PASSWORD)
+            page = web.get("/admin/egress")
+            assert page.status_code == 200
+            assert 'href="/admin/egress"' in page.text  # in the navigation
+            assert f"{report.denied} outbound attempt" in page.text
+            denied_rows = [row for row in page.text.split("<tr")[1:] if 'class="denied"' in row]
+            assert len(denied_rows) == 1
+            assert f"{address}:{port}" in denied_rows[0] and "owner/w" in denied_rows[0]
+        finally:
+            web.close()
     finally:
         stop.set()
         watcher.join()

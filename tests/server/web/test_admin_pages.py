@@ -308,7 +308,7 @@ def test_members_are_refused_everywhere(
     try:
         web.login(member, PASSWORD)
         for path in ("/admin/users", f"/admin/users/{target}", "/admin/audit",
-                     "/admin/deployment"):  # fmt: skip
+                     "/admin/deployment", "/admin/egress"):  # fmt: skip
             page = web.get(path)
             assert page.status_code == 403 and "Not allowed" in page.text, path
         before = owner.list_users().count

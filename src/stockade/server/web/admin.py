@@ -428,3 +428,12 @@ async def deployment_page(request: Request, actor: PageActor, services: Services
             "hostname": socket.gethostname(),
         },
     )
+
+
+@router.get("/admin/egress")
+async def egress_page(request: Request, actor: PageActor, services: ServicesDep) -> Response:
+    """The egress report: what the deployment tried to reach, allowed or
+    denied (owners and auditors)."""
+    _require(actor, Perm.EGRESS_READ)
+    report = await services.egress.report()
+    return render(request, "admin/egress.html", {"report": report})

@@ -102,6 +102,7 @@ class Nav:
     users: bool
     audit: bool
     deployment: bool
+    egress: bool
 
     @classmethod
     def of(cls, actor: Actor) -> Nav:
@@ -110,6 +111,7 @@ class Nav:
             users=can(actor, Perm.USER_READ) and bool(actor.roles - {Role.MEMBER}),
             audit=can(actor, Perm.AUDIT_READ),
             deployment=can(actor, Perm.DEPLOYMENT_READ),
+            egress=can(actor, Perm.EGRESS_READ),
         )
 
 
