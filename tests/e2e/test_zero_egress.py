@@ -79,15 +79,22 @@ def test_the_capture_sees_what_tries_to_leave(isolated: IsolatedNetwork, tmp_pat
     # The sink's kernel got the SYN and said no: the link and the route work.
     assert outcomes[outside.ipv4] == "refused", outcomes
 
+    assert_only_syns(isolated, capture, {(host.split("%")[0], port) for host, port in targets})
+
+
+def assert_only_syns(
+    network: IsolatedNetwork, capture: Capture, expected: set[tuple[str, int]]
+) -> None:
+    """The capture holds SYNs (retransmissions too) from stk-iso to each of
+    ``expected`` (address, port), and nothing else."""
     packets = capture.packets()
     seen: set[tuple[str, int]] = set()
     for line in packets:
         syn = SYN.search(line)
         assert syn is not None, f"not one of the canary's SYNs: {line}\nall: {packets}"
-        assert f"{inside.mac} > {outside.mac}," in line, line
-        assert syn["src"] in (inside.ipv4, inside.ipv6), line
+        assert f"{network.inside.mac} > {network.outside.mac}," in line, line
+        assert syn["src"] in (network.inside.ipv4, network.inside.ipv6), line
         seen.add((syn["dst"], int(syn["port"])))
-    expected = {(host.split("%")[0], port) for host, port in targets}
     assert seen == expected, f"captured {seen}, sent {expected}: {packets}"
 
 
@@ -192,29 +199,53 @@ def flow(isolated: IsolatedNetwork, tmp_path: Path) -> Iterator[Flow]:
 def test_the_main_flow_sends_nothing_out(
     isolated: IsolatedNetwork, flow: Flow, docker_tools: None, tmp_path: Path
 ) -> None:
+    """Nothing from dockerd's start to the server's exit reaches the sink;
+    then a container on the workspaces' network does reach it (SYN to
+    192.0.2.1, safe here for the reason the first test gives), in a second
+    capture that also covers dockerd's shutdown."""
     capture = Capture(isolated, tmp_path / "flow.pcap")
+    canary = Capture(isolated, tmp_path / "container-canary.pcap")
     server: NamespacedServer | None = None
-    with capture:
+    with ExitStack() as outer:
+        outer.callback(canary.stop)
+        outer.callback(capture.stop)
+        capture.start()
         started = time.perf_counter()
+        dockerd = outer.enter_context(NamespacedDockerd(isolated))
+        flow.timings["dockerd ready"] = round(time.perf_counter() - started, 2)
+        copying = time.perf_counter()
+        dockerd.load_image(BASE_IMAGE)
+        flow.timings["base image copied"] = round(time.perf_counter() - copying, 2)
         with ExitStack() as stack:
-            dockerd = stack.enter_context(NamespacedDockerd(isolated))
-            flow.timings["dockerd ready"] = round(time.perf_counter() - started, 2)
-            copying = time.perf_counter()
-            dockerd.load_image(BASE_IMAGE)
-            flow.timings["base image copied"] = round(time.perf_counter() - copying, 2)
             server = NamespacedServer(
                 isolated,
                 data_dir=tmp_path / "server",
                 env={**RELAXED_LIMITS, "DOCKER_HOST": dockerd.host},
             )
-            # Stopped (and its local workspaces with it) before dockerd: the
-            # stack unwinds in reverse.
             stack.callback(stop_local_workspaces, tmp_path / "server" / "workspaces")
             stack.callback(server.stop)
             server.start()
             flow.timings["server ready"] = round(server.ready_seconds or 0, 2)
             run_flow(flow, server.url)
         flow.timings["whole flow"] = round(time.perf_counter() - started, 2)
+        capture.stop()
+
+        canary.start()
+        networks = dockerd.docker(
+            "network", "ls", "-q", "--filter", "label=stockade.deployment"
+        ).stdout.split()
+        assert len(networks) == 1, f"the workspaces' network: {networks}"
+        probed = dockerd.docker(
+            "run", "--rm", "--network", networks[0], BASE_IMAGE,
+            "python3", "-c", PROBE, "192.0.2.1", "443",
+        ).stdout  # fmt: skip
+        assert probed.split()[:2] == ["192.0.2.1", "TimeoutError"], probed
+        dockerd.stop()
+        canary.stop()
+
+    # The instrument first: a container's SYN, translated to stk-iso's address
+    # by the namespaced dockerd's NAT, reached the sink, and nothing else did.
+    assert_only_syns(isolated, canary, {("192.0.2.1", 443)})
     packets = capture.packets()
     assert not packets, (
         f"{len(packets)} packets tried to leave stk-iso:\n" + "\n".join(packets[:50])
