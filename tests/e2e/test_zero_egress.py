@@ -7,11 +7,14 @@ dockerd of its own in stk-iso for docker workspaces), the first user, a
 ``local`` and a ``docker`` template from ``stockade templates init`` with an
 app added, a workspace of each (``create`` waits for its agent), a command in
 each through ``stockade ssh`` (the real OpenSSH client), each app fetched
-through the app proxy, ``stockade egress report`` (nothing denied), then stop
-and delete. The capture covers all of it, from dockerd's start to the last
-process's exit.
+through the app proxy, then stop and delete, and ``stockade egress report``
+(nothing denied). The capture covers all of it, from dockerd's start to the
+server's exit.
 
-A canary test first shows that the capture does see what tries to leave."""
+The instrument is tested too: a canary test first shows that the capture sees
+SYNs from stk-iso (IPv4 and IPv6), and after the flow a container on the
+workspaces' network sends one, seen in a second capture that also covers
+dockerd's shutdown."""
 
 from __future__ import annotations
 
@@ -103,8 +106,8 @@ def assert_only_syns(
 APP = r"""
 import http.server, os, socketserver, sys
 
-# socketserver's TCPServer, not http.server's: HTTPServer looks its own name
-# up (getfqdn), a DNS query the capture would rightly report.
+# socketserver's TCPServer, not http.server's: HTTPServer looks up the name of
+# its address (getfqdn), which can ask the DNS server; the capture would say so.
 class Hello(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = ("hello from " + sys.argv[2] + " at " + self.path).encode()
@@ -162,7 +165,8 @@ class Flow:
         started = time.perf_counter()
         result = self.network.run([*args], env=self.env(), timeout=timeout)
         label = label or " ".join(args[:2])
-        self.timings[label] = round(time.perf_counter() - started, 2) + self.timings.get(label, 0)
+        spent = time.perf_counter() - started + self.timings.get(label, 0)
+        self.timings[label] = round(spent, 2)
         if ok:
             assert result.returncode == 0, (
                 f"{shlex.join(args)} exited with {result.returncode}:\n"
