@@ -397,12 +397,12 @@ you trust, not from this bundle: signer.pub in it is only a convenience.
 
     stockade airgap install BUNDLE.tar --public-key stockade-airgap.pub --prefix /opt/stockade
 
-   or by hand, from this directory:
+   On a host with no Stockade yet, take the installer from this directory first:
 
-    python3 -m venv /opt/stockade/venv
-    /opt/stockade/venv/bin/pip install --no-index --find-links wheels stockade=={version}
-    cp -r agent-wheels /opt/stockade/venv/agent-wheels
-    docker load -i images/IMAGE.tar      # for each image
+    python3 -m venv /tmp/stockade-installer
+    /tmp/stockade-installer/bin/pip install --no-index --find-links wheels stockade=={version}
+    /tmp/stockade-installer/bin/stockade airgap install BUNDLE.tar \
+        --public-key stockade-airgap.pub --prefix /opt/stockade
 
 3. Start the server: /opt/stockade/venv/bin/stockade server --help
 """
