@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from stockade.egress import EgressDenied, EgressLedger, EgressPolicy, EgressRecord, is_internal
-from stockade.egress.guard import REASON_LOOPBACK, REASON_OWN, REASON_PRIVATE
+from stockade.egress.guard import REASON_HOSTNAME, REASON_LOOPBACK, REASON_OWN, REASON_PRIVATE
 from tests.conftest import require
 
 
@@ -32,6 +33,8 @@ def test_the_default_policy_allows_loopback_and_private_networks_only() -> None:
     assert policy.decide("0.0.0.0") == REASON_LOOPBACK
     assert policy.decide("localhost") == REASON_LOOPBACK
     assert policy.decide("LOCALHOST.") == REASON_LOOPBACK
+    # This host's own name is looked up all the time; not a loopback address.
+    assert policy.decide(socket.gethostname()) == REASON_HOSTNAME
     assert policy.decide("10.1.2.3") == REASON_PRIVATE
     assert policy.decide("172.20.0.1") == REASON_PRIVATE
     assert policy.decide("192.168.5.5") == REASON_PRIVATE

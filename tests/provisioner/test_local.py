@@ -269,6 +269,7 @@ async def test_sandbox_isolates_the_workspace(
 echo "pid=$$"
 echo "procs=$(ls /proc | grep -c '^[0-9][0-9]*$')"
 echo "host=$(hostname)"
+echo "resolves=$(getent hosts "$(hostname)" | tr -s ' \t' ',')"
 echo "uid=$(id -u)"
 echo "user=$(id -un) home=$HOME pwd=$(pwd)"
 touch /usr/stockade-probe 2>/dev/null && echo usr=writable || echo usr=readonly
@@ -292,6 +293,8 @@ echo "marker=${{STOCKADE_SANDBOX_OF:-unset}}"
     assert int(seen["pid"]) < 10 and int(seen["procs"]) < 10
     assert ns_pids(state["pid"])[1:] == ["1"]
     assert seen["host"] == "box-1"
+    # Its name resolves in the sandbox's own hosts file, not through DNS.
+    assert seen["resolves"] == "127.0.1.1,box-1", seen
     assert seen["usr"] == "readonly" and seen["etc"] == "readonly"
     assert seen["home"] == "writable"
     assert seen["data"] == "hidden" and seen["other"] == "hidden"

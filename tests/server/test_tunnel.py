@@ -237,3 +237,13 @@ def test_the_host_key_is_stable(env: Env) -> None:
     second = env.client.workspace_ssh("owner", "w")
     assert first.host_public_key == second.host_public_key
     assert first.host_public_key.startswith("ssh-ed25519 ")
+
+
+def test_stockade_ssh_runs_the_words_after_a_double_dash(env: Env) -> None:
+    require("ssh", shutil.which("ssh") is not None, "apt-get install openssh-client")
+    done = subprocess.run(
+        [STOCKADE, "ssh", "w", "--", "echo", "-n", "hello;", "exit", "4"],
+        env=env.cli_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert done.stdout == "hello"

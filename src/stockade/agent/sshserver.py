@@ -230,6 +230,10 @@ class SSHServerCore:
             encoding=None,
             encryption_algs=list(ENCRYPTION_ALGS),
             server_version="Stockade",
+            # No GSS: asyncssh's default looks up this host's FQDN at every
+            # connection (socket.getfqdn), a DNS query when the workspace's
+            # name is in no hosts file: 20 s of timeouts per ssh.
+            gss_host=None,
         )
 
     def connection_protocol(self) -> asyncio.Protocol:

@@ -121,6 +121,11 @@ def ssh(
             "the OpenSSH client `ssh` is not installed (apt-get install openssh-client)"
         )
     owner, name = parse_host(workspace)
+    words = list(command or [])
+    if words[:1] == ["--"]:
+        # Options end at the workspace (interspersed args are off), so
+        # Click hands over the "--" that separates the command: not a word of it.
+        words = words[1:]
     api = client()
     alias = host_alias(owner, name)
     path = known_hosts_file()
@@ -133,10 +138,11 @@ def ssh(
         "-o", "StrictHostKeyChecking=yes",
         "-o", f"Ciphers={CIPHERS}",
         "-o", "LogLevel=ERROR",
-        alias,
+        # "--" ends ssh's options before the host: a command is the
+        # remote's words, even one that starts with "-" (after the host,
+        # ssh would pass a "--" on to the remote shell).
+        "--", alias, *words,
     ]  # fmt: skip
-    if command:
-        argv += ["--", *command]
     sys.stdout.flush()
     os.execv(ssh_binary, argv)  # noqa: S606 - the user's own ssh, with a fixed argv
 

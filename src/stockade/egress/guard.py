@@ -63,10 +63,11 @@ _DECISION_CACHE = 4096
 REASON_LOOPBACK = "loopback"
 REASON_PRIVATE = "private network"
 REASON_OWN = "Stockade's own address"
+REASON_HOSTNAME = "this host's own name"
 REASON_DENIED = "not on the allow-list"
 # Reasons that make an allowed destination internal to the site whatever the
 # allow-list says (the rest were allowed because an admin listed them).
-INTERNAL_REASONS = frozenset({REASON_LOOPBACK, REASON_PRIVATE, REASON_OWN})
+INTERNAL_REASONS = frozenset({REASON_LOOPBACK, REASON_PRIVATE, REASON_OWN, REASON_HOSTNAME})
 
 
 class EgressDenied(PermissionError):
@@ -208,8 +209,12 @@ class EgressPolicy:
             return REASON_OWN
         if address is not None:
             return self.decide_address(address)
-        if name in self.local_names or name.endswith(".localhost"):
+        if name == "localhost" or name.endswith(".localhost"):
             return REASON_LOOPBACK
+        if name in self.local_names:
+            # Allowed: libraries look it up all the time. Asked of the
+            # hosts file, or else of the site's own resolver.
+            return REASON_HOSTNAME
         if name in self.hosts:
             return f"allow-list entry {name}"
         for suffix in self.suffixes:
@@ -251,11 +256,11 @@ class EgressPolicy:
 
 
 def _local_names() -> list[str]:
-    """Names that mean this machine: looking them up asks /etc/hosts."""
+    """This host's own name (a workspace's, in the agent)."""
     try:
-        return ["localhost", socket.gethostname()]
+        return [socket.gethostname()]
     except OSError:
-        return ["localhost"]
+        return []
 
 
 def _valid_name(name: str) -> bool:

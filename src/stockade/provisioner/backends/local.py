@@ -523,6 +523,10 @@ class LocalBackend(Backend):
             fds.append(passwd)
             group = _memfd("group", f"{user}:x:{gid}:\n" + _read_or_empty("/etc/group"))
             fds.append(group)
+            # The sandbox's own name resolves locally, as in a container:
+            # otherwise every tool that looks it up asks the site's DNS.
+            hosts = _memfd("hosts", f"127.0.1.1\t{hostname}\n" + _read_or_empty("/etc/hosts"))
+            fds.append(hosts)
             info_r, info_w = os.pipe()
             fds += [info_r, info_w]
             args = [
@@ -532,6 +536,7 @@ class LocalBackend(Backend):
                 "--ro-bind", "/etc", "/etc",
                 "--perms", "0644", "--ro-bind-data", str(passwd), "/etc/passwd",
                 "--perms", "0644", "--ro-bind-data", str(group), "/etc/group",
+                "--perms", "0644", "--ro-bind-data", str(hosts), "/etc/hosts",
                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108 - the sandbox's own
                 "--perms", "0755", "--dir", "/home",
                 "--bind", str(paths.home), home,
@@ -564,7 +569,7 @@ class LocalBackend(Backend):
                 # bwrap itself carries only a marker, which finds it (and
                 # through it the whole sandbox) should run.json ever be lost.
                 env={"PATH": PATH_VALUE, _SANDBOX_MARKER: spec.workspace_id},
-                pass_fds=(argfd, passwd, group, info_w),
+                pass_fds=(argfd, passwd, group, hosts, info_w),
             )
             os.close(info_w)
             fds.remove(info_w)
