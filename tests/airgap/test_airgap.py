@@ -193,7 +193,10 @@ def test_keygen_never_overwrites_a_key(tmp_path: Path) -> None:
     assert "other.pub already exists" in message
     assert not (tmp_path / "other").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k", "k.pub", "other.pub"]
-    one_line_error(cli_here("airgap", "keygen", "-o", str(tmp_path / "missing-dir" / "k")))
+    message = one_line_error(cli_here("airgap", "keygen", "-o", str(tmp_path / "no" / "k")))
+    assert "is not a directory: create it first" in message
+    message = one_line_error(cli_here("airgap", "keygen", "-o", str(tmp_path)))
+    assert "is a directory: give a file name" in message
 
 
 # --- bundle ------------------------------------------------------------------
@@ -495,6 +498,16 @@ def test_install_refuses_a_used_prefix_and_an_unreachable_docker(
     message = one_line_error(cli("airgap", "install", str(built.path), "-k", str(built.public_key),
                                  "--prefix", str(tmp_path / "new"), env=env))  # fmt: skip
     assert "Docker is not reachable" in message and "--no-images" in message
+    assert not (tmp_path / "new").exists()
+    # A failure after the bundle was extracted leaves the prefix as it was found.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for prefix in (empty, tmp_path / "new"):
+        message = one_line_error(cli("airgap", "install", str(built.path), "-k",
+                                     str(built.public_key), "--prefix", str(prefix),
+                                     "--no-images", "--python", "/bin/false"))  # fmt: skip
+        assert message == "error: --python /bin/false: not a CPython 3 interpreter (exit 1)"
+    assert list(empty.iterdir()) == []
     assert not (tmp_path / "new").exists()
 
 

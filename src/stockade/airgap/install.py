@@ -6,7 +6,9 @@ mirror copied out."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,11 +90,25 @@ def _compile(venv: Path) -> None:
 
 
 def _python_version(python: str) -> str:
-    out = _run(
-        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        f"--python {python}",
-    )
-    return out.strip()
+    """``X.Y`` of an interpreter, or an InstallError saying it is not one."""
+    try:
+        result = subprocess.run(
+            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            env=_offline_env(),
+            check=False,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"--python {python}: cannot run it ({exc})") from exc
+    version = result.stdout.strip()
+    if result.returncode != 0 or not re.fullmatch(r"3\.\d+", version):
+        raise InstallError(
+            f"--python {python}: not a CPython 3 interpreter (exit {result.returncode})"
+        )
+    return version
 
 
 def _docker_client() -> Any:
@@ -154,7 +170,8 @@ def install_bundle(
 ) -> InstallResult:
     """Verify ``archive`` and install it under ``prefix`` (a new or empty
     directory): ``bundle/`` (the verified files), ``venv/``, ``templates/``
-    and, if the bundle has one, ``terraform-mirror/``."""
+    and, if the bundle has one, ``terraform-mirror/``. On failure the prefix
+    is left as it was found (images already loaded stay in Docker)."""
     started = time.monotonic()
     prefix = prefix.absolute()
     python = python or sys.executable
@@ -162,70 +179,88 @@ def install_bundle(
         raise InstallError(f"--python {python}: not found")
     existed = _check_prefix(prefix)
     client = _docker_client() if include_images else None
-    staging = prefix / ".bundle.partial"
     try:
         prefix.mkdir(exist_ok=True)
-        staging.mkdir()
-        log(f"verifying {archive}")
-        try:
-            verified = verify_bundle(
-                archive, public_key=public_key, fingerprint=fingerprint, extract_to=staging
-            )
-        except AirgapError:
-            shutil.rmtree(staging)
-            if not existed:
-                prefix.rmdir()
+        result = _install(archive, prefix, public_key, fingerprint, python, client, log)
+    except (AirgapError, OSError) as exc:
+        # Everything in the prefix is ours: it was new or empty.
+        if existed:
+            for child in prefix.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        else:
+            shutil.rmtree(prefix, ignore_errors=True)
+        if isinstance(exc, AirgapError):
             raise
-        root = prefix / "bundle"
-        staging.rename(root)
-        info = verified.info
-        version = _python_version(python)
-        if version not in info.python_versions:
-            raise InstallError(
-                f"--python {python} is CPython {version}; the bundle has wheels for "
-                f"{', '.join(info.python_versions)}: pass --python with one of those"
-            )
-        venv = prefix / "venv"
-        log(f"creating {venv} (CPython {version})")
-        _run([python, "-m", "venv", str(venv)], f"creating the venv {venv}")
-        log(f"installing Stockade {info.stockade_version} from the bundle's wheels (--no-index)")
-        _run(
-            [
-                str(venv / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--no-index",
-                "--find-links",
-                str(root / WHEELS),
-                "--only-binary=:all:",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--no-cache-dir",
-                # Compiled below, on every core: pip compiles one file at a
-                # time, which was two thirds of the install's time.
-                "--no-compile",
-                f"stockade=={info.stockade_version}",
-            ],
-            "pip install from the bundle",
-        )
-        _compile(venv)
-        if (root / AGENT_WHEELS).is_dir():
-            # Where stockade.agent.bundle.agent_wheels_dir() looks by default.
-            shutil.copytree(root / AGENT_WHEELS, venv / AGENT_WHEELS)
-        templates = prefix / "templates"
-        shutil.copytree(root / TEMPLATES, templates)
-        mirror = None
-        if info.terraform_mirror:
-            mirror = prefix / "terraform-mirror"
-            shutil.copytree(root / TERRAFORM_MIRROR, mirror)
-        if client is not None:
-            _load_images(client, root, info.images, log)
-    except OSError as exc:
         raise InstallError(f"installing into {prefix}: {exc}") from exc
     finally:
         if client is not None:
             client.close()
+    return dataclasses.replace(result, seconds=time.monotonic() - started)
+
+
+def _install(
+    archive: Path,
+    prefix: Path,
+    public_key: Ed25519PublicKey | None,
+    fingerprint: str | None,
+    python: str,
+    client: Any,
+    log: Log,
+) -> InstallResult:
+    staging = prefix / ".bundle.partial"
+    staging.mkdir()
+    log(f"verifying {archive}")
+    verified = verify_bundle(
+        archive, public_key=public_key, fingerprint=fingerprint, extract_to=staging
+    )
+    root = prefix / "bundle"
+    staging.rename(root)
+    info = verified.info
+    version = _python_version(python)
+    if version not in info.python_versions:
+        raise InstallError(
+            f"--python {python} is CPython {version}; the bundle has wheels for "
+            f"{', '.join(info.python_versions)}: pass --python with one of those"
+        )
+    venv = prefix / "venv"
+    log(f"creating {venv} (CPython {version})")
+    _run([python, "-m", "venv", str(venv)], f"creating the venv {venv}")
+    log(f"installing Stockade {info.stockade_version} from the bundle's wheels (--no-index)")
+    _run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--find-links",
+            str(root / WHEELS),
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--no-cache-dir",
+            # Compiled below, on every core: pip compiles one file at a time,
+            # which was two thirds of the install's time.
+            "--no-compile",
+            f"stockade=={info.stockade_version}",
+        ],
+        "pip install from the bundle",
+    )
+    _compile(venv)
+    if (root / AGENT_WHEELS).is_dir():
+        # Where stockade.agent.bundle.agent_wheels_dir() looks by default.
+        shutil.copytree(root / AGENT_WHEELS, venv / AGENT_WHEELS)
+    templates = prefix / "templates"
+    shutil.copytree(root / TEMPLATES, templates)
+    mirror = None
+    if info.terraform_mirror:
+        mirror = prefix / "terraform-mirror"
+        shutil.copytree(root / TERRAFORM_MIRROR, mirror)
+    if client is not None:
+        _load_images(client, root, info.images, log)
     return InstallResult(
         prefix=prefix,
         venv=venv,
@@ -234,5 +269,5 @@ def install_bundle(
         terraform_mirror=mirror,
         images=info.images if client is not None else [],
         bundle=verified,
-        seconds=time.monotonic() - started,
+        seconds=0.0,
     )

@@ -74,6 +74,8 @@ def generate_keypair(prefix: Path) -> KeyPair:
     public_path = prefix.with_name(prefix.name + ".pub")
     if not prefix.name:
         raise KeyFileError(f"{prefix}: give a file name for the private key")
+    if prefix.is_dir():
+        raise KeyFileError(f"{prefix} is a directory: give a file name for the private key")
     if not prefix.parent.is_dir():
         raise KeyFileError(f"{prefix.parent} is not a directory: create it first")
     for path in (prefix, public_path):

@@ -33,6 +33,7 @@ from stockade.airgap.manifest import (
     SIGNER,
     SUMS,
     TOP,
+    WHEELS,
     BundleInfo,
     SumsError,
     parse_sums,
@@ -280,11 +281,18 @@ class _Verifier:
                 f"format {FORMAT_VERSION}: use the Stockade that made the bundle"
             )
         try:
-            return BundleInfo.model_validate(raw)
+            info = BundleInfo.model_validate(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             place = ".".join(map(str, first["loc"])) or "the top level"
             raise VerifyError(f"{where}: {place}: {first['msg']}") from exc
+        # The installer opens these: they must be files checked above.
+        assert self.expected is not None
+        named = [f"{WHEELS}/{info.stockade_wheel}", *(image.file for image in info.images)]
+        for rel in named:
+            if rel not in self.expected:
+                raise VerifyError(f"{where}: names {rel}, which SHA256SUMS does not list")
+        return info
 
 
 def verify_bundle(
