@@ -234,6 +234,13 @@ def test_the_bundle_holds_what_an_offline_site_needs(built: Built, tmp_path: Pat
                 handle = tar.extractfile(f"{TOP}/templates/{backend}/{name}")
                 assert handle is not None
                 assert handle.read() == (tmp_path / backend / name).read_bytes()
+    with tarfile.open(built.path) as tar:
+        handle = tar.extractfile(f"{TOP}/README.txt")
+        assert handle is not None
+        readme = handle.read().decode()
+    assert built.fingerprint in readme
+    assert "-rawin \\\n        -in SHA256SUMS -sigfile SHA256SUMS.sig\n" in readme
+    assert "BUNDLE.tar \\\n        --public-key" in readme
     assert info.terraform_mirror
     prefix = f"{TOP}/terraform-mirror/"
     mirror = {n.removeprefix(prefix) for n in names if n.startswith(prefix)}

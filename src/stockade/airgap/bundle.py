@@ -401,7 +401,7 @@ you trust, not from this bundle: signer.pub in it is only a convenience.
 
     python3 -m venv /tmp/stockade-installer
     /tmp/stockade-installer/bin/pip install --no-index --find-links wheels stockade=={version}
-    /tmp/stockade-installer/bin/stockade airgap install BUNDLE.tar \
+    /tmp/stockade-installer/bin/stockade airgap install BUNDLE.tar \\
         --public-key stockade-airgap.pub --prefix /opt/stockade
 
 3. Start the server: /opt/stockade/venv/bin/stockade server --help
