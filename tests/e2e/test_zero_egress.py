@@ -274,9 +274,7 @@ def run_flow(flow: Flow, url: str) -> None:
                   "--parameter", "cpu=1", "--parameter", "memory=2GiB")  # fmt: skip
     token = flow.token()
     for name, marker in markers.items():
-        # Not `ssh NAME -- COMMAND`: the CLI passes that "--" on to the remote
-        # shell (reported to the lead).
-        said = flow.stockade("ssh", name, "echo", f"ssh-{marker}", "&&", "hostname")
+        said = flow.stockade("ssh", name, "--", "echo", f"ssh-{marker}", "&&", "hostname")
         assert said.splitlines()[0] == f"ssh-{marker}", said
         app = flow.run(
             "curl", "-sS", "--fail-with-body", "--max-time", "30",
