@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from stockade.airgap.errors import BundleError
+from stockade.airgap.errors import BundleError, docker_client
 from stockade.airgap.keys import fingerprint, load_private_key, public_pem
 from stockade.airgap.manifest import (
     AGENT_WHEELS,
@@ -270,19 +270,6 @@ def _download_agent_wheels(
     return got_cffi
 
 
-def _docker_client() -> Any:
-    import docker
-
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise BundleError(
-            f"Docker is not reachable ({exc}): start dockerd, or pass --no-images"
-        ) from exc
-    return client
-
-
 def image_file_name(reference: str) -> str:
     """``images/<name>.tar`` for an image reference (``repo:tag``)."""
     return f"{IMAGES}/{re.sub(r'[^A-Za-z0-9._-]+', '_', reference)}.tar"
@@ -477,7 +464,9 @@ def build_bundle(options: BundleOptions, log: Log = _nothing) -> BundleSummary:
     # The key first: a typo should not cost minutes of downloads.
     key = load_private_key(options.signing_key)
     references = list(options.images or default_images()) if options.include_images else []
-    client = _docker_client() if references else None
+    client = (
+        docker_client(BundleError, "start dockerd, or pass --no-images") if references else None
+    )
     try:
         images = _find_images(client, references) if references else []
         return _build(options, pythons, platforms, key, images, started, log)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AirgapError(Exception):
     """Something about a bundle, a key or an install went wrong; ``str()`` is
@@ -22,3 +24,16 @@ class VerifyError(AirgapError):
 
 class InstallError(AirgapError):
     """An install from a verified bundle could not be completed."""
+
+
+def docker_client(error: type[AirgapError], remedy: str) -> Any:
+    """A client of the Docker daemon that answers, or ``error`` saying why
+    not and what to do (``remedy``)."""
+    import docker
+
+    try:
+        client = docker.from_env(version="auto")
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise error(f"Docker is not reachable ({exc}): {remedy}") from exc
+    return client

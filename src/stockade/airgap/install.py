@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from stockade.airgap.errors import AirgapError, InstallError
+from stockade.airgap.errors import AirgapError, InstallError, docker_client
 from stockade.airgap.manifest import AGENT_WHEELS, TEMPLATES, TERRAFORM_MIRROR, WHEELS, ImageInfo
 from stockade.airgap.verify import VerifiedBundle, verify_bundle
 
@@ -111,20 +111,6 @@ def _python_version(python: str) -> str:
     return version
 
 
-def _docker_client() -> Any:
-    import docker
-
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise InstallError(
-            f"Docker is not reachable ({exc}): start dockerd (DOCKER_HOST to point elsewhere), "
-            "or pass --no-images to install without the workspace images"
-        ) from exc
-    return client
-
-
 def _load_images(client: Any, root: Path, images: list[ImageInfo], log: Log) -> None:
     import docker
 
@@ -178,7 +164,8 @@ def install_bundle(
     if shutil.which(python) is None:
         raise InstallError(f"--python {python}: not found")
     existed = _check_prefix(prefix)
-    client = _docker_client() if include_images else None
+    remedy = "start dockerd (DOCKER_HOST to point elsewhere), or pass --no-images"
+    client = docker_client(InstallError, remedy) if include_images else None
     try:
         prefix.mkdir(exist_ok=True)
         result = _install(archive, prefix, public_key, fingerprint, python, client, log)
