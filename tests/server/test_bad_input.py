@@ -200,6 +200,7 @@ def valid_bodies(target: str, template: str = "") -> dict[str, Callable[[], dict
         "JobHeartbeatRequest": lambda: {"worker_id": "w"},
         "JobLogs": lambda: {"worker_id": "w", "lines": [{"line": "x"}]},
         "CompleteJobRequest": lambda: {"worker_id": "w", "status": "failed"},
+        "EgressRecords": lambda: {"daemon": "d", "records": []},
     }
 
 
