@@ -86,7 +86,9 @@ def stop_workspaces(server: ServerProcess) -> None:
             # Its docker workspaces, whose agents would otherwise call a dead
             # server until the machine restarts, and keep their network busy.
             mine = f"label=stockade.deployment={deployment}"
-            for kind in ("container", "volume"):
+            # Its network last: only this deployment's, for another xdist
+            # worker's may be between its creation and its first container.
+            for kind in ("container", "volume", "network"):
                 listed = subprocess.run(
                     ["docker", kind, "ls", "-q", *(["-a"] if kind == "container" else []),
                      "--filter", mine],
@@ -94,18 +96,22 @@ def stop_workspaces(server: ServerProcess) -> None:
                 )  # fmt: skip
                 if listed.stdout.split():
                     subprocess.run(
-                        ["docker", kind, "rm", "-f", *listed.stdout.split()],
+                        ["docker", kind, "rm", *(["-f"] if kind != "network" else []),
+                         *listed.stdout.split()],
                         capture_output=True, timeout=120, check=False,
                     )  # fmt: skip
-        # Only networks no container uses. Another xdist worker's network is
-        # unused only between a workspace's stop and its next start, and the
-        # docker backend makes it again if it is gone.
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After the whole run (the controller, once every xdist worker is done):
+    the unused networks of test deployments whose id could not be read."""
+    if hasattr(session.config, "workerinput") or not shutil.which("docker"):
+        return
+    if Path("/var/run/docker.sock").exists():
         subprocess.run(
             ["docker", "network", "prune", "-f", "--filter", "label=stockade.deployment"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
 
 
 @pytest.fixture
