@@ -12,7 +12,9 @@ it; the npm install is cached in ~/.cache/stockade/code-server)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -57,6 +59,9 @@ def code_server(tmp_path: Path) -> Iterator[int]:
          "--bind-addr", f"127.0.0.1:{port}", "--user-data-dir", str(tmp_path / "cs-data"),
          "--extensions-dir", str(tmp_path / "cs-ext"), str(project)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # Its own process group: code-server forks an extension host that
+        # outlives it when only the parent is told to stop.
+        start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -71,12 +76,13 @@ def code_server(tmp_path: Path) -> Iterator[int]:
             time.sleep(0.2)
         yield port
     finally:
-        proc.terminate()
-        try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+        proc.wait()
         if proc.stderr:
             proc.stderr.close()
 
