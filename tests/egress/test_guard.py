@@ -177,6 +177,30 @@ _PROBE = textwrap.dedent(
     attempt("asyncio_loopback", lambda: asyncio.run(via_asyncio("127.0.0.1", port)))
     attempt("httpx_name", lambda: httpx.get("http://updates.example.com/check", timeout=2))
     attempt("urllib_public", lambda: urllib.request.urlopen("http://203.0.113.7/", timeout=2))
+    # uvloop connects in C, out of the hook's sight (the namespace has no
+    # route: its attempt fails in the kernel); the server's loop checks first.
+    import uvloop
+    from stockade.server.loop import GuardedLoop
+
+    def on(loop_class, coro):
+        loop = loop_class()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    attempt("bare_uvloop_public", lambda: on(uvloop.Loop, via_asyncio("203.0.113.7", 443)))
+    attempt("guarded_uvloop_public", lambda: on(GuardedLoop, via_asyncio("203.0.113.7", 443)))
+    attempt("guarded_uvloop_name", lambda: on(GuardedLoop, via_asyncio("example.com", 443)))
+    attempt("guarded_uvloop_lookup",
+            lambda: on(GuardedLoop, GuardedLoop().getaddrinfo("example.org", 80)))
+    attempt("guarded_uvloop_loopback", lambda: on(GuardedLoop, via_asyncio("127.0.0.1", port)))
+
+    async def via_httpx(url):
+        async with httpx.AsyncClient() as client:
+            await client.get(url, timeout=2)
+
+    attempt("guarded_uvloop_httpx", lambda: on(GuardedLoop, via_httpx("http://203.0.113.7/")))
     # Allowed by the policy; the namespace has no route there, so the
     # kernel's refusal shows that the guard let it through.
     attempt("private_allowed", lambda: plain("10.255.255.1", 9))
@@ -207,9 +231,13 @@ def test_the_hook_refuses_every_library_before_any_packet_and_counts_everything(
     assert results["loopback"] == "ok"
     assert results["localhost_name"] == "ok"
     assert results["asyncio_loopback"] == "ok"
+    assert results["guarded_uvloop_loopback"] == "ok"
+    # The boundary the server's loop closes: plain uvloop is not seen.
+    assert results["bare_uvloop_public"].startswith("oserror"), results["bare_uvloop_public"]
     for name in ("public_address", "raw_connect", "raw_connect_v6", "link_local_metadata",
                  "public_name", "gethostbyname", "udp_public", "asyncio_public", "httpx_name",
-                 "urllib_public"):  # fmt: skip
+                 "urllib_public", "guarded_uvloop_public", "guarded_uvloop_name",
+                 "guarded_uvloop_lookup", "guarded_uvloop_httpx"):  # fmt: skip
         assert results[name].startswith("denied: "), (name, results[name])
     assert "add it to the server's egress_allow setting" in results["public_address"]
     # Allowed, then refused by the kernel (no route in the namespace).

@@ -77,6 +77,8 @@ def test_an_agents_denied_forward_is_reported_and_fails_the_report(
     server = start_server(
         env={"STOCKADE_PROVISIONER_WORKERS": "0", "STOCKADE_EGRESS_ALLOW_PRIVATE_NETWORKS": "false"}
     )
+    # The server's event loop is uvloop with the guard at its doors.
+    assert '"loop": "GuardedLoop"' in server.logs()
     client = Client(server.url)
     client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
     client.login("owner", OWNER_PASSWORD)

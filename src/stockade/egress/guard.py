@@ -8,9 +8,10 @@ each name lookup (``getaddrinfo``, ``gethostbyname``, ``gethostbyaddr``,
 asyncssh, urllib...). Raising from the hook aborts the call, so no library
 can slip past it. Its boundary: sockets opened by C code that bypasses
 Python's ``socket`` module (uvloop's own transports, libpq) and child
-processes are not seen; the server therefore runs on the standard asyncio
-loop and uses asyncpg, which dials through Python sockets, and the
-zero-egress test watches the network itself for everything else.
+processes are not seen. The server's uvloop therefore calls :func:`check`
+at its outbound entry points (``stockade.server.loop``), the database
+driver is asyncpg, which dials through the loop, and the zero-egress test
+watches the network itself for everything else.
 
 What is checked is the destination named by the call: the address of a
 connect or send, the name of a lookup (a lookup's own packets go to the
@@ -519,6 +520,20 @@ def install(policy: EgressPolicy, component: str) -> None:
         return
     _guard = _Guard(policy, component, _ledger)
     sys.addaudithook(_guard.hook)
+
+
+def check(kind: str, host: Any, port: Any) -> None:
+    """Check (and count) an attempt that no audit event announces, such as
+    uvloop's own connects: raises :class:`EgressDenied` when the allow-list
+    does not cover ``host``. Does nothing before :func:`install`."""
+    guard = _guard
+    if guard is None or host is None:
+        return
+    guard.busy.active = True
+    try:
+        guard._check(kind, host, port)
+    finally:
+        guard.busy.active = False
 
 
 def guard_installed() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -152,6 +153,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         services.background.start()
         log.info(
             "server_ready",
+            # GuardedLoop under `stockade server`: the egress guard sees its connects.
+            loop=type(asyncio.get_running_loop()).__name__,
             access_url=settings.access_url,
             database=services.db.dialect,
             version=stockade.__version__,
