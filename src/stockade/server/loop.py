@@ -7,8 +7,9 @@ destination of every entry point that opens an outbound connection or
 resolves a name before uvloop does the work; what uvloop does through
 Python sockets (``sock_connect``, ``sock_sendto``) the audit hook already
 sees. Why not the standard asyncio loop, which the hook sees through
-entirely: on the API benchmark it served ~25% fewer small requests per
-second than uvloop, and login's p99 went from 1.5 s to 3.4 s."""
+entirely: on the API benchmark (SQLite, 20 clients) login's p99 was 3.4 s
+on it against 1.2-1.5 s on uvloop; small-request throughput moved too much
+between runs (63-84 req/s) to tell the loops apart."""
 
 from __future__ import annotations
 
