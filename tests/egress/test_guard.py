@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,18 +206,25 @@ _PROBE = textwrap.dedent(
     # kernel's refusal shows that the guard let it through.
     attempt("private_allowed", lambda: plain("10.255.255.1", 9))
     attempt("listed_address", lambda: plain("198.51.100.20", 9))
+    # A listed name (in the namespace's own /etc/hosts) on an address no
+    # entry covers: reachable by its name, and at the address it resolved to.
+    attempt("listed_name", lambda: plain("llm.corp.test", 9))
+    attempt("address_of_listed_name", lambda: socket.socket().connect(("203.0.113.50", 9)))
+    attempt("unlisted_neighbour", lambda: socket.socket().connect(("203.0.113.51", 9)))
     records = [r.as_dict() for r in egress.ledger().drain()]
     print(json.dumps({"results": results, "records": records}))
     """
 )
 
 
-def _run_probe(*allow: str) -> dict[str, Any]:
+def _run_probe(hosts: Path, *allow: str) -> dict[str, Any]:
+    """The probe in a network namespace of its own (only lo) and a mount
+    namespace of its own, whose /etc/hosts is ``hosts``."""
     require("unshare", shutil.which("unshare") is not None, "apt-get install util-linux")
     require("ip", shutil.which("ip") is not None, "apt-get install iproute2")
+    setup = f'ip link set lo up && mount --bind {hosts} /etc/hosts && exec "$0" "$@"'
     done = subprocess.run(
-        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-         sys.executable, "-c", _PROBE, *allow],
+        ["unshare", "--net", "--mount", "sh", "-c", setup, sys.executable, "-c", _PROBE, *allow],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -224,9 +232,13 @@ def _run_probe(*allow: str) -> dict[str, Any]:
     return result
 
 
-def test_the_hook_refuses_every_library_before_any_packet_and_counts_everything() -> None:
+def test_the_hook_refuses_every_library_before_any_packet_and_counts_everything(
+    tmp_path: Path,
+) -> None:
     started = time.time()
-    probe = _run_probe("198.51.100.0/24")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n203.0.113.50 llm.corp.test\n")
+    probe = _run_probe(hosts, "198.51.100.0/24", "llm.corp.test")
     results = probe["results"]
     assert results["loopback"] == "ok"
     assert results["localhost_name"] == "ok"
@@ -243,6 +255,9 @@ def test_the_hook_refuses_every_library_before_any_packet_and_counts_everything(
     # Allowed, then refused by the kernel (no route in the namespace).
     assert results["private_allowed"].startswith("oserror"), results["private_allowed"]
     assert results["listed_address"].startswith("oserror"), results["listed_address"]
+    assert results["listed_name"].startswith("oserror"), results["listed_name"]
+    assert results["address_of_listed_name"].startswith("oserror")
+    assert results["unlisted_neighbour"].startswith("denied: "), results["unlisted_neighbour"]
 
     records = {(r["kind"], r["destination"], r["port"]): r for r in probe["records"]}
     denied = {key for key, r in records.items() if not r["allowed"]}
@@ -260,6 +275,9 @@ def test_the_hook_refuses_every_library_before_any_packet_and_counts_everything(
     private = allowed[("connect", "10.255.255.1", 9)]
     assert private["reason"] == REASON_PRIVATE and private["component"] == "probe"
     assert allowed[("connect", "198.51.100.20", 9)]["reason"] == "allow-list entry 198.51.100.0/24"
+    assert allowed[("connect", "203.0.113.50", 9)]["reason"] == (
+        "allow-list entry llm.corp.test (its address)"
+    )
     loopback = [r for (kind, dest, _), r in allowed.items() if dest == "127.0.0.1"]
     assert loopback and all(r["reason"] == REASON_LOOPBACK for r in loopback)
     for r in probe["records"]:

@@ -444,6 +444,27 @@ class _Guard:
         self.component = component
         self.ledger = ledger
         self.busy = threading.local()
+        # Addresses that names on the allow-list resolved to, with the
+        # name's reason: connecting to them is allowed wherever they are
+        # (an internal service may live on a non-private address).
+        self.resolved: dict[str, str] = {}
+
+    def learn(self, host: Any, result: Any) -> None:
+        """Remember where ``host`` resolved to, when it may be reached."""
+        if not isinstance(host, (str, bytes)) or not isinstance(result, list):
+            return
+        name = _normal_host(host.decode("ascii", "replace") if isinstance(host, bytes) else host)
+        if _parse_ip(name) is not None:
+            return  # an address, not a name: nothing learned
+        reason = self.policy.decide(name)
+        if reason is None:
+            return
+        if len(self.resolved) >= _DECISION_CACHE:
+            self.resolved.clear()
+        for entry in result:
+            sockaddr = entry[4] if isinstance(entry, tuple) and len(entry) == 5 else None
+            if isinstance(sockaddr, tuple) and isinstance(sockaddr[0], str):
+                self.resolved[sockaddr[0]] = f"{reason} (its address)"
 
     def hook(self, event: str, args: tuple[Any, ...]) -> None:
         # Called for every audit event of the process (open, import...):
@@ -491,6 +512,8 @@ class _Guard:
             number = 0  # a service name ("https")
         component = _component.get(self.component)
         reason = self.policy.decide(host)
+        if reason is None and kind != "resolve":
+            reason = self.resolved.get(host)
         self.ledger.record(
             component, kind, host, number, reason is not None, reason or REASON_DENIED
         )
@@ -520,6 +543,23 @@ def install(policy: EgressPolicy, component: str) -> None:
         return
     _guard = _Guard(policy, component, _ledger)
     sys.addaudithook(_guard.hook)
+    # The audit event comes before the lookup; what it found is learned
+    # here, after it (asyncio and most libraries call socket.getaddrinfo
+    # through the module, so they get this one).
+    socket.getaddrinfo = _learning(socket.getaddrinfo)
+
+
+def _learning(original: Any) -> Any:
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(host, port, *args, **kwargs)
+        guard = _guard
+        if guard is not None:
+            guard.learn(host, result)
+        return result
+
+    getaddrinfo.__doc__ = original.__doc__
+    getaddrinfo.__wrapped__ = original  # type: ignore[attr-defined]
+    return getaddrinfo
 
 
 def check(kind: str, host: Any, port: Any) -> None:
