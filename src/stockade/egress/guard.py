@@ -490,8 +490,12 @@ class _Guard:
                 host, port = args[0], 0
         else:
             return
-        if host is None:
-            return  # a passive lookup (binding every address)
+        if host is not None:  # None: a passive lookup (binding every address)
+            self.check(kind, host, port)
+
+    def check(self, kind: str, host: Any, port: Any) -> None:
+        """:meth:`_check`, unless this thread is inside a check already (a
+        log handler's own socket, say)."""
         if getattr(self.busy, "active", False):
             return
         self.busy.active = True
@@ -566,14 +570,8 @@ def check(kind: str, host: Any, port: Any) -> None:
     """Check (and count) an attempt that no audit event announces, such as
     uvloop's own connects: raises :class:`EgressDenied` when the allow-list
     does not cover ``host``. Does nothing before :func:`install`."""
-    guard = _guard
-    if guard is None or host is None:
-        return
-    guard.busy.active = True
-    try:
-        guard._check(kind, host, port)
-    finally:
-        guard.busy.active = False
+    if _guard is not None and host is not None:
+        _guard.check(kind, host, port)
 
 
 def guard_installed() -> bool:
