@@ -20,7 +20,7 @@ from stockade.airgap import (
     normalize_fingerprint,
     verify_bundle,
 )
-from stockade.airgap.bundle import AGENT_PYTHONS, default_images, default_platforms, default_python
+from stockade.airgap.bundle import AGENT_PYTHONS, default_platforms, default_python
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -140,7 +140,7 @@ def bundle(
         typer.Option(
             "--image",
             help="workspace image (repo:tag) to `docker save`, repeatable "
-            f"(default: {', '.join(default_images())}, the docker starter's)",
+            "(default: the image of the docker starter template)",
         ),
     ] = None,
     no_images: Annotated[
