@@ -49,6 +49,7 @@ LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 # RFC 1918 and IPv6 unique local addresses: where an air-gapped site's own
 # services live.
 DEFAULT_PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in DEFAULT_PRIVATE_NETWORKS)
 
 # Audit event -> the kind of attempt it is.
 _CONNECT_EVENTS = {"socket.connect": "connect", "socket.sendto": "send", "socket.sendmsg": "send"}
@@ -151,7 +152,6 @@ class EgressPolicy:
         allow: Iterable[str] = (),
         *,
         private_networks: bool = True,
-        local_names: Iterable[str] = (),
         own_hosts: Iterable[str] = (),
     ) -> EgressPolicy:
         """A policy from allow-list entries: an IP address, a CIDR network, a
@@ -160,9 +160,7 @@ class EgressPolicy:
         Raises ``ValueError`` naming the first entry that is none of these."""
         networks: list[tuple[IPNetwork, str]] = []
         if private_networks:
-            networks += [
-                (ipaddress.ip_network(n), REASON_PRIVATE) for n in DEFAULT_PRIVATE_NETWORKS
-            ]
+            networks += [(n, REASON_PRIVATE) for n in _PRIVATE]
         hosts: list[str] = []
         suffixes: list[str] = []
         for raw in allow:
@@ -189,7 +187,7 @@ class EgressPolicy:
                 f"egress allow-list entry {raw!r} is not an IP address, a CIDR network "
                 "(10.1.0.0/16), a host name (idp.example.internal) or *.domain"
             )
-        return cls(networks, hosts, suffixes, [*_local_names(), *local_names], own_hosts)
+        return cls(networks, hosts, suffixes, _local_names(), own_hosts)
 
     def decide_address(self, address: IPAddress) -> str | None:
         """Why ``address`` may be reached, or None when it may not."""
@@ -299,10 +297,7 @@ def is_internal(destination: str) -> bool:
         return False
     if address.is_unspecified or address.is_loopback:
         return True
-    return any(
-        address.version == n.version and address in n
-        for n in (ipaddress.ip_network(p) for p in DEFAULT_PRIVATE_NETWORKS)
-    )
+    return any(address.version == n.version and address in n for n in _PRIVATE)
 
 
 @dataclass(frozen=True)
@@ -577,8 +572,3 @@ def check(kind: str, host: Any, port: Any) -> None:
 def guard_installed() -> bool:
     """Whether :func:`install` ran in this process."""
     return _guard is not None
-
-
-def current_policy() -> EgressPolicy | None:
-    """The policy being enforced, if any."""
-    return _guard.policy if _guard is not None else None
