@@ -313,6 +313,13 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # Logged only now, so whoever waits for this line may stop us cleanly.
+        log.info(
+            "starting: python %s, pid %d, control plane %s",
+            platform.python_version(),
+            os.getpid(),
+            self.config.access_url,
+        )
         connection = asyncio.ensure_future(self._connection_loop())
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
@@ -719,12 +726,6 @@ def main() -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    log.info(
-        "starting: python %s, pid %d, control plane %s",
-        platform.python_version(),
-        os.getpid(),
-        config.access_url,
-    )
     # Until the manifest brings the deployment's allow-list: the control
     # plane and the private networks.
     egress.install(EgressPolicy.build(own_hosts=[config.control_host]), "agent")
