@@ -145,13 +145,108 @@ class AuditHead(Base):
     anchor_hash: Mapped[str] = mapped_column(String(64))
 
 
+class Organization(Base):
+    """A tenant: templates and workspaces belong to one, and a user sees
+    nothing of an organization it is not a member of. Every user is a member
+    of the default organization (made by the migration) without a row."""
+
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    is_default: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OrganizationMember(Base):
+    """A member of a non-default organization, or an organization role
+    (``org-admin``) held in any organization."""
+
+    __tablename__ = "organization_members"
+
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    roles: Mapped[list[str]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Group(Base):
+    """A named set of an organization's users. ``source`` says who manages
+    its members: ``manual`` (admins), ``oidc`` (made by group sync) or
+    ``everyone`` (every member of the organization, never stored)."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    source: Mapped[str] = mapped_column(String(16), default="manual")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("uq_groups_organization_name", "organization_id", "name", unique=True),)
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TemplateUserAcl(Base):
+    """A user's access to a template: ``use`` (see it, build workspaces from
+    it) or ``admin`` (also push, activate, archive and change its ACL)."""
+
+    __tablename__ = "template_user_acl"
+
+    template_id: Mapped[str] = mapped_column(
+        ForeignKey("templates.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(8))
+
+
+class TemplateGroupAcl(Base):
+    """A group's access to a template (``use`` or ``admin``)."""
+
+    __tablename__ = "template_group_acl"
+
+    template_id: Mapped[str] = mapped_column(
+        ForeignKey("templates.id", ondelete="CASCADE"), primary_key=True
+    )
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(8))
+
+
 class Template(Base):
-    """A named template; its content lives in immutable ``TemplateVersion`` rows."""
+    """A named template; its content lives in immutable ``TemplateVersion``
+    rows. Names are unique within an organization."""
 
     __tablename__ = "templates"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    name: Mapped[str] = mapped_column(String(32), unique=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
     display_name: Mapped[str] = mapped_column(String(128), default="")
     description: Mapped[str] = mapped_column(Text, default="")
     icon: Mapped[str | None] = mapped_column(String(512))
@@ -163,6 +258,10 @@ class Template(Base):
     created_by: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("uq_templates_organization_name", "organization_id", "name", unique=True),
+    )
 
 
 class TemplateVersion(Base):
@@ -211,6 +310,8 @@ class Workspace(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
     name: Mapped[str] = mapped_column(String(32))
+    # The template's organization, kept here so org-scoped lists need no join.
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
     template_id: Mapped[str] = mapped_column(ForeignKey("templates.id"), index=True)
     # The version the latest start build used (an update moves it on).
     template_version_id: Mapped[str] = mapped_column(ForeignKey("template_versions.id"))
