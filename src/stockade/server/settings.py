@@ -8,14 +8,16 @@ generated from the field descriptions below, so the help text lives here only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
+import typing
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +26,7 @@ from pydantic_settings import (
 )
 
 from stockade.egress import EgressPolicy
+from stockade.sdk.types import RoleName
 
 
 def default_data_dir() -> Path:
@@ -45,6 +48,20 @@ def read_ca_bundle(path: Path) -> str:
     except ssl.SSLError as exc:
         raise ValueError(f"{path} is not a valid PEM CA bundle: {exc}") from None
     return text
+
+
+def _json_object(value: str, name: str, example: str) -> dict[str, typing.Any]:
+    """A setting holding a JSON object ("" is an empty one); ``ValueError``
+    naming the setting and showing an example when it is not one."""
+    if not value.strip():
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc}); expected e.g. {example}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object, e.g. {example}")
+    return parsed
 
 
 class Settings(BaseSettings):
@@ -240,6 +257,96 @@ class Settings(BaseSettings):
         "one app's host; renewed through the dashboard while the session lasts).",
     )
 
+    oidc_issuer_url: str = Field(
+        "",
+        description="OpenID Connect single sign-on: the issuer URL of your identity provider "
+        "(Keycloak: https://HOST/realms/REALM; Dex: its issuer; ADFS: https://HOST/adfs). "
+        "Stockade reads ISSUER/.well-known/openid-configuration. Register "
+        "ACCESS_URL/api/v2/users/oidc/callback as the redirect URI. Empty: SSO off.",
+    )
+    oidc_client_id: str = Field(
+        "", description="The client id Stockade has at the identity provider (needed with SSO)."
+    )
+    oidc_client_secret: SecretStr | None = Field(
+        None,
+        description="The client secret (never logged or shown). Empty: a public client, "
+        "protected by PKCE alone.",
+    )
+    oidc_scopes: str = Field(
+        "openid,profile,email",
+        description="Comma-separated scopes to ask for; must include openid. Add the scope that "
+        "carries the groups or roles claim when you sync them (e.g. groups).",
+    )
+    oidc_username_field: str = Field(
+        "preferred_username",
+        description="The claim a new user's username is taken from (made to fit Stockade's "
+        "username rules; a number is added when it is taken). Falls back to the email's "
+        "local part.",
+    )
+    oidc_email_field: str = Field("email", description="The claim holding the user's email.")
+    oidc_email_domains: str = Field(
+        "",
+        description="Comma-separated email domains allowed to sign in with SSO (example.com). "
+        "Empty: any.",
+    )
+    oidc_allow_signups: bool = Field(
+        True,
+        description="Create a Stockade account at the first SSO sign-in of someone who has "
+        "none. False: only existing accounts (linked by verified email) may sign in.",
+    )
+    oidc_sign_in_text: str = Field(
+        "Sign in with SSO",
+        max_length=64,
+        description="Label of the single sign-on button on the login page.",
+    )
+    oidc_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle to trust for the identity provider (when its certificate "
+        "is from a private CA), besides the system's.",
+    )
+    oidc_ignore_email_verified: bool = Field(
+        False,
+        description="Treat every email from the identity provider as verified (for providers "
+        "that do not send email_verified). An unverified email never links an existing account "
+        "otherwise.",
+    )
+    disable_password_auth_for_oidc_users: bool = Field(
+        False,
+        description="Refuse password login for accounts that signed in with SSO (their login "
+        "type is oidc): they must use the SSO button.",
+    )
+    oidc_group_field: str = Field(
+        "",
+        description="Claim holding the user's groups (e.g. groups). Set: Stockade groups in the "
+        "default organization follow it at every SSO login. Empty: group sync off.",
+    )
+    oidc_group_mapping: str = Field(
+        "",
+        description="JSON object mapping identity-provider group names to Stockade group names, "
+        'e.g. {"idp-devs": "developers"}. Unmapped groups keep their names.',
+    )
+    oidc_group_regex_filter: str = Field(
+        "",
+        description="Only identity-provider groups matching this regular expression are synced "
+        "(search, so anchor it with ^...$ for a full match). Empty: all.",
+    )
+    oidc_group_auto_create: bool = Field(
+        False,
+        description="Create a Stockade group that a synced group names and that does not exist "
+        "yet. False: such groups are skipped.",
+    )
+    oidc_user_role_field: str = Field(
+        "",
+        description="Claim holding the user's roles at the identity provider. Set: the site roles "
+        "that oidc_user_role_mapping names follow it at every SSO login. Empty: role sync off.",
+    )
+    oidc_user_role_mapping: str = Field(
+        "",
+        description="JSON object mapping identity-provider role names to lists of site roles, "
+        'e.g. {"platform": ["template-admin"], "security": ["auditor"]}. Only the roles it '
+        "names are synced; others are left as an administrator set them.",
+    )
+
     @field_validator("wildcard_access_url")
     @classmethod
     def _check_wildcard(cls, value: str) -> str:
@@ -262,6 +369,137 @@ class Settings(BaseSettings):
             )
         return ",".join(names)
 
+    @field_validator("oidc_issuer_url")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"oidc_issuer_url must be an http:// or https:// URL (the identity provider's "
+                f"issuer), not {value!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("oidc_issuer_url must not have a query or fragment")
+        return value
+
+    @field_validator("oidc_scopes")
+    @classmethod
+    def _check_scopes(cls, value: str) -> str:
+        scopes = [s.strip() for s in value.split(",") if s.strip()]
+        bad = [s for s in scopes if not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", s)]
+        if bad:
+            raise ValueError(f"oidc_scopes: {bad[0]!r} is not a valid scope name")
+        if "openid" not in scopes:
+            raise ValueError("oidc_scopes must include openid (e.g. openid,profile,email)")
+        return ",".join(dict.fromkeys(scopes))
+
+    @field_validator("oidc_email_domains")
+    @classmethod
+    def _check_domains(cls, value: str) -> str:
+        domains = [d.strip().lower().removeprefix("@") for d in value.split(",") if d.strip()]
+        for domain in domains:
+            if not re.fullmatch(
+                r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*", domain
+            ):
+                raise ValueError(
+                    f"oidc_email_domains: {domain!r} is not a domain name (e.g. example.com)"
+                )
+        return ",".join(domains)
+
+    @field_validator("oidc_group_mapping")
+    @classmethod
+    def _check_group_mapping(cls, value: str) -> str:
+        mapping = _json_object(value, "oidc_group_mapping", '{"idp-group": "stockade-group"}')
+        for key, name in mapping.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(
+                    f"oidc_group_mapping: the value for {key!r} must be a Stockade group name "
+                    f"(a non-empty string), not {json.dumps(name)}"
+                )
+        return value.strip()
+
+    @field_validator("oidc_group_regex_filter")
+    @classmethod
+    def _check_group_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(
+                f"oidc_group_regex_filter is not a valid regular expression: {exc}"
+            ) from None
+        return value
+
+    @field_validator("oidc_user_role_mapping")
+    @classmethod
+    def _check_role_mapping(cls, value: str) -> str:
+        mapping = _json_object(value, "oidc_user_role_mapping", '{"idp-role": ["auditor"]}')
+        known = typing.get_args(RoleName)
+        for key, roles in mapping.items():
+            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                raise ValueError(
+                    f"oidc_user_role_mapping: the value for {key!r} must be a list of site "
+                    f"roles, not {json.dumps(roles)}"
+                )
+            unknown = [r for r in roles if r not in known]
+            if unknown:
+                raise ValueError(
+                    f"oidc_user_role_mapping: {unknown[0]!r} (for {key!r}) is not a site role; "
+                    f"use {', '.join(known)}"
+                )
+        return value.strip()
+
+    @field_validator("oidc_ca_file")
+    @classmethod
+    def _check_oidc_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                read_ca_bundle(value)
+            except ValueError as exc:
+                raise ValueError(f"oidc_ca_file: {exc}") from None
+        return value
+
+    def _check_oidc(self) -> None:
+        if self.oidc_issuer_url and not self.oidc_client_id:
+            raise ValueError(
+                "oidc_client_id is needed with oidc_issuer_url: the client id Stockade is "
+                "registered with at the identity provider"
+            )
+        if not self.oidc_issuer_url:
+            extra = [
+                name
+                for name in ("oidc_client_id", "oidc_client_secret", "oidc_group_field",
+                             "oidc_user_role_field")
+                if getattr(self, name)
+            ]  # fmt: skip
+            if extra:
+                raise ValueError(f"{extra[0]} is set but oidc_issuer_url is not: SSO is off")
+
+    @property
+    def oidc_enabled(self) -> bool:
+        """Whether single sign-on is configured."""
+        return bool(self.oidc_issuer_url)
+
+    @property
+    def oidc_scope_list(self) -> list[str]:
+        return self.oidc_scopes.split(",")
+
+    @property
+    def oidc_domain_list(self) -> list[str]:
+        return [d for d in self.oidc_email_domains.split(",") if d]
+
+    @property
+    def oidc_group_map(self) -> dict[str, str]:
+        """``oidc_group_mapping`` parsed (checked at startup)."""
+        return _json_object(self.oidc_group_mapping, "", "")
+
+    @property
+    def oidc_role_map(self) -> dict[str, list[str]]:
+        """``oidc_user_role_mapping`` parsed (checked at startup)."""
+        return _json_object(self.oidc_user_role_mapping, "", "")
+
     @property
     def backend_list(self) -> list[str]:
         return [n for n in self.provisioner_backends.split(",") if n]
@@ -270,7 +508,9 @@ class Settings(BaseSettings):
     def egress_policy(self) -> EgressPolicy:
         """The egress allow-list (checked at startup)."""
         own = [
-            urlsplit(url).hostname for url in (self.access_url, self.agent_url, self.postgres_url)
+            urlsplit(url).hostname
+            # The identity provider's host: SSO logins reach it from the server.
+            for url in (self.access_url, self.agent_url, self.postgres_url, self.oidc_issuer_url)
         ]
         return EgressPolicy.build(
             self.egress_allow.split(","),
@@ -319,6 +559,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         tls = self._check_tls()
+        self._check_oidc()
         if self.redirect_http_address:
             if not tls:
                 raise ValueError(
