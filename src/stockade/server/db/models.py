@@ -106,6 +106,41 @@ class ApiKey(Base):
     __table_args__ = (Index("uq_api_keys_user_token_name", "user_id", "token_name", unique=True),)
 
 
+class UserLink(Base):
+    """A user's identity at an external login provider: the OpenID Connect
+    issuer and subject that sign in as this user, and the claims of its last
+    login (no tokens)."""
+
+    __tablename__ = "user_links"
+
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    login_type: Mapped[str] = mapped_column(String(16), primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(512))
+    subject: Mapped[str] = mapped_column(String(255))
+    claims: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("uq_user_links_issuer_subject", "issuer", "subject", unique=True),)
+
+
+class OidcLoginState(Base):
+    """A single sign-on started and not yet finished: the browser holds the
+    state, this row its nonce and PKCE verifier. Deleted when the callback
+    uses it (so it works once, on any replica) or once expired."""
+
+    __tablename__ = "oidc_login_states"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(128))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    redirect: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class AuditEntry(Base):
     """One audit entry. ``hash`` covers every other column and ``prev_hash``,
     so editing, deleting or reordering rows breaks the chain."""
