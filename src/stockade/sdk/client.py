@@ -225,26 +225,45 @@ class Client:
 
     # --- templates -------------------------------------------------------------
 
-    def list_templates(self, *, include_archived: bool = False) -> types.TemplateList:
+    @staticmethod
+    def _tpl(name: str, suffix: str = "", org: str | None = None) -> str:
+        """A template's path; ``org`` names its organization when the name is
+        in more than one (or, for a push, where a new template goes)."""
+        query = f"?org={quote(org, safe='')}" if org else ""
+        return f"/api/v2/templates/{_seg(name)}{suffix}{query}"
+
+    def list_templates(
+        self, *, include_archived: bool = False, org: str | None = None
+    ) -> types.TemplateList:
         return self._get(
-            "/api/v2/templates", types.TemplateList, include_archived=include_archived or None
+            "/api/v2/templates",
+            types.TemplateList,
+            include_archived=include_archived or None,
+            org=org,
         )
 
-    def get_template(self, name: str) -> types.Template:
-        return self._get(f"/api/v2/templates/{_seg(name)}", types.Template)
+    def get_template(self, name: str, *, org: str | None = None) -> types.Template:
+        return self._get(self._tpl(name, org=org), types.Template)
 
-    def list_template_versions(self, name: str) -> list[types.TemplateVersion]:
-        path = f"/api/v2/templates/{_seg(name)}/versions"
-        return self._get(path, types.TemplateVersionList).versions
+    def list_template_versions(
+        self, name: str, *, org: str | None = None
+    ) -> list[types.TemplateVersion]:
+        return self._get(self._tpl(name, "/versions", org), types.TemplateVersionList).versions
 
     def push_template(
-        self, name: str, archive: bytes, *, activate: bool = True, message: str = ""
+        self,
+        name: str,
+        archive: bytes,
+        *,
+        activate: bool = True,
+        message: str = "",
+        org: str | None = None,
     ) -> types.TemplateVersion:
         """Upload a ``.tar.gz`` (see ``stockade.sdk.templates.build_archive``)."""
         params = {"activate": str(activate).lower(), "message": message}
         try:
             response = self._http.post(
-                f"/api/v2/templates/{_seg(name)}/versions",
+                self._tpl(name, "/versions", org),
                 content=archive,
                 params=params,
                 headers={**self._headers(), "Content-Type": "application/gzip"},
@@ -255,16 +274,101 @@ class Client:
             raise _error(response)
         return types.TemplateVersion.model_validate(response.json())
 
-    def download_template_version(self, name: str, number: int) -> bytes:
-        path = f"/api/v2/templates/{_seg(name)}/versions/{int(number)}/archive"
-        return self.request("GET", path).content
+    def download_template_version(self, name: str, number: int, *, org: str | None = None) -> bytes:
+        return self.request("GET", self._tpl(name, f"/versions/{int(number)}/archive", org)).content
 
-    def set_active_template_version(self, name: str, number: int) -> types.Template:
+    def set_active_template_version(
+        self, name: str, number: int, *, org: str | None = None
+    ) -> types.Template:
         body = types.ActivateTemplateVersionRequest.model_construct(version=number)
-        return self._send("PUT", f"/api/v2/templates/{_seg(name)}/active", types.Template, body)
+        return self._send("PUT", self._tpl(name, "/active", org), types.Template, body)
 
-    def archive_template(self, name: str) -> types.Template:
-        return self._send("POST", f"/api/v2/templates/{_seg(name)}/archive", types.Template)
+    def archive_template(self, name: str, *, org: str | None = None) -> types.Template:
+        return self._send("POST", self._tpl(name, "/archive", org), types.Template)
+
+    def template_acl(self, name: str, *, org: str | None = None) -> types.TemplateAcl:
+        return self._get(self._tpl(name, "/acl", org), types.TemplateAcl)
+
+    def update_template_acl(
+        self,
+        name: str,
+        *,
+        users: dict[str, types.TemplateRole | None] | None = None,
+        groups: dict[str, types.TemplateRole | None] | None = None,
+        org: str | None = None,
+    ) -> types.TemplateAcl:
+        """Set (``use``/``admin``) or remove (``None``) ACL entries."""
+        payload = {"users": users or {}, "groups": groups or {}}
+        response = self.request("PATCH", self._tpl(name, "/acl", org), json_body=payload)
+        return types.TemplateAcl.model_validate(response.json())
+
+    # --- organizations and groups ------------------------------------------------
+
+    @staticmethod
+    def _org(org: str, suffix: str = "") -> str:
+        return f"/api/v2/organizations/{_seg(org)}{suffix}"
+
+    def list_organizations(self) -> types.OrganizationList:
+        return self._get("/api/v2/organizations", types.OrganizationList)
+
+    def create_organization(
+        self, name: str, *, display_name: str = "", description: str = ""
+    ) -> types.Organization:
+        body = types.CreateOrganizationRequest.model_construct(
+            name=name, display_name=display_name, description=description
+        )
+        return self._send("POST", "/api/v2/organizations", types.Organization, body)
+
+    def get_organization(self, org: str) -> types.Organization:
+        return self._get(self._org(org), types.Organization)
+
+    def delete_organization(self, org: str) -> None:
+        self.request("DELETE", self._org(org))
+
+    def list_members(self, org: str) -> types.OrganizationMemberList:
+        return self._get(self._org(org, "/members"), types.OrganizationMemberList)
+
+    def set_member(
+        self, org: str, user: str, roles: list[types.OrgRoleName] | None = None
+    ) -> types.OrganizationMember:
+        """Add ``user`` to ``org``, or set their org roles."""
+        body = types.UpdateMemberRequest.model_construct(roles=roles or [])
+        path = self._org(org, f"/members/{_seg(user)}")
+        return self._send("PUT", path, types.OrganizationMember, body)
+
+    def remove_member(self, org: str, user: str) -> None:
+        self.request("DELETE", self._org(org, f"/members/{_seg(user)}"))
+
+    def list_groups(self, org: str) -> types.GroupList:
+        return self._get(self._org(org, "/groups"), types.GroupList)
+
+    def get_group(self, org: str, name: str) -> types.Group:
+        return self._get(self._org(org, f"/groups/{_seg(name)}"), types.Group)
+
+    def create_group(
+        self, org: str, name: str, *, display_name: str = "", members: list[str] | None = None
+    ) -> types.Group:
+        body = types.CreateGroupRequest.model_construct(
+            name=name, display_name=display_name, members=members or []
+        )
+        return self._send("POST", self._org(org, "/groups"), types.Group, body)
+
+    def update_group(
+        self,
+        org: str,
+        name: str,
+        *,
+        display_name: str | None = None,
+        add: list[str] | None = None,
+        remove: list[str] | None = None,
+    ) -> types.Group:
+        body = types.UpdateGroupRequest.model_construct(
+            display_name=display_name, add_members=add or [], remove_members=remove or []
+        )
+        return self._send("PATCH", self._org(org, f"/groups/{_seg(name)}"), types.Group, body)
+
+    def delete_group(self, org: str, name: str) -> None:
+        self.request("DELETE", self._org(org, f"/groups/{_seg(name)}"))
 
     # --- workspaces --------------------------------------------------------------
 
@@ -282,9 +386,10 @@ class Client:
         parameters: dict[str, Any] | None = None,
         *,
         owner: str | None = None,
+        org: str | None = None,
     ) -> types.Workspace:
         body = types.CreateWorkspaceRequest.model_construct(
-            name=name, template=template, parameters=parameters or {}, owner=owner
+            name=name, template=template, parameters=parameters or {}, owner=owner, organization=org
         )
         return self._send("POST", "/api/v2/workspaces", types.Workspace, body)
 

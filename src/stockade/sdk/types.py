@@ -247,6 +247,7 @@ class EgressPolicyWire(Response):
 class Template(Response):
     id: str
     name: str
+    organization: str = Field(description="name of the organization it belongs to")
     display_name: str
     description: str
     icon: str | None = None
@@ -284,6 +285,137 @@ class TemplateVersionList(Response):
 
 class ActivateTemplateVersionRequest(Request):
     version: int = Field(ge=1, le=2**31 - 1, description="the version number to make active")
+
+
+TemplateRole = Literal["use", "admin"]
+
+
+class TemplateAclUser(Response):
+    user_id: str
+    username: str
+    role: TemplateRole
+
+
+class TemplateAclGroup(Response):
+    group_id: str
+    name: str
+    role: TemplateRole
+
+
+class TemplateAcl(Response):
+    """Who may use (``use``) or administer (``admin``) a template, besides
+    site owners, template-admins and the organization's admins."""
+
+    template: str
+    organization: str
+    users: list[TemplateAclUser]
+    groups: list[TemplateAclGroup]
+
+
+class UpdateTemplateAclRequest(Request):
+    """Changes to a template's ACL: a role sets it, ``null`` removes the entry."""
+
+    users: dict[str, TemplateRole | None] = Field(
+        default_factory=dict, max_length=500, description="username -> role or null"
+    )
+    groups: dict[str, TemplateRole | None] = Field(
+        default_factory=dict, max_length=500, description="group name -> role or null"
+    )
+
+
+# --- organizations and groups ------------------------------------------------------
+
+ORG_NAME_PATTERN = USERNAME_PATTERN
+OrgName = Annotated[
+    str, Field(pattern=ORG_NAME_PATTERN, min_length=1, max_length=32, description=USERNAME_HELP)
+]
+GROUP_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$"
+GROUP_NAME_HELP = (
+    "1-64 characters: letters, digits, dots, underscores and hyphens, starting and "
+    "ending with a letter or digit"
+)
+GroupName = Annotated[
+    str, Field(pattern=GROUP_NAME_PATTERN, min_length=1, max_length=64, description=GROUP_NAME_HELP)
+]
+OrgRoleName = Literal["org-admin"]
+
+
+class Organization(Response):
+    id: str
+    name: str
+    display_name: str
+    description: str
+    is_default: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrganizationList(Response):
+    organizations: list[Organization]
+    count: int
+
+
+class CreateOrganizationRequest(Request):
+    name: OrgName
+    display_name: str = Field("", max_length=128)
+    description: str = Field("", max_length=1024)
+
+
+class UpdateOrganizationRequest(Request):
+    display_name: str | None = Field(None, max_length=128)
+    description: str | None = Field(None, max_length=1024)
+
+
+class OrganizationMember(Response):
+    user_id: str
+    username: str
+    roles: list[str]
+    implicit: bool = Field(description="a member of the default organization by being a user")
+
+
+class OrganizationMemberList(Response):
+    members: list[OrganizationMember]
+    count: int
+
+
+class UpdateMemberRequest(Request):
+    roles: list[OrgRoleName] = Field(default_factory=list, max_length=4)
+
+
+class Group(Response):
+    id: str
+    organization: str
+    name: str
+    display_name: str
+    source: Literal["manual", "oidc", "everyone"]
+    members: list[str] = Field(description="usernames; empty for 'everyone' (all members)")
+    created_at: datetime
+    updated_at: datetime
+
+
+class GroupList(Response):
+    groups: list[Group]
+    count: int
+
+
+class CreateGroupRequest(Request):
+    name: GroupName
+    display_name: str = Field("", max_length=128)
+    members: list[Username] = Field(default_factory=list, max_length=1000)
+
+
+class UpdateGroupRequest(Request):
+    display_name: str | None = Field(None, max_length=128)
+    add_members: list[Username] = Field(default_factory=list, max_length=1000)
+    remove_members: list[Username] = Field(default_factory=list, max_length=1000)
+
+
+class GroupSyncResult(Response):
+    """What group sync changed for one user at login."""
+
+    added: list[str]
+    removed: list[str]
+    created: list[str]
 
 
 # --- workspaces and builds ----------------------------------------------------------
@@ -377,6 +509,7 @@ class Workspace(Response):
     name: str
     owner_id: str
     owner_name: str
+    organization: str = Field(description="its template's organization")
     template_id: str
     template_name: str
     template_version_id: str
@@ -514,6 +647,11 @@ class CreateWorkspaceRequest(Request):
         pattern=WORKSPACE_NAME_PATTERN, min_length=1, max_length=32, description=WORKSPACE_NAME_HELP
     )
     template: str = Field(min_length=1, max_length=64, description="template name")
+    organization: str | None = Field(
+        None,
+        max_length=32,
+        description="the template's organization, when the name is in more than one",
+    )
     parameters: dict[str, Any] = Field(
         default_factory=dict,
         max_length=256,

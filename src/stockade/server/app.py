@@ -28,6 +28,7 @@ from stockade.server.egress import api as egress_api
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
 from stockade.server.observability import get_logger
+from stockade.server.orgs import api as orgs_api
 from stockade.server.provisioning import api as provisioning_api
 from stockade.server.services import Services, build_services
 from stockade.server.settings import Settings
@@ -191,6 +192,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         system_api.router,
         egress_api.router,
         templates_api.router,
+        orgs_api.router,
         workspaces_api.router,
         provisioning_api.router,
         agents_api.router,

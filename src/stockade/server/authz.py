@@ -54,6 +54,7 @@ class Perm(StrEnum):
     # owners); user-admins manage workspaces but do not get into them.
     WORKSPACE_CONNECT = "workspace.connect"
     PROVISIONER_ADMIN = "provisioner.admin"  # provisioner keys
+    ORGANIZATION_CREATE = "organization.create"  # create and delete organizations
 
 
 _USER_ADMIN = {
@@ -78,7 +79,8 @@ SITE_PERMISSIONS: dict[Role, frozenset[Perm]] = {
     Role.AUDITOR: frozenset(
         {Perm.USER_READ, Perm.AUDIT_READ, Perm.EGRESS_READ, Perm.TEMPLATE_READ}
     ),
-    Role.MEMBER: frozenset({Perm.TEMPLATE_READ}),
+    # Members see templates through their organizations' ACLs (orgs.access).
+    Role.MEMBER: frozenset(),
 }
 
 # Permissions every user has on what is their own (their user, their tokens).
@@ -124,6 +126,19 @@ class Actor:
     roles: frozenset[Role]
     api_key_id: str
     login_type: str
+
+
+def actor_for(
+    user_id: str, username: str, roles: Iterable[str], *, api_key_id: str = "", login_type: str = ""
+) -> Actor:
+    """The Actor of a user (every user holds the implicit member role)."""
+    return Actor(
+        user_id=user_id,
+        username=username,
+        roles=frozenset(Role(r) for r in roles) | {Role.MEMBER},
+        api_key_id=api_key_id,
+        login_type=login_type,
+    )
 
 
 def site_permissions(roles: Iterable[Role]) -> frozenset[Perm]:

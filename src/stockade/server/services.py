@@ -17,6 +17,7 @@ from stockade.server.db import Database
 from stockade.server.egress.service import EgressService
 from stockade.server.events import Notifier
 from stockade.server.observability import Metrics
+from stockade.server.orgs.service import OrgService
 from stockade.server.provisioning.runner import ProvisionerRunner
 from stockade.server.provisioning.service import ProvisioningService
 from stockade.server.secretbox import SecretBox
@@ -36,6 +37,7 @@ class Services:
     auth: AuthService
     users: UserService
     templates: TemplateService
+    orgs: OrgService
     workspaces: WorkspaceService
     agents: AgentService
     connections: ConnectionService
@@ -79,6 +81,7 @@ def build_services(settings: Settings) -> Services:
         auth=auth,
         users=UserService(db, password_guesses=auth.user_failures),
         templates=TemplateService(db),
+        orgs=OrgService(db, settings, audit_key),
         workspaces=WorkspaceService(db, notifier, agents),
         agents=agents,
         connections=ConnectionService(db, agents, audit_key=audit_key),

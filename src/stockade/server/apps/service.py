@@ -72,7 +72,7 @@ from stockade.server.agents.service import AgentService, PendingStream
 from stockade.server.apps.proxy import AgentStream, Counters, Lease, StreamPool
 from stockade.server.audit.service import AuditRecord, write_record
 from stockade.server.auth.service import AuthService
-from stockade.server.authz import Actor, Perm, Role, can
+from stockade.server.authz import Actor, Perm, actor_for, can
 from stockade.server.connections.service import (
     ClientInfo,
     ConnectionService,
@@ -481,12 +481,8 @@ class AppService:
             ).one_or_none()
         actor = None
         if row is not None and row.status == "active" and row.expires_at > utcnow():
-            actor = Actor(
-                user_id=row.user_id,
-                username=row.username,
-                roles=frozenset(Role(r) for r in row.roles) | {Role.MEMBER},
-                api_key_id=key_id,
-                login_type=row.login_type,
+            actor = actor_for(
+                row.user_id, row.username, row.roles, api_key_id=key_id, login_type=row.login_type
             )
         if len(self._keys) > 10_000:
             self._keys.clear()

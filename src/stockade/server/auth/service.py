@@ -12,7 +12,7 @@ from stockade.sdk import types
 from stockade.server.audit.service import AuditRecord
 from stockade.server.auth import keys, passwords
 from stockade.server.auth.ratelimit import SlidingWindow, account_key
-from stockade.server.authz import Actor, Perm, Role, authorize
+from stockade.server.authz import Actor, Perm, actor_for, authorize
 from stockade.server.db import ApiKey, Database, User
 from stockade.server.db.models import utcnow
 from stockade.server.errors import (
@@ -85,10 +85,10 @@ class AuthService:
             sliding = key.lifetime_seconds if key.login_type == "password" else None
             await self._touch(key.id, key.user_id, sliding, now, ip)
         return Authentication(
-            Actor(
-                user_id=key.user_id,
-                username=key.username,
-                roles=frozenset(Role(r) for r in key.roles) | {Role.MEMBER},
+            actor_for(
+                key.user_id,
+                key.username,
+                key.roles,
                 api_key_id=key.id,
                 login_type=key.login_type,
             ),

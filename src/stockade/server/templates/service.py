@@ -24,10 +24,27 @@ from stockade.sdk.templates import (
     parse_manifest,
 )
 from stockade.server.audit.service import AuditRecord, diff_fields
-from stockade.server.authz import Actor, Perm, authorize, can
+from stockade.server.authz import Actor
 from stockade.server.db import Database
-from stockade.server.db.models import Template, TemplateVersion, utcnow
-from stockade.server.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from stockade.server.db.models import (
+    Group,
+    Organization,
+    OrganizationMember,
+    Template,
+    TemplateGroupAcl,
+    TemplateUserAcl,
+    TemplateVersion,
+    User,
+    utcnow,
+)
+from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLarge
+from stockade.server.orgs.access import (
+    TemplateAccess,
+    default_org_id,
+    find_org,
+    standing,
+    template_access,
+)
 
 _NAME = re.compile(TEMPLATE_NAME_PATTERN)
 # Columns of a version without its archive: lists never load the blobs.
@@ -48,15 +65,16 @@ def _not_found(name: str) -> NotFound:
     return NotFound(f"template {name!r} not found", reason="template_not_found")
 
 
-def _template_api(template: Template, active_number: int | None) -> types.Template:
+def _template_api(template: Template, active_number: int | None, org: str) -> types.Template:
     return types.Template.model_validate(
         {
             **{
                 f: getattr(template, f)
                 for f in types.Template.model_fields
-                if f != "active_version"
+                if f not in ("active_version", "organization")
             },
             "active_version": active_number,
+            "organization": org,
         }
     )
 
@@ -105,22 +123,64 @@ def _check_upload(data: bytes, name: str) -> tuple[ArchiveInfo, Manifest]:
     return info, manifest
 
 
+def _acl_snapshot(acl: types.TemplateAcl) -> dict[str, Any]:
+    return {
+        **{f"user:{u.username}": u.role for u in acl.users},
+        **{f"group:{g.name}": g.role for g in acl.groups},
+    }
+
+
+async def find_template(
+    session: AsyncSession,
+    actor: Actor,
+    name: str,
+    org: str | None,
+    need: TemplateAccess = TemplateAccess.READ,
+) -> tuple[Template, str]:
+    """A template (and its organization's name) by name, within ``org`` or,
+    without one, within the organizations where the actor can see a
+    template of that name. What the actor cannot see is reported exactly
+    like what does not exist; seeing it without ``need`` is a 403."""
+    query = select(Template, Organization.name).join(
+        Organization, Organization.id == Template.organization_id
+    )
+    query = query.where(Template.name == name)
+    if org is not None:
+        query = query.where(Template.organization_id == (await find_org(session, actor, org)).id)
+    rows = (await session.execute(query)).all()
+    who = await standing(session, actor)
+    access = await template_access(session, who, [(t.id, t.organization_id) for t, _ in rows])
+    visible = [
+        (t, org_name)
+        for t, org_name in rows
+        if access[t.id] >= TemplateAccess.READ
+        and (access[t.id] == TemplateAccess.ADMIN or t.archived_at is None)
+    ]
+    if not visible:
+        raise _not_found(name)
+    if len(visible) > 1:
+        orgs = ", ".join(sorted(org_name for _, org_name in visible))
+        raise Conflict(
+            f"template {name!r} exists in several organizations ({orgs}); "
+            "name one (--org, or ?org= in the API)",
+            reason="template_ambiguous",
+        )
+    template, org_name = visible[0]
+    if access[template.id] < need:
+        raise Forbidden(
+            f"you do not have permission to "
+            f"{'administer' if need == TemplateAccess.ADMIN else 'use'} template {name!r}",
+            reason="forbidden",
+            log_message=f"{actor.username} has {access[template.id].name} on {template.id}",
+        )
+    return template, org_name
+
+
 class TemplateService:
     def __init__(self, db: Database) -> None:
         self.db = db
 
     # --- reads -------------------------------------------------------------------
-
-    async def _find(self, session: AsyncSession, actor: Actor, name: str) -> Template:
-        """A template by name; archived ones exist only for template writers."""
-        template = (
-            await session.execute(select(Template).where(Template.name == name))
-        ).scalar_one_or_none()
-        if template is None or (
-            template.archived_at is not None and not can(actor, Perm.TEMPLATE_WRITE)
-        ):
-            raise _not_found(name)
-        return template
 
     async def _active_number(self, session: AsyncSession, template: Template) -> int | None:
         if template.active_version_id is None:
@@ -133,35 +193,49 @@ class TemplateService:
             )
         ).scalar_one_or_none()
 
-    async def list(self, actor: Actor, *, include_archived: bool) -> types.TemplateList:
-        authorize(actor, Perm.TEMPLATE_READ, owner_id=None, kind="template")
-        if include_archived:
-            authorize(actor, Perm.TEMPLATE_WRITE, owner_id=None, kind="template")
+    async def list(
+        self, actor: Actor, *, include_archived: bool, org: str | None = None
+    ) -> types.TemplateList:
+        """The templates the actor can see: all of them for site template
+        admins, those of their organizations' ACLs for others. Members see only
+        what they can use: templates with an active version, not archived."""
         query = (
-            select(Template, TemplateVersion.number)
+            select(Template, TemplateVersion.number, Organization.name)
+            .join(Organization, Organization.id == Template.organization_id)
             .outerjoin(TemplateVersion, TemplateVersion.id == Template.active_version_id)
-            .order_by(Template.name)
+            .order_by(Template.name, Organization.name)
         )
-        if not include_archived:
-            query = query.where(Template.archived_at.is_(None))
-        if not can(actor, Perm.TEMPLATE_WRITE):
-            # Members see only what they can use: templates with an active version.
-            query = query.where(Template.active_version_id.is_not(None))
         async with self.db.session() as session:
+            if org is not None:
+                org_id = (await find_org(session, actor, org)).id
+                query = query.where(Template.organization_id == org_id)
             rows = (await session.execute(query)).all()
-        templates = [_template_api(t, number) for t, number in rows]
+            access = await template_access(
+                session,
+                await standing(session, actor),
+                [(t.id, t.organization_id) for t, *_ in rows],
+            )
+        templates = [
+            _template_api(t, number, org_name)
+            for t, number, org_name in rows
+            if access[t.id] >= TemplateAccess.READ
+            and (
+                t.archived_at is None or (include_archived and access[t.id] == TemplateAccess.ADMIN)
+            )
+            and (t.active_version_id is not None or access[t.id] == TemplateAccess.ADMIN)
+        ]
         return types.TemplateList(templates=templates, count=len(templates))
 
-    async def get(self, actor: Actor, name: str) -> types.Template:
-        authorize(actor, Perm.TEMPLATE_READ, owner_id=None, kind="template")
+    async def get(self, actor: Actor, name: str, org: str | None = None) -> types.Template:
         async with self.db.session() as session:
-            template = await self._find(session, actor, name)
-            return _template_api(template, await self._active_number(session, template))
+            template, org_name = await find_template(session, actor, name, org)
+            return _template_api(template, await self._active_number(session, template), org_name)
 
-    async def versions(self, actor: Actor, name: str) -> types.TemplateVersionList:
-        authorize(actor, Perm.TEMPLATE_READ, owner_id=None, kind="template")
+    async def versions(
+        self, actor: Actor, name: str, org: str | None = None
+    ) -> types.TemplateVersionList:
         async with self.db.session() as session:
-            template = await self._find(session, actor, name)
+            template, _ = await find_template(session, actor, name, org)
             rows = await session.execute(
                 select(*_VERSION_COLUMNS)
                 .where(TemplateVersion.template_id == template.id)
@@ -169,11 +243,12 @@ class TemplateService:
             )
             return types.TemplateVersionList(versions=[_version_api(r, template) for r in rows])
 
-    async def archive_of(self, actor: Actor, name: str, number: int) -> tuple[bytes, str]:
+    async def archive_of(
+        self, actor: Actor, name: str, number: int, org: str | None = None
+    ) -> tuple[bytes, str]:
         """(the .tar.gz as pushed, its sha256)."""
-        authorize(actor, Perm.TEMPLATE_READ, owner_id=None, kind="template")
         async with self.db.session() as session:
-            template = await self._find(session, actor, name)
+            template, _ = await find_template(session, actor, name, org)
             row = (
                 await session.execute(
                     select(TemplateVersion.archive, TemplateVersion.archive_sha256).where(
@@ -199,9 +274,12 @@ class TemplateService:
         activate: bool,
         message: str,
         record: AuditRecord,
+        org: str | None = None,
     ) -> types.TemplateVersion:
+        """Add a version to a template the actor administers, or create the
+        template (in ``org``, by default the default organization) when the
+        actor is a site template admin or that organization's admin."""
         record.describe("template.push", "template", resource_name=name[:128])
-        authorize(actor, Perm.TEMPLATE_WRITE, owner_id=None, kind="template")
         _check_name(name)
         if len(message) > 1024 or "\x00" in message:
             raise InvalidInput(
@@ -216,16 +294,19 @@ class TemplateService:
                 "send the template as a .tar.gz body (Content-Type: application/gzip)",
                 reason="invalid_archive",
             )
+        async with self.db.session() as session:
+            existing_id, org_id = await self._push_target(session, actor, name, org)
         info, manifest = await asyncio.to_thread(_check_upload, data, name)
         stored = manifest.model_dump(mode="json")
         try:
             async with self.db.transaction() as session:
                 template = (
-                    await session.execute(select(Template).where(Template.name == name))
-                ).scalar_one_or_none()
+                    await session.get(Template, existing_id) if existing_id is not None else None
+                )
                 created = template is None
                 if template is None:
                     template = Template(
+                        organization_id=org_id,
                         name=name,
                         display_name=manifest.display_name,
                         description=manifest.description,
@@ -235,6 +316,11 @@ class TemplateService:
                     )
                     session.add(template)
                     await session.flush()
+                    # As in Coder: a new template is open to the whole organization
+                    # until an admin narrows its ACL.
+                    session.add(
+                        TemplateGroupAcl(template_id=template.id, group_id=org_id, role="use")
+                    )
                 elif template.archived_at is not None:
                     raise Conflict(
                         f"template {name!r} is archived; pushing to it is not allowed",
@@ -283,6 +369,29 @@ class TemplateService:
         )
         return result
 
+    async def _push_target(
+        self, session: AsyncSession, actor: Actor, name: str, org: str | None
+    ) -> tuple[str | None, str]:
+        """(the template's id, or None to create it; its organization's id)."""
+        try:
+            template, _ = await find_template(session, actor, name, org, TemplateAccess.ADMIN)
+        except NotFound:
+            pass
+        else:
+            return template.id, template.organization_id
+        if org is not None:
+            target = await find_org(session, actor, org)
+        else:
+            target = await session.get_one(Organization, await default_org_id(session))
+        who = await standing(session, actor)
+        if not (who.site_template_admin or who.is_org_admin(target.id)):
+            raise Forbidden(
+                f"you do not have permission to create templates in organization {target.name!r}",
+                reason="forbidden",
+                log_message=f"{actor.username} may not create template {name!r} in {target.name}",
+            )
+        return None, target.id
+
     @staticmethod
     def _activate(template: Template, version: TemplateVersion, manifest: Manifest) -> None:
         template.active_version_id = version.id
@@ -313,12 +422,13 @@ class TemplateService:
         }
 
     async def set_active(
-        self, actor: Actor, name: str, number: int, record: AuditRecord
+        self, actor: Actor, name: str, number: int, record: AuditRecord, org: str | None = None
     ) -> types.Template:
         record.describe("template.activate", "template", resource_name=name[:128])
-        authorize(actor, Perm.TEMPLATE_WRITE, owner_id=None, kind="template")
         async with self.db.transaction() as session:
-            template = await self._find(session, actor, name)
+            template, org_name = await find_template(
+                session, actor, name, org, TemplateAccess.ADMIN
+            )
             record.resource_id = template.id
             if template.archived_at is not None:
                 raise Conflict(
@@ -344,13 +454,16 @@ class TemplateService:
             after = await self._snapshot(session, template)
             record.diff = diff_fields(before, after)
             record.details["version"] = number
-            return _template_api(template, number)
+            return _template_api(template, number, org_name)
 
-    async def archive(self, actor: Actor, name: str, record: AuditRecord) -> types.Template:
+    async def archive(
+        self, actor: Actor, name: str, record: AuditRecord, org: str | None = None
+    ) -> types.Template:
         record.describe("template.archive", "template", resource_name=name[:128])
-        authorize(actor, Perm.TEMPLATE_WRITE, owner_id=None, kind="template")
         async with self.db.transaction() as session:
-            template = await self._find(session, actor, name)
+            template, org_name = await find_template(
+                session, actor, name, org, TemplateAccess.ADMIN
+            )
             record.resource_id = template.id
             before = await self._snapshot(session, template)
             if template.archived_at is None:
@@ -358,4 +471,120 @@ class TemplateService:
                 template.updated_at = template.archived_at
             after = await self._snapshot(session, template)
             record.diff = diff_fields(before, after)
-            return _template_api(template, after["active_version"])
+            return _template_api(template, after["active_version"], org_name)
+
+    # --- access control list -------------------------------------------------------
+
+    async def acl(self, actor: Actor, name: str, org: str | None = None) -> types.TemplateAcl:
+        """The template's ACL: for its admins and for the site roles that read
+        every template (auditors, user-admins)."""
+        async with self.db.session() as session:
+            template, org_name = await find_template(session, actor, name, org)
+            await self._check_may_read_acl(session, actor, template)
+            return await self._acl_view(session, template, org_name)
+
+    async def _check_may_read_acl(
+        self, session: AsyncSession, actor: Actor, template: Template
+    ) -> None:
+        who = await standing(session, actor)
+        access = (await template_access(session, who, [(template.id, template.organization_id)]))[
+            template.id
+        ]
+        if access < TemplateAccess.ADMIN and not who.site_wide_read:
+            raise Forbidden(
+                f"only the admins of template {template.name!r} can see who may use it",
+                reason="forbidden",
+            )
+
+    @staticmethod
+    async def _acl_view(
+        session: AsyncSession, template: Template, org_name: str
+    ) -> types.TemplateAcl:
+        users = await session.execute(
+            select(User.id, User.username, TemplateUserAcl.role)
+            .join(TemplateUserAcl, TemplateUserAcl.user_id == User.id)
+            .where(TemplateUserAcl.template_id == template.id)
+            .order_by(User.username)
+        )
+        groups = await session.execute(
+            select(Group.id, Group.name, TemplateGroupAcl.role)
+            .join(TemplateGroupAcl, TemplateGroupAcl.group_id == Group.id)
+            .where(TemplateGroupAcl.template_id == template.id)
+            .order_by(Group.name)
+        )
+        return types.TemplateAcl(
+            template=template.name,
+            organization=org_name,
+            users=[types.TemplateAclUser(user_id=i, username=n, role=r) for i, n, r in users.all()],
+            groups=[types.TemplateAclGroup(group_id=i, name=n, role=r) for i, n, r in groups.all()],
+        )
+
+    async def update_acl(
+        self,
+        actor: Actor,
+        name: str,
+        body: types.UpdateTemplateAclRequest,
+        record: AuditRecord,
+        org: str | None = None,
+    ) -> types.TemplateAcl:
+        """Set or remove ACL entries; users and groups must belong to the
+        template's organization. All or nothing."""
+        record.describe("template.acl", "template", resource_name=name[:128])
+        async with self.db.transaction() as session:
+            template, org_name = await find_template(
+                session, actor, name, org, TemplateAccess.ADMIN
+            )
+            record.resource_id = template.id
+            before = await self._acl_view(session, template, org_name)
+            default_org = await default_org_id(session)
+            for username, role in body.users.items():
+                user = (
+                    await session.execute(select(User).where(User.username == username.lower()))
+                ).scalar_one_or_none()
+                member = user is not None and (
+                    template.organization_id == default_org
+                    or await session.get(OrganizationMember, (template.organization_id, user.id))
+                    is not None
+                )
+                if user is None or not member:
+                    raise InvalidInput(
+                        f"user {username!r} is not a member of organization {org_name!r}; "
+                        "add them to it first",
+                        reason="not_a_member",
+                    )
+                entry = await session.get(TemplateUserAcl, (template.id, user.id))
+                if role is None and entry is not None:
+                    await session.delete(entry)
+                elif role is not None and entry is None:
+                    session.add(
+                        TemplateUserAcl(template_id=template.id, user_id=user.id, role=role)
+                    )
+                elif role is not None and entry is not None:
+                    entry.role = role
+            for group_name, role in body.groups.items():
+                group = (
+                    await session.execute(
+                        select(Group).where(
+                            Group.organization_id == template.organization_id,
+                            Group.name == group_name,
+                        )
+                    )
+                ).scalar_one_or_none()
+                if group is None:
+                    raise InvalidInput(
+                        f"organization {org_name!r} has no group {group_name!r}",
+                        reason="group_not_found",
+                    )
+                gentry = await session.get(TemplateGroupAcl, (template.id, group.id))
+                if role is None and gentry is not None:
+                    await session.delete(gentry)
+                elif role is not None and gentry is None:
+                    session.add(
+                        TemplateGroupAcl(template_id=template.id, group_id=group.id, role=role)
+                    )
+                elif role is not None and gentry is not None:
+                    gentry.role = role
+            await session.flush()
+            after = await self._acl_view(session, template, org_name)
+        record.diff = diff_fields(_acl_snapshot(before), _acl_snapshot(after))
+        return after

@@ -107,7 +107,8 @@ class Nav:
     @classmethod
     def of(cls, actor: Actor) -> Nav:
         return cls(
-            templates=can(actor, Perm.TEMPLATE_READ),
+            # Every user sees the templates their organizations let them use.
+            templates=True,
             users=can(actor, Perm.USER_READ) and bool(actor.roles - {Role.MEMBER}),
             audit=can(actor, Perm.AUDIT_READ),
             deployment=can(actor, Perm.DEPLOYMENT_READ),

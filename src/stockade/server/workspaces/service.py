@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,10 +28,11 @@ from stockade.sdk.templates import (
 )
 from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import AuditRecord
-from stockade.server.authz import Actor, Perm, authorize, can
+from stockade.server.authz import Actor, Perm, actor_for, authorize, can
 from stockade.server.db import Database
 from stockade.server.db.models import (
     BuildLog,
+    Organization,
     Template,
     TemplateVersion,
     User,
@@ -39,8 +40,10 @@ from stockade.server.db.models import (
     WorkspaceBuild,
     utcnow,
 )
-from stockade.server.errors import Conflict, InvalidInput, NotFound
+from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stockade.server.events import JOBS, Notifier, build_key
+from stockade.server.orgs.access import TemplateAccess, standing, template_access
+from stockade.server.templates.service import find_template
 
 UNFINISHED = ("pending", "running", "canceling")
 FINISHED = ("succeeded", "failed", "canceled")
@@ -176,14 +179,29 @@ def _stage_views(stages: Iterable[dict[str, Any]]) -> list[types.BuildStage]:
 class _Names:
     """User names and template version numbers for a batch of views."""
 
-    def __init__(self, users: dict[str, str], versions: dict[str, int]) -> None:
+    def __init__(
+        self, users: dict[str, str], versions: dict[str, int], orgs: dict[str, str]
+    ) -> None:
         self.users = users
         self.versions = versions
+        self.orgs = orgs
 
     @classmethod
-    async def load(cls, session: AsyncSession, user_ids: set[str], version_ids: set[str]) -> _Names:
+    async def load(
+        cls,
+        session: AsyncSession,
+        user_ids: set[str],
+        version_ids: set[str],
+        org_ids: Iterable[str] = (),
+    ) -> _Names:
         users: dict[str, str] = {}
         versions: dict[str, int] = {}
+        orgs: dict[str, str] = {}
+        if org_ids:
+            rows = await session.execute(
+                select(Organization.id, Organization.name).where(Organization.id.in_(list(org_ids)))
+            )
+            orgs = {r.id: r.name for r in rows}
         if user_ids:
             rows = await session.execute(
                 select(User.id, User.username).where(User.id.in_(user_ids))
@@ -196,7 +214,7 @@ class _Names:
                 )
             )
             versions = {r.id: r.number for r in rows}
-        return cls(users, versions)
+        return cls(users, versions, orgs)
 
 
 def build_view(build: WorkspaceBuild, ws: Workspace, names: _Names) -> types.WorkspaceBuild:
@@ -233,6 +251,7 @@ def _workspace_view(
         name=ws.name,
         owner_id=ws.owner_id,
         owner_name=names.users.get(ws.owner_id, ""),
+        organization=names.orgs.get(ws.organization_id, ""),
         template_id=template.id,
         template_name=template.name,
         template_version_id=ws.template_version_id,
@@ -281,6 +300,7 @@ async def _views(
         {ws.owner_id for ws, _ in rows} | {b.initiator_id for b in builds.values()},
         {ws.template_version_id for ws, _ in rows}
         | {b.template_version_id for b in builds.values()},
+        {ws.organization_id for ws, _ in rows},
     )
     live_agents = await agents.views(session, ids)
     return [
@@ -303,24 +323,34 @@ class WorkspaceService:
 
     # --- reads ----------------------------------------------------------------------
 
-    async def _owner(self, session: AsyncSession, actor: Actor, username: str) -> User:
-        """The owner named in a path; a user the caller may not see is a 404
-        for the workspace, like a workspace that does not exist."""
+    async def _owner(
+        self, session: AsyncSession, actor: Actor, username: str
+    ) -> tuple[User, set[str] | None]:
+        """The owner named in a path, and the organizations whose workspaces
+        of theirs the caller may see (None: all of them). A user the caller
+        may not see is a 404 for the workspace, like one that does not exist."""
         owner = (
             await session.execute(select(User).where(User.username == username))
         ).scalar_one_or_none()
-        if owner is None or not can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
+        if owner is None:
             raise _not_found()
-        return owner
+        if can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
+            return owner, None
+        admin_orgs = (await standing(session, actor)).admin_org_ids()
+        if not admin_orgs:
+            raise _not_found()
+        return owner, admin_orgs
 
     async def _find(
         self, session: AsyncSession, actor: Actor, owner_name: str, name: str
     ) -> tuple[Workspace, Template]:
-        owner = await self._owner(session, actor, owner_name)
+        owner, orgs = await self._owner(session, actor, owner_name)
         query = select(Workspace, Template).join(Template, Template.id == Workspace.template_id)
         query = query.where(
             Workspace.owner_id == owner.id, Workspace.name == name, Workspace.deleted.is_(False)
         )
+        if orgs is not None:
+            query = query.where(Workspace.organization_id.in_(orgs))
         if self.db.dialect == "postgresql":
             # Serialise builds of one workspace across server processes
             # (SQLite's BEGIN IMMEDIATE already serialises every writer).
@@ -341,10 +371,19 @@ class WorkspaceService:
         )
         async with self.db.session() as session:
             if owner is not None:
-                user = await self._owner(session, actor, owner)
+                user, orgs = await self._owner(session, actor, owner)
                 query = query.where(Workspace.owner_id == user.id)
+                if orgs is not None:
+                    query = query.where(Workspace.organization_id.in_(orgs))
             elif not can(actor, Perm.WORKSPACE_READ):
-                query = query.where(Workspace.owner_id == actor.user_id)
+                # Their own, and every one in the organizations they administer.
+                admin_orgs = (await standing(session, actor)).admin_org_ids()
+                query = query.where(
+                    or_(
+                        Workspace.owner_id == actor.user_id,
+                        Workspace.organization_id.in_(admin_orgs),
+                    )
+                )
             rows = [(ws, t) for ws, t in (await session.execute(query)).all()]
             views = await _views(session, rows, self.agents)
         return types.WorkspaceList(workspaces=views, count=len(views))
@@ -486,26 +525,47 @@ class WorkspaceService:
 
     # --- writes -----------------------------------------------------------------------
 
-    async def _template_for_create(
-        self, session: AsyncSession, name: str
-    ) -> tuple[Template, TemplateVersion]:
-        template = (
-            await session.execute(select(Template).where(Template.name == name))
-        ).scalar_one_or_none()
-        if template is None or template.archived_at is not None:
-            raise NotFound(f"template {name!r} not found", reason="template_not_found")
+    @staticmethod
+    async def _authorize_build(session: AsyncSession, actor: Actor, ws: Workspace) -> None:
+        """The owner, site owners and user-admins, and the admins of the
+        workspace's organization may build it."""
+        if can(actor, Perm.WORKSPACE_BUILD, owner_id=ws.owner_id):
+            return
+        if ws.organization_id in (await standing(session, actor)).admin_org_ids():
+            return
+        authorize(actor, Perm.WORKSPACE_BUILD, owner_id=ws.owner_id, kind="workspace")
+
+    @staticmethod
+    async def _active_version(session: AsyncSession, template: Template) -> TemplateVersion:
+        if template.archived_at is not None:
+            raise Conflict(
+                f"template {template.name!r} is archived; new builds from it are not allowed",
+                reason="template_archived",
+            )
         if template.active_version_id is None:
             raise Conflict(
-                f"template {name!r} has no active version yet; a template admin must push or "
-                "activate one",
+                f"template {template.name!r} has no active version yet; a template admin must "
+                "push or activate one",
                 reason="template_not_active",
             )
-        version = (
+        return (
             await session.execute(
                 select(TemplateVersion).where(TemplateVersion.id == template.active_version_id)
             )
         ).scalar_one()
-        return template, version
+
+    @staticmethod
+    async def _check_owner_may_use(session: AsyncSession, owner: User, template: Template) -> None:
+        """Starting a workspace needs its owner to be allowed the template
+        still: a user dropped from the group that granted it loses it."""
+        who = await standing(session, actor_for(owner.id, owner.username, owner.roles))
+        access = await template_access(session, who, [(template.id, template.organization_id)])
+        if access[template.id] < TemplateAccess.USE:
+            raise Forbidden(
+                f"{owner.username} may no longer use template {template.name!r}; "
+                "ask its admins for access (stop and delete still work)",
+                reason="template_access_revoked",
+            )
 
     async def create(
         self, actor: Actor, body: types.CreateWorkspaceRequest, record: AuditRecord
@@ -513,16 +573,25 @@ class WorkspaceService:
         record.describe("workspace.create", "workspace", resource_name=body.name)
         try:
             async with self.db.transaction() as session:
-                owner_id = actor.user_id
+                owner = await session.get_one(User, actor.user_id)
                 if body.owner is not None and body.owner != actor.username:
-                    owner = (
+                    other = (
                         await session.execute(select(User).where(User.username == body.owner))
                     ).scalar_one_or_none()
-                    if owner is None or not can(actor, Perm.USER_READ, owner_id=owner.id):
+                    if other is None or not can(actor, Perm.USER_READ, owner_id=other.id):
                         raise NotFound(f"user {body.owner!r} not found", reason="user_not_found")
-                    owner_id = owner.id
+                    owner = other
+                owner_id = owner.id
                 authorize(actor, Perm.WORKSPACE_CREATE, owner_id=owner_id, kind="workspace")
-                template, version = await self._template_for_create(session, body.template)
+                # The template as its owner-to-be sees it: what they may use.
+                template, _ = await find_template(
+                    session,
+                    actor_for(owner.id, owner.username, owner.roles),
+                    body.template,
+                    body.organization,
+                    TemplateAccess.USE,
+                )
+                version = await self._active_version(session, template)
                 manifest = Manifest.model_validate(version.manifest)
                 values = resolve_parameters(manifest, dict(body.parameters), None)
                 taken = (
@@ -543,6 +612,7 @@ class WorkspaceService:
                 ws = Workspace(
                     owner_id=owner_id,
                     name=body.name,
+                    organization_id=template.organization_id,
                     template_id=template.id,
                     template_version_id=version.id,
                     backend=manifest.backend,
@@ -572,7 +642,9 @@ class WorkspaceService:
                     build_number=1,
                     parameters=values,
                 )
-                names = await _Names.load(session, {owner_id, actor.user_id}, {version.id})
+                names = await _Names.load(
+                    session, {owner_id, actor.user_id}, {version.id}, {ws.organization_id}
+                )
                 view = _workspace_view(ws, template, build, names)
         except IntegrityError as exc:
             raise Conflict(
@@ -602,7 +674,11 @@ class WorkspaceService:
         async with self.db.transaction() as session:
             ws, template = await self._find(session, actor, owner, name)
             record.resource_id = ws.id
-            authorize(actor, Perm.WORKSPACE_BUILD, owner_id=ws.owner_id, kind="workspace")
+            await self._authorize_build(session, actor, ws)
+            if body.transition in ("start", "restart"):
+                await self._check_owner_may_use(
+                    session, await session.get_one(User, ws.owner_id), template
+                )
             latest = (
                 await session.execute(
                     select(WorkspaceBuild)
@@ -623,8 +699,7 @@ class WorkspaceService:
                 cancel_build_row(latest, reason="superseded")
             version_id = ws.template_version_id
             if body.update:
-                _, version = await self._template_for_create(session, template.name)
-                version_id = version.id
+                version_id = (await self._active_version(session, template)).id
             version_row = (
                 await session.execute(
                     select(TemplateVersion.manifest, TemplateVersion.number).where(
@@ -673,7 +748,7 @@ class WorkspaceService:
         async with self.db.transaction() as session:
             ws, build = await self._build(session, actor, owner, name, number)
             record.resource_id = ws.id
-            authorize(actor, Perm.WORKSPACE_BUILD, owner_id=ws.owner_id, kind="workspace")
+            await self._authorize_build(session, actor, ws)
             if build.status not in UNFINISHED:
                 raise Conflict(
                     f"build {build.number} of {name!r} has already {build.status}; there is "
