@@ -116,9 +116,17 @@ class Client:
     def _get(self, path: str, model: type[M], **params: Any) -> M:
         return model.model_validate(self.request("GET", path, params=_params(**params)).json())
 
-    def _send(self, method: str, path: str, model: type[M], body: BaseModel | None = None) -> M:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        body: BaseModel | None = None,
+        **params: Any,
+    ) -> M:
         payload = body.model_dump(exclude_none=True) if body is not None else None
-        return model.model_validate(self.request(method, path, json_body=payload).json())
+        response = self.request(method, path, json_body=payload, params=_params(**params))
+        return model.model_validate(response.json())
 
     # --- deployment ------------------------------------------------------------
 
@@ -132,6 +140,10 @@ class Client:
         return self._get("/api/v2/deployment/egress", types.EgressReport)
 
     # --- identity --------------------------------------------------------------
+
+    def auth_methods(self) -> types.AuthMethods:
+        """How users may sign in here (password; single sign-on and its label)."""
+        return self._get("/api/v2/users/authmethods", types.AuthMethods)
 
     def first_user_required(self) -> bool:
         return self._get("/api/v2/users/first", types.FirstUserStatus).first_user_required
@@ -225,12 +237,12 @@ class Client:
 
     # --- templates -------------------------------------------------------------
 
+    # ``org`` names a template's organization when its name is in more than
+    # one (for a push of a new template: where it goes).
+
     @staticmethod
-    def _tpl(name: str, suffix: str = "", org: str | None = None) -> str:
-        """A template's path; ``org`` names its organization when the name is
-        in more than one (or, for a push, where a new template goes)."""
-        query = f"?org={quote(org, safe='')}" if org else ""
-        return f"/api/v2/templates/{_seg(name)}{suffix}{query}"
+    def _tpl(name: str, suffix: str = "") -> str:
+        return f"/api/v2/templates/{_seg(name)}{suffix}"
 
     def list_templates(
         self, *, include_archived: bool = False, org: str | None = None
@@ -243,12 +255,12 @@ class Client:
         )
 
     def get_template(self, name: str, *, org: str | None = None) -> types.Template:
-        return self._get(self._tpl(name, org=org), types.Template)
+        return self._get(self._tpl(name), types.Template, org=org)
 
     def list_template_versions(
         self, name: str, *, org: str | None = None
     ) -> list[types.TemplateVersion]:
-        return self._get(self._tpl(name, "/versions", org), types.TemplateVersionList).versions
+        return self._get(self._tpl(name, "/versions"), types.TemplateVersionList, org=org).versions
 
     def push_template(
         self,
@@ -260,10 +272,10 @@ class Client:
         org: str | None = None,
     ) -> types.TemplateVersion:
         """Upload a ``.tar.gz`` (see ``stockade.sdk.templates.build_archive``)."""
-        params = {"activate": str(activate).lower(), "message": message}
+        params = _params(activate=str(activate).lower(), message=message, org=org)
         try:
             response = self._http.post(
-                self._tpl(name, "/versions", org),
+                self._tpl(name, "/versions"),
                 content=archive,
                 params=params,
                 headers={**self._headers(), "Content-Type": "application/gzip"},
@@ -275,19 +287,20 @@ class Client:
         return types.TemplateVersion.model_validate(response.json())
 
     def download_template_version(self, name: str, number: int, *, org: str | None = None) -> bytes:
-        return self.request("GET", self._tpl(name, f"/versions/{int(number)}/archive", org)).content
+        path = self._tpl(name, f"/versions/{int(number)}/archive")
+        return self.request("GET", path, params=_params(org=org)).content
 
     def set_active_template_version(
         self, name: str, number: int, *, org: str | None = None
     ) -> types.Template:
         body = types.ActivateTemplateVersionRequest.model_construct(version=number)
-        return self._send("PUT", self._tpl(name, "/active", org), types.Template, body)
+        return self._send("PUT", self._tpl(name, "/active"), types.Template, body, org=org)
 
     def archive_template(self, name: str, *, org: str | None = None) -> types.Template:
-        return self._send("POST", self._tpl(name, "/archive", org), types.Template)
+        return self._send("POST", self._tpl(name, "/archive"), types.Template, org=org)
 
     def template_acl(self, name: str, *, org: str | None = None) -> types.TemplateAcl:
-        return self._get(self._tpl(name, "/acl", org), types.TemplateAcl)
+        return self._get(self._tpl(name, "/acl"), types.TemplateAcl, org=org)
 
     def update_template_acl(
         self,
@@ -299,7 +312,9 @@ class Client:
     ) -> types.TemplateAcl:
         """Set (``use``/``admin``) or remove (``None``) ACL entries."""
         payload = {"users": users or {}, "groups": groups or {}}
-        response = self.request("PATCH", self._tpl(name, "/acl", org), json_body=payload)
+        response = self.request(
+            "PATCH", self._tpl(name, "/acl"), json_body=payload, params=_params(org=org)
+        )
         return types.TemplateAcl.model_validate(response.json())
 
     # --- organizations and groups ------------------------------------------------
