@@ -24,18 +24,54 @@ from stockade.server.authz import policy_of
 from stockade.server.settings import Settings
 from tests.conftest import OWNER_PASSWORD, PASSWORD, UserFactory, unique
 
-ROLES = ("anonymous", "member", "owner", "user-admin", "template-admin", "auditor")
+# Authorization is decided above the database: one walk (on SQLite) keeps CI
+# inside its time budget; test_orgs.py runs the organization queries on both.
+SQLITE_ONLY = "authorization is decided above the database"
+
+# "member" is a plain member of the organization the walk's templates and
+# workspaces belong to; "outsider" a plain user of the site who is not in it;
+# "org-admin" administers that organization; "acl-admin" is a member whom the
+# templates' ACLs make their admin.
+ROLES = (
+    "anonymous",
+    "outsider",
+    "member",
+    "owner",
+    "user-admin",
+    "template-admin",
+    "auditor",
+    "org-admin",
+    "acl-admin",
+)
 
 Route = tuple[str, str]
 
 
 def row(
-    anonymous: str, member: str, owner: str, user_admin: str, template_admin: str, auditor: str
+    anonymous: str,
+    member: str,
+    owner: str,
+    user_admin: str,
+    template_admin: str,
+    auditor: str,
+    *,
+    outsider: str | None = None,
+    org_admin: str | None = None,
+    acl_admin: str | None = None,
 ) -> dict[str, str]:
-    """One line of the table, in the column order of ``ROLES``."""
-    return dict(
-        zip(ROLES, (anonymous, member, owner, user_admin, template_admin, auditor), strict=True)
-    )
+    """One line of the table. The three organization columns hold no site
+    role, so they answer as ``member`` unless the line says otherwise."""
+    return {
+        "anonymous": anonymous,
+        "outsider": member if outsider is None else outsider,
+        "member": member,
+        "owner": owner,
+        "user-admin": user_admin,
+        "template-admin": template_admin,
+        "auditor": auditor,
+        "org-admin": member if org_admin is None else org_admin,
+        "acl-admin": member if acl_admin is None else acl_admin,
+    }
 
 
 def public(answer: str) -> dict[str, str]:
@@ -43,6 +79,17 @@ def public(answer: str) -> dict[str, str]:
     which is the route's own (not an authorization decision)."""
     return dict.fromkeys(ROLES, f"public {answer}")
 
+
+# Template and workspace lines, by who sees the walk's organization.
+TEMPLATE_READ = row("401", "ok", "ok", "ok", "ok", "ok", outsider="404")
+TEMPLATE_ADMIN = row("401", "403", "ok", "403", "ok", "403",
+                     outsider="404", org_admin="ok", acl_admin="ok")  # fmt: skip
+# The workspace of another member: its owner, site owners and user-admins,
+# and the organization's admins (who manage it but do not get into it).
+WORKSPACE = row("401", "404", "ok", "ok", "404", "404", org_admin="ok")
+# What only those who manage the organization may change.
+ORG_MANAGE = row("401", "403", "ok", "ok", "403", "403", outsider="404", org_admin="ok")
+ORG_READ = row("401", "ok", "ok", "ok", "ok", "ok", outsider="404")
 
 # Outcomes: "ok" is any 2xx; otherwise the status code. {user} is another,
 # plain member; {token} is one of that member's API tokens. Denials on objects
@@ -54,6 +101,10 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("GET", "/api/v2/users/first"):                  public("ok"),
     ("POST", "/api/v2/users/first"):                 public("409"),  # set up already
     ("POST", "/api/v2/users/login"):                 public("401"),  # wrong password
+    ("GET", "/api/v2/users/authmethods"):            public("ok"),
+    # SSO is not configured on the shared server.
+    ("GET", "/api/v2/users/oidc/login"):             public("404"),
+    ("GET", "/api/v2/users/oidc/callback"):          public("404"),
     ("POST", "/api/v2/users/logout"):                row("401", "ok", "ok", "ok", "ok", "ok"),
     ("GET", "/api/v2/users"):                        row("401", "403", "ok", "ok", "ok", "ok"),
     ("POST", "/api/v2/users"):                       row("401", "403", "ok", "ok", "403", "403"),
@@ -71,37 +122,40 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("GET", "/api/v2/audit/export"):                 row("401", "403", "ok", "403", "403", "ok"),
     ("GET", "/api/v2/debug/health"):                 row("401", "403", "ok", "403", "403", "403"),
     ("GET", "/api/v2/deployment/egress"):            row("401", "403", "ok", "403", "403", "ok"),
+    # Templates of the walk's organization: members use them (its everyone
+    # group), site roles read all, admins are site owners and template-admins,
+    # the organization's admins and the templates' ACL admins.
     ("GET", "/api/v2/templates"):                    row("401", "ok", "ok", "ok", "ok", "ok"),
-    ("GET", "/api/v2/templates/{name}"):             row("401", "ok", "ok", "ok", "ok", "ok"),
-    ("GET", "/api/v2/templates/{name}/versions"):    row("401", "ok", "ok", "ok", "ok", "ok"),
-    ("POST", "/api/v2/templates/{name}/versions"):   row("401", "403", "ok", "403", "ok", "403"),
-    ("GET", "/api/v2/templates/{name}/versions/{number}/archive"):
-                                                     row("401", "ok", "ok", "ok", "ok", "ok"),
-    ("PUT", "/api/v2/templates/{name}/active"):      row("401", "403", "ok", "403", "ok", "403"),
-    ("POST", "/api/v2/templates/{name}/archive"):    row("401", "403", "ok", "403", "ok", "403"),
-    # Workspaces of another plain member: members create their own (the body
-    # names no owner), and only owners and user-admins reach anyone else's.
+    ("GET", "/api/v2/templates/{name}"):             TEMPLATE_READ,
+    ("GET", "/api/v2/templates/{name}/versions"):    TEMPLATE_READ,
+    # An outsider's push of the name would create a template in the default
+    # organization, which only its admins may: 403, and nothing leaks.
+    ("POST", "/api/v2/templates/{name}/versions"):   row("401", "403", "ok", "403", "ok", "403",
+                                                         org_admin="ok", acl_admin="ok"),
+    ("GET", "/api/v2/templates/{name}/versions/{number}/archive"): TEMPLATE_READ,
+    ("PUT", "/api/v2/templates/{name}/active"):      TEMPLATE_ADMIN,
+    ("POST", "/api/v2/templates/{name}/archive"):    TEMPLATE_ADMIN,
+    # Reading an ACL is for its admins and the site roles that read every template.
+    ("GET", "/api/v2/templates/{name}/acl"):         row("401", "403", "ok", "ok", "ok", "ok",
+                                                         outsider="404", org_admin="ok",
+                                                         acl_admin="ok"),
+    ("PATCH", "/api/v2/templates/{name}/acl"):       TEMPLATE_ADMIN,
+    # Workspaces of another member: members create their own (the body names
+    # no owner) from a template they may use; user-admins and auditors only
+    # read the template (403), an outsider does not see it (404).
     ("GET", "/api/v2/workspaces"):                   row("401", "ok", "ok", "ok", "ok", "ok"),
-    ("POST", "/api/v2/workspaces"):                  row("401", "ok", "ok", "ok", "ok", "ok"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}"):    row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/builds"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("POST", "/api/v2/workspaces/{owner}/{name}/builds"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/builds/{number}"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("POST", "/api/v2/workspaces/{owner}/{name}/builds/{number}/cancel"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/logs"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/agent/logs"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/ssh"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/connections"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
-    ("GET", "/api/v2/workspaces/{owner}/{name}/apps"):
-                                                     row("401", "404", "ok", "ok", "404", "404"),
+    ("POST", "/api/v2/workspaces"):                  row("401", "ok", "ok", "403", "ok", "403",
+                                                         outsider="404"),
+    ("GET", "/api/v2/workspaces/{owner}/{name}"):    WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/builds"): WORKSPACE,
+    ("POST", "/api/v2/workspaces/{owner}/{name}/builds"): WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/builds/{number}"): WORKSPACE,
+    ("POST", "/api/v2/workspaces/{owner}/{name}/builds/{number}/cancel"): WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/logs"): WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/agent/logs"): WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/ssh"): WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/connections"): WORKSPACE,
+    ("GET", "/api/v2/workspaces/{owner}/{name}/apps"): WORKSPACE,
     # Any signed-in user reaches the app sign-in; it decides per app (the
     # shared server has no wildcard access URL, hence 400 for everyone).
     ("GET", "/api/v2/applications/authorize"):       row("401", "400", "400", "400", "400", "400"),
@@ -109,6 +163,22 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("GET", "/api/v2/provisioner-keys"):             row("401", "403", "ok", "403", "403", "403"),
     ("POST", "/api/v2/provisioner-keys"):            row("401", "403", "ok", "403", "403", "403"),
     ("DELETE", "/api/v2/provisioner-keys/{name}"):   row("401", "403", "ok", "403", "403", "403"),
+    # Organizations: every user lists their own; site owners create and
+    # delete them (a new one has no members: 404 to everyone else without a
+    # site-wide role); members read theirs; its admins and user-admins manage.
+    ("GET", "/api/v2/organizations"):                row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("POST", "/api/v2/organizations"):               row("401", "403", "ok", "403", "403", "403"),
+    ("GET", "/api/v2/organizations/{org}"):          ORG_READ,
+    ("PATCH", "/api/v2/organizations/{org}"):        ORG_MANAGE,
+    ("DELETE", "/api/v2/organizations/{org}"):       row("401", "404", "ok", "403", "403", "403"),
+    ("GET", "/api/v2/organizations/{org}/members"):  ORG_READ,
+    ("PUT", "/api/v2/organizations/{org}/members/{user}"): ORG_MANAGE,
+    ("DELETE", "/api/v2/organizations/{org}/members/{user}"): ORG_MANAGE,
+    ("GET", "/api/v2/organizations/{org}/groups"):   ORG_READ,
+    ("POST", "/api/v2/organizations/{org}/groups"):  ORG_MANAGE,
+    ("GET", "/api/v2/organizations/{org}/groups/{group}"): ORG_READ,
+    ("PATCH", "/api/v2/organizations/{org}/groups/{group}"): ORG_MANAGE,
+    ("DELETE", "/api/v2/organizations/{org}/groups/{group}"): ORG_MANAGE,
     # The daemon protocol takes a provisioner key, never a user's credentials.
     ("POST", "/api/v2/provisionerd/acquire"):        row("401", "401", "401", "401", "401", "401"),
     ("POST", "/api/v2/provisionerd/egress"):         row("401", "401", "401", "401", "401", "401"),
@@ -180,7 +250,14 @@ class Walk:
         self.owner = owner
         self.clients = clients
         self.names = names
+        self.org = unique("org")
+        owner.create_organization(self.org)
         self.target = self.new_user("target")
+        owner.set_member(self.org, self.target)
+        for role in ("member", "acl-admin"):
+            owner.set_member(self.org, names[role])
+        owner.set_member(self.org, names["org-admin"], ["org-admin"])
+        self.group = owner.create_group(self.org, unique("grp")).name
         self.target_token = owner.create_token(unique("tok"), user=self.target).name
         self.template = self.new_template()
         # The fixture deletes the workspaces (a cancel may find their first
@@ -197,7 +274,8 @@ class Walk:
 
     def new_template(self, startup: str = "") -> str:
         name = unique("tpl")
-        self.owner.push_template(name, template_archive(name, startup))
+        self.owner.push_template(name, template_archive(name, startup), org=self.org)
+        self.owner.update_template_acl(name, users={self.names["acl-admin"]: "admin"})
         return name
 
     def new_user(self, prefix: str = "victim") -> str:
@@ -228,6 +306,18 @@ class Walk:
             workspace = self.new_workspace() if method != "GET" else self.workspace
             path = template.replace("{owner}", self.target).replace("{name}", workspace)
             path = path.replace("{number}", "1")
+        elif "{org}" in template:
+            org = self.org
+            if method == "DELETE" and template.endswith("{org}"):
+                org = unique("org")  # an empty one, so that a delete may succeed
+                self.owner.create_organization(org)
+            elif method == "DELETE" and template.endswith("{user}"):
+                self.owner.set_member(org, user)
+            path = path.replace("{org}", org)
+            group = self.group
+            if method != "GET" and template.endswith("{group}"):
+                group = self.owner.create_group(org, unique("grp")).name
+            path = path.replace("{group}", group)
         elif template.startswith("/api/v2/provisioner-keys/"):
             name = unique("key")
             self.owner.create_provisioner_key(name)
@@ -267,6 +357,18 @@ class Walk:
             body = {"transition": "stop", "cancel_running": True}
         elif key == ("POST", "/api/v2/provisioner-keys"):
             body = {"name": unique("key")}
+        elif key == ("PATCH", "/api/v2/templates/{name}/acl"):
+            body = {"users": {}, "groups": {self.group: "use"}}
+        elif key == ("POST", "/api/v2/organizations"):
+            body = {"name": unique("org")}
+        elif key == ("PATCH", "/api/v2/organizations/{org}"):
+            body = {"display_name": "Renamed"}
+        elif key == ("PUT", "/api/v2/organizations/{org}/members/{user}"):
+            body = {"roles": []}
+        elif key == ("POST", "/api/v2/organizations/{org}/groups"):
+            body = {"name": unique("grp")}
+        elif key == ("PATCH", "/api/v2/organizations/{org}/groups/{group}"):
+            body = {"display_name": "Renamed"}
         elif key == ("POST", "/api/v2/provisionerd/acquire"):
             body = {"worker_id": "w", "backends": ["local"]}
         elif key == ("POST", "/api/v2/provisionerd/egress"):
@@ -307,7 +409,7 @@ def walk(owner: Client, make_user: UserFactory, server: ServerProcess) -> Iterat
     clients: dict[str, Client] = {}
     names: dict[str, str] = {}
     for role in ROLES[1:]:
-        roles = () if role == "member" else (role,)
+        roles = (role,) if role in ("owner", "user-admin", "template-admin", "auditor") else ()
         clients[role], names[role] = make_user(*roles)
     with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
         walk = Walk(http, owner, clients, names)
@@ -330,7 +432,10 @@ def test_every_route_for_every_role_matches_the_table(walk: Walk, tmp_path: Path
                 # That the 409 comes after the permission check is what counts.
                 assert response.json().get("reason") == "build_finished", response.text
                 got = "ok"
-            if got != "ok":
+            if got != "ok" and response.headers.get("content-type", "").startswith("text/html"):
+                # The SSO routes answer browsers with a page that says what went wrong.
+                assert "<html" in response.text, (method, template, role)
+            elif got != "ok":
                 body = response.json()
                 assert isinstance(body.get("message"), str) and body["message"], (
                     method,

@@ -90,6 +90,7 @@ from stockade.server.db.models import (
 )
 from stockade.server.errors import InvalidInput, NotFound, StockadeError
 from stockade.server.observability import get_logger
+from stockade.server.orgs.access import may_read_workspace
 from stockade.server.settings import Settings
 
 log = get_logger("stockade.apps")
@@ -507,12 +508,23 @@ class AppService:
 
     # --- the workspace's apps, for the API ---------------------------------------------
 
+    async def _may_read(self, actor: Actor, workspace_id: str, owner_id: str) -> bool:
+        if can(actor, Perm.WORKSPACE_READ, owner_id=owner_id):
+            return True  # the common case needs no query
+        async with self.db.session() as session:
+            org_id = (
+                await session.execute(
+                    select(Workspace.organization_id).where(Workspace.id == workspace_id)
+                )
+            ).scalar_one()
+            return await may_read_workspace(session, actor, owner_id, org_id)
+
     async def list_apps(self, actor: Actor, owner: str, name: str) -> types.WorkspaceAppList:
         """The workspace's apps with their URLs, share levels and health."""
         if owner == "me":
             owner = actor.username
         ws = await self._workspace(owner, name)
-        if ws is None or not can(actor, Perm.WORKSPACE_READ, owner_id=ws.owner_id):
+        if ws is None or not await self._may_read(actor, ws.workspace_id, ws.owner_id):
             raise NotFound("workspace not found", reason="workspace_not_found")
         health = self.agents.app_health.get(ws.agent_id or "", {})
         views = []

@@ -32,6 +32,7 @@ from stockade.server.db import Database
 from stockade.server.db.models import User, Workspace, WorkspaceAgent, WorkspaceConnection, utcnow
 from stockade.server.errors import Conflict, Forbidden, NotFound, StockadeError
 from stockade.server.observability import get_logger
+from stockade.server.orgs.access import may_read_workspace
 from stockade.tunnel.protocol import (
     CLOSE_AGENT_UNAVAILABLE,
     CLOSE_DIAL_TIMEOUT,
@@ -460,7 +461,7 @@ async def _visible_workspace(
     owner = (
         await session.execute(select(User).where(User.username == owner_name))
     ).scalar_one_or_none()
-    if owner is None or not can(actor, Perm.WORKSPACE_READ, owner_id=owner.id):
+    if owner is None:
         raise NotFound("workspace not found", reason="workspace_not_found")
     ws = (
         await session.execute(
@@ -471,7 +472,7 @@ async def _visible_workspace(
             )
         )
     ).scalar_one_or_none()
-    if ws is None:
+    if ws is None or not await may_read_workspace(session, actor, owner.id, ws.organization_id):
         raise NotFound("workspace not found", reason="workspace_not_found")
     return ws
 

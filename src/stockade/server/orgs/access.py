@@ -157,3 +157,13 @@ async def template_access(
     for template_id, role in [*user_rows.all(), *group_rows.all()]:
         result[template_id] = max(result[template_id], TemplateAccess.of(role))
     return result
+
+
+async def may_read_workspace(
+    session: AsyncSession, actor: Actor, owner_id: str, organization_id: str
+) -> bool:
+    """Its owner, site owners and user-admins, and its organization's admins
+    (who manage workspaces but, like user-admins, do not get into them)."""
+    if can(actor, Perm.WORKSPACE_READ, owner_id=owner_id):
+        return True
+    return organization_id in (await standing(session, actor)).admin_org_ids()
