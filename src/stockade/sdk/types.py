@@ -113,6 +113,23 @@ class LoginResponse(Response):
     user: User
 
 
+class PasswordAuthMethod(Response):
+    enabled: bool
+
+
+class OidcAuthMethod(Response):
+    enabled: bool
+    sign_in_text: str = Field("", description="the label of the single sign-on button")
+    login_url: str = Field("", description="where the single sign-on starts (a path)")
+
+
+class AuthMethods(Response):
+    """How users may sign in here: the login page and the CLI read this."""
+
+    password: PasswordAuthMethod
+    oidc: OidcAuthMethod
+
+
 class UserList(Response):
     users: list[User]
     count: int

@@ -28,6 +28,7 @@ from stockade.server.egress import api as egress_api
 from stockade.server.errors import StockadeError
 from stockade.server.middleware import RequestMiddleware
 from stockade.server.observability import get_logger
+from stockade.server.oidc import api as oidc_api
 from stockade.server.orgs import api as orgs_api
 from stockade.server.provisioning import api as provisioning_api
 from stockade.server.services import Services, build_services
@@ -38,6 +39,7 @@ from stockade.server.users import api as users_api
 from stockade.server.validation import describe_validation_errors
 from stockade.server.web import account as web_account
 from stockade.server.web import admin as web_admin
+from stockade.server.web import cli_auth as web_cli_auth
 from stockade.server.web import templates_pages as web_templates
 from stockade.server.web import terminal as web_terminal
 from stockade.server.web import workspaces as web_workspaces
@@ -165,6 +167,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         finally:
             await services.background.stop()
             await services.provisioner.stop()
+            await services.oidc.close()
             try:
                 await services.egress.flush()  # the last attempts counted
             except Exception as exc:  # a database gone at shutdown loses a few counts
@@ -186,6 +189,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     # rather than through include_router, whose lazily merged routes would hide
     # them from the policy check below.
     for router in (
+        oidc_api.router,  # before users_api: /users/authmethods is not /users/{user}
         users_api.router,
         auth_api.router,
         audit_api.router,
@@ -203,6 +207,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         web_terminal.router,
         web_templates.router,
         web_admin.router,
+        web_cli_auth.router,
     ):
         app.router.routes.extend(router.routes)
     app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")

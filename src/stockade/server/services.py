@@ -17,6 +17,7 @@ from stockade.server.db import Database
 from stockade.server.egress.service import EgressService
 from stockade.server.events import Notifier
 from stockade.server.observability import Metrics
+from stockade.server.oidc.service import OidcService
 from stockade.server.orgs.service import OrgService
 from stockade.server.provisioning.runner import ProvisionerRunner
 from stockade.server.provisioning.service import ProvisioningService
@@ -48,6 +49,7 @@ class Services:
     audit_key: bytes
     egress: EgressService
     apps: AppService = field(init=False)
+    oidc: OidcService = field(init=False)
 
 
 def build_services(settings: Settings) -> Services:
@@ -103,4 +105,7 @@ def build_services(settings: Settings) -> Services:
         settings, db, agents, services.connections, auth, audit_key=audit_key
     )
     services.background.every("app_sessions", 30, services.apps.sweep)
+    services.oidc = OidcService(
+        db, settings, auth, audit_key=audit_key, group_sync=services.orgs.sync_user_groups
+    )
     return services

@@ -142,6 +142,19 @@ class AuthService:
                 retry_after=user_wait,
             )
         self.user_failures.hit(budget)
+        if (
+            user is not None
+            and user.login_type == "oidc"
+            and (self.settings.disable_password_auth_for_oidc_users or user.hashed_password is None)
+        ):
+            record.details["result"] = "password_login_disabled"
+            record.resource_id, record.resource_name = user.id, user.username
+            raise Forbidden(
+                f"{user.username} signs in with single sign-on, not a password: use "
+                f"'{self.settings.oidc_sign_in_text}' on the login page, or "
+                "`stockade login URL --sso`",
+                reason="password_login_disabled",
+            )
         if not await passwords.verify_password(user.hashed_password if user else None, password):
             record.details["result"] = "failure"
             if user is not None:
@@ -163,17 +176,24 @@ class AuthService:
                     .where(User.id == user.id)
                     .values(hashed_password=await passwords.hash_password(password))
                 )
-            key, token = await self._new_key(
-                session,
-                user_id=user.id,
-                login_type="password",
-                lifetime=self.settings.session_lifetime_seconds,
-                ip=ip,
-            )
-            await session.execute(
-                update(User).where(User.id == user.id).values(last_seen_at=utcnow())
-            )
-        return token, key.expires_at, user
+            token, expires_at = await self.new_session(session, user_id=user.id, ip=ip)
+        return token, expires_at, user
+
+    async def new_session(
+        self, session: AsyncSession, *, user_id: str, ip: str | None
+    ) -> tuple[str, datetime]:
+        """Start a session for a user who just proved who they are (password
+        or single sign-on), inside the caller's transaction: the token and
+        its expiry."""
+        key, token = await self._new_key(
+            session,
+            user_id=user_id,
+            login_type="password",  # a session (sliding expiry), however it was signed in
+            lifetime=self.settings.session_lifetime_seconds,
+            ip=ip,
+        )
+        await session.execute(update(User).where(User.id == user_id).values(last_seen_at=utcnow()))
+        return token, key.expires_at
 
     async def logout(self, actor: Actor, record: AuditRecord) -> None:
         record.describe("user.logout", "user", actor.user_id, actor.username)

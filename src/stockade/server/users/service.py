@@ -20,7 +20,9 @@ from stockade.server.db.models import SetupState, Workspace, utcnow
 from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 
 # Names that are also words in the API's paths (/users/me, /users/first...).
-RESERVED_USERNAMES = frozenset({"me", "first", "login", "logout", "admin-api", "system"})
+RESERVED_USERNAMES = frozenset(
+    {"me", "first", "login", "logout", "admin-api", "system", "authmethods", "oidc"}
+)
 
 
 def _check_username(username: str) -> None:

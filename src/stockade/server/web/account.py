@@ -3,7 +3,7 @@ password change and API tokens."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -22,6 +22,9 @@ from stockade.server.web.core import (
     render,
     safe_next,
 )
+
+if TYPE_CHECKING:
+    from stockade.server.services import Services
 
 router = APIRouter(include_in_schema=False)  # pages, not API
 
@@ -45,7 +48,19 @@ async def login_page(
         return redirect(safe_next(next_path))
     if await services.users.first_user_required():
         return redirect("/setup")
-    return render(request, "login.html", {"next": safe_next(next_path), "username": ""})
+    return render(request, "login.html", _login_context(services, safe_next(next_path), ""))
+
+
+def _login_context(services: Services, next_path: str, username: str) -> dict[str, object]:
+    """What the login page shows: the form, and the single sign-on button
+    when it is set up."""
+    methods = services.oidc.auth_methods().oidc
+    return {
+        "next": next_path,
+        "username": username,
+        "oidc_button": methods.sign_in_text if methods.enabled else "",
+        "oidc_url": methods.login_url,
+    }
 
 
 @router.post("/login")
@@ -59,7 +74,7 @@ async def login(request: Request, services: ServicesDep, record: AuditDep) -> Re
         )
     except (StockadeError, ValidationError) as exc:
         errors = FormErrors.of(exc)
-        context = {"next": next_path, "username": username, "errors": errors}
+        context = {**_login_context(services, next_path, username), "errors": errors}
         return render(request, "login.html", context, status_code=errors.status)
     response = redirect(next_path)
     set_session_cookie(response, token, services.settings)
