@@ -27,24 +27,13 @@ import secrets
 import ssl
 import time
 import unicodedata
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
-from joserfc import jwt
-from joserfc.errors import (
-    BadSignatureError,
-    ExpiredTokenError,
-    InvalidClaimError,
-    InvalidKeyIdError,
-    JoseError,
-    MissingClaimError,
-)
-from joserfc.jwk import KeySet
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -63,14 +52,8 @@ from stockade.server.observability import get_logger
 from stockade.server.settings import Settings
 from stockade.server.users.service import RESERVED_USERNAMES
 
-with warnings.catch_warnings():
-    # Authlib 1.9 prefers the httpx2 fork and warns once, at import, that it
-    # falls back to httpx (which Stockade already uses); the client works the same.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from authlib.common.security import generate_token
-    from authlib.integrations.base_client import OAuthError
-    from authlib.integrations.httpx_client import AsyncOAuth2Client
-    from authlib.oauth2.client import OAuth2Client
+if TYPE_CHECKING:
+    from joserfc.jwk import KeySet
 
 log = get_logger("stockade.oidc")
 
@@ -229,6 +212,9 @@ class OidcService:
         self._http: httpx.AsyncClient | None = None
         secret = settings.oidc_client_secret
         self._secret = secret.get_secret_value() if secret is not None else ""
+        if self.enabled:
+            # Loaded now rather than by the first login, on the event loop.
+            from stockade.server.oidc import libs  # noqa: F401
 
     @property
     def enabled(self) -> bool:
@@ -356,10 +342,12 @@ class OidcService:
         )
 
     async def _fetch_keys(self, disc: Discovery) -> KeySet:
+        from stockade.server.oidc import libs
+
         doc = await self._get_json(disc.jwks_uri, "jwks")
         try:
-            keys = KeySet.import_key_set(doc)  # type: ignore[arg-type]
-        except (JoseError, ValueError, KeyError, TypeError) as exc:
+            keys = libs.KeySet.import_key_set(doc)  # type: ignore[arg-type]
+        except (libs.JoseError, ValueError, KeyError, TypeError) as exc:
             raise OidcError(
                 502,
                 "The identity provider's signing keys cannot be read. Tell your administrator.",
@@ -385,6 +373,8 @@ class OidcService:
     async def _validate_id_token(
         self, disc: Discovery, id_token: str, nonce: str
     ) -> dict[str, Any]:
+        from stockade.server.oidc import libs
+
         def refused(reason: str, detail: str, message: str | None = None) -> OidcError:
             return OidcError(
                 401,
@@ -398,23 +388,23 @@ class OidcService:
         keys = await self._keys(disc, refresh=False)
         try:
             try:
-                token = jwt.decode(id_token, keys, algorithms=disc.algorithms)
-            except InvalidKeyIdError:
+                token = libs.jwt.decode(id_token, keys, algorithms=disc.algorithms)
+            except libs.InvalidKeyIdError:
                 # Perhaps the provider rotated its keys: one refetch.
                 keys = await self._keys(disc, refresh=True)
-                token = jwt.decode(id_token, keys, algorithms=disc.algorithms)
-        except InvalidKeyIdError as exc:
+                token = libs.jwt.decode(id_token, keys, algorithms=disc.algorithms)
+        except libs.InvalidKeyIdError as exc:
             raise refused(
                 "id_token_unknown_key",
                 f"the ID token is signed with a key the provider does not publish at "
                 f"{disc.jwks_uri} ({exc})",
             ) from exc
-        except BadSignatureError as exc:
+        except libs.BadSignatureError as exc:
             raise refused("id_token_bad_signature", "the ID token's signature is invalid") from exc
-        except JoseError as exc:
+        except libs.JoseError as exc:
             raise refused("id_token_invalid", f"the ID token cannot be read: {exc}") from exc
         claims: dict[str, Any] = token.claims
-        registry = jwt.JWTClaimsRegistry(
+        registry = libs.jwt.JWTClaimsRegistry(
             leeway=LEEWAY_SECONDS,
             iss={"essential": True, "value": disc.issuer},
             sub={"essential": True},
@@ -425,7 +415,7 @@ class OidcService:
         )
         try:
             registry.validate(claims)
-        except ExpiredTokenError as exc:
+        except libs.ExpiredTokenError as exc:
             raise refused(
                 "id_token_expired",
                 f"the ID token expired at {claims.get('exp')} (now {int(time.time())}, "
@@ -434,7 +424,7 @@ class OidcService:
                 "in. Try again; if it keeps happening, tell your administrator (the clocks may "
                 "disagree).",
             ) from exc
-        except (InvalidClaimError, MissingClaimError) as exc:
+        except (libs.InvalidClaimError, libs.MissingClaimError) as exc:
             claim = getattr(exc, "claim", "") or str(exc)
             detail = {
                 "aud": f"the ID token's audience is {claims.get('aud')!r}, not this client "
@@ -444,7 +434,7 @@ class OidcService:
             }.get(claim, f"the ID token's claims are invalid: {exc}")
             raise refused(f"id_token_{claim}" if claim in ("aud", "iss", "nonce") else
                           "id_token_claims", detail) from exc  # fmt: skip
-        except JoseError as exc:
+        except libs.JoseError as exc:
             raise refused("id_token_claims", f"the ID token's claims are invalid: {exc}") from exc
         aud = claims.get("aud")
         if (
@@ -488,9 +478,11 @@ class OidcService:
                 f"redirect {target[:100]!r} is not a local path",
             )
         disc = await self.discovery()
+        from stockade.server.oidc import libs
+
         state = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(32)
-        verifier = generate_token(64)
+        verifier = libs.generate_token(64)
         now = utcnow()
         async with self.db.transaction() as session:
             # Abandoned sign-ins go as new ones start.
@@ -505,7 +497,7 @@ class OidcService:
                     expires_at=now + STATE_LIFETIME,
                 )
             )
-        client = OAuth2Client(
+        client = libs.OAuth2Client(
             None,
             client_id=self.settings.oidc_client_id,
             scope=" ".join(self.settings.oidc_scope_list),
@@ -661,7 +653,9 @@ class OidcService:
     ) -> dict[str, Any]:
         """Code for tokens (authlib), the ID token validated (joserfc), and
         userinfo merged under it (the signed ID token wins)."""
-        async with AsyncOAuth2Client(
+        from stockade.server.oidc import libs
+
+        async with libs.AsyncOAuth2Client(
             client_id=self.settings.oidc_client_id,
             client_secret=self._secret or None,
             token_endpoint_auth_method=disc.token_auth_method,
@@ -677,7 +671,7 @@ class OidcService:
                 )
             except httpx.TransportError as exc:
                 raise _unreachable(f"token endpoint {disc.token_endpoint}", exc) from exc
-            except OAuthError as exc:
+            except libs.OAuthError as exc:
                 description = (exc.description or "")[:_SHOWN]
                 raise OidcError(
                     401 if exc.error in ("invalid_client", "unauthorized_client") else 400,
