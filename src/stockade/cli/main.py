@@ -16,7 +16,9 @@ from stockade.cli import (
     audit,
     common,
     egress,
+    groups,
     identity,
+    orgs,
     provisioners,
     ssh,
     templates,
@@ -39,6 +41,8 @@ app.add_typer(users.app, name="users", help="Manage users and their roles.")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
 app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
+app.add_typer(orgs.app, name="orgs", help="Manage organizations and their members.")
+app.add_typer(groups.app, name="groups", help="Manage an organization's groups.")
 app.add_typer(airgap.app, name="airgap", help="Build, verify and install offline bundles.")
 app.add_typer(
     egress.app, name="egress", help="Show what the deployment tried to reach (owners, auditors)."

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
+import click
 import typer
+from pydantic import BaseModel
 
 from stockade.cli.common import OutputOpt, UserError, YesOpt, client, confirm
+from stockade.cli.orgs import DEFAULT_ORG
 from stockade.cli.output import Format, console, print_json, show
+from stockade.sdk import types
 from stockade.sdk.starters import STARTERS, write_starter
 from stockade.sdk.templates import (
     MANIFEST_NAME,
@@ -23,7 +27,21 @@ from stockade.sdk.templates import (
 app = typer.Typer(no_args_is_help=True)
 COLUMNS = ["name", "display_name", "backend", "active_version", "archived_at", "updated_at"]
 VERSION_COLUMNS = ["number", "active", "message", "size", "archive_sha256", "created_at"]
+SHOW_COLUMNS = ["name", "organization", "display_name", "description", "backend",
+                "active_version", "archived_at", "created_at", "updated_at"]  # fmt: skip
 DirOpt = Annotated[Path, typer.Option("--directory", "-d", help="the template directory")]
+TemplateOrgOpt = Annotated[
+    str | None,
+    typer.Option("--org", help="the template's organization, when its name is in several"),
+]
+PushOrgOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--org",
+        help="the template's organization; for a new template, where to create it "
+        "(default: the default organization)",
+    ),
+]
 
 
 @app.command("init")
@@ -53,6 +71,7 @@ def push(
         bool, typer.Option("--no-activate", help="upload without making it active")
     ] = False,
     message: Annotated[str, typer.Option("--message", "-m", help="what changed")] = "",
+    org: PushOrgOpt = None,
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Upload DIR as a new immutable version of template NAME."""
@@ -70,7 +89,9 @@ def push(
     except ArchiveError as exc:
         raise UserError(str(exc)) from exc
     with client() as api:
-        version = api.push_template(name, archive, activate=not no_activate, message=message)
+        version = api.push_template(
+            name, archive, activate=not no_activate, message=message, org=org
+        )
     if output is Format.JSON:
         print_json(version)
         return
@@ -83,18 +104,30 @@ def list_(
     include_archived: Annotated[
         bool, typer.Option("--include-archived", help="also archived templates (admins)")
     ] = False,
+    org: Annotated[str | None, typer.Option("--org", help="only this organization's")] = None,
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """List templates."""
     with client() as api:
-        show(api.list_templates(include_archived=include_archived).templates, output, COLUMNS)
+        templates = api.list_templates(include_archived=include_archived, org=org).templates
+    columns = COLUMNS
+    if any(t.organization != DEFAULT_ORG for t in templates):
+        columns = [COLUMNS[0], "organization", *COLUMNS[1:]]
+    show(templates, output, columns)
+
+
+@app.command("show")
+def show_(name: str, org: TemplateOrgOpt = None, output: OutputOpt = Format.TABLE) -> None:
+    """Show one template."""
+    with client() as api:
+        show(api.get_template(name, org=org), output, SHOW_COLUMNS)
 
 
 @app.command("versions")
-def versions(name: str, output: OutputOpt = Format.TABLE) -> None:
+def versions(name: str, org: TemplateOrgOpt = None, output: OutputOpt = Format.TABLE) -> None:
     """List a template's versions, oldest first."""
     with client() as api:
-        show(api.list_template_versions(name), output, VERSION_COLUMNS)
+        show(api.list_template_versions(name, org=org), output, VERSION_COLUMNS)
 
 
 @app.command("pull")
@@ -105,6 +138,7 @@ def pull(
     force: Annotated[
         bool, typer.Option("--force", help="allow a non-empty DIR (never overwrites files)")
     ] = False,
+    org: TemplateOrgOpt = None,
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Download a version (the active one by default) into DIR."""
@@ -113,10 +147,10 @@ def pull(
     with client() as api:
         number = version
         if number is None:
-            number = api.get_template(name).active_version
+            number = api.get_template(name, org=org).active_version
             if number is None:
                 raise UserError(f"template {name} has no active version; pass --version")
-        data = api.download_template_version(name, number)
+        data = api.download_template_version(name, number, org=org)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         try:
@@ -135,12 +169,106 @@ def pull(
 
 
 @app.command("archive")
-def archive(name: str, yes: YesOpt = False, output: OutputOpt = Format.TABLE) -> None:
+def archive(
+    name: str, yes: YesOpt = False, org: TemplateOrgOpt = None, output: OutputOpt = Format.TABLE
+) -> None:
     """Archive a template: hidden from members, no new pushes or activations."""
     confirm(f"Archive template {name}?", yes)
     with client() as api:
-        result = api.archive_template(name)
+        result = api.archive_template(name, org=org)
     if output is Format.JSON:
         print_json(result)
         return
     console.print(f"Archived {name}.")
+
+
+# --- access control list -----------------------------------------------------------------
+
+acl_app = typer.Typer(no_args_is_help=True)
+app.add_typer(acl_app, name="acl", help="Show or change who may use or administer a template.")
+ACL_ROLES = ("use", "admin", "none")
+
+
+class AclRow(BaseModel):
+    """One ACL entry as a table row."""
+
+    kind: str
+    name: str
+    role: str
+
+
+def parse_acl_entries(
+    values: list[str] | None, option: str
+) -> dict[str, types.TemplateRole | None]:
+    """``NAME=use|admin|none`` options to {name: role}; ``none`` (None) removes
+    the entry. A bad entry is a usage error naming the option (click's: the
+    entry point shows those as ``Error: Invalid value for ...``, exit code 2)."""
+    entries: dict[str, types.TemplateRole | None] = {}
+    for item in values or []:
+        name, eq, role = item.partition("=")
+        name, role = name.strip(), role.strip().lower()
+        if not eq or not name or role not in ACL_ROLES:
+            raise click.BadParameter(
+                f"{item!r}: give NAME=ROLE, where ROLE is use, admin or none (none removes "
+                "the entry)",
+                param_hint=f"'{option}'",
+            )
+        if name in entries:
+            raise click.BadParameter(f"{name!r} is given twice", param_hint=f"'{option}'")
+        entries[name] = None if role == "none" else cast(types.TemplateRole, role)
+    return entries
+
+
+def _show_acl(acl: types.TemplateAcl, output: Format) -> None:
+    if output is Format.JSON:
+        print_json(acl)
+        return
+    rows = [AclRow(kind="group", name=g.name, role=g.role) for g in acl.groups] + [
+        AclRow(kind="user", name=u.username, role=u.role) for u in acl.users
+    ]
+    console.print(f"Template {acl.template} of organization {acl.organization}:")
+    if rows:
+        show(rows, output, ["kind", "name", "role"])
+    else:
+        console.print(
+            "no entries: only site owners, template-admins and the organization's admins may use it"
+        )
+
+
+@acl_app.command("show")
+def acl_show(name: str, org: TemplateOrgOpt = None, output: OutputOpt = Format.TABLE) -> None:
+    """Who may use (use) or administer (admin) template NAME, besides site owners,
+    template-admins and its organization's admins."""
+    with client() as api:
+        _show_acl(api.template_acl(name, org=org), output)
+
+
+@acl_app.command("set")
+def acl_set(
+    name: str,
+    user: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--user",
+            metavar="NAME=ROLE",
+            help="a user's role: use, admin, or none to remove it (repeatable)",
+        ),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group",
+            metavar="NAME=ROLE",
+            help="a group's role: use, admin, or none to remove it (repeatable); the "
+            "'everyone' group holds every member",
+        ),
+    ] = None,
+    org: TemplateOrgOpt = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Set or remove ACL entries of template NAME (its admins); the others stay."""
+    users, groups = parse_acl_entries(user, "--user"), parse_acl_entries(group, "--group")
+    if not users and not groups:
+        raise UserError("nothing to change: give --user NAME=ROLE or --group NAME=ROLE")
+    with client() as api:
+        _show_acl(api.update_template_acl(name, users=users, groups=groups, org=org), output)

@@ -32,6 +32,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from stockade.cli.common import OutputOpt, UserError, YesOpt, client, confirm, interactive
+from stockade.cli.orgs import DEFAULT_ORG
 from stockade.cli.output import Format, console, err_console, print_json, print_table, show
 from stockade.sdk import ApiError, Client, ConnectionFailed, types
 from stockade.sdk.templates import Manifest, Parameter, parse_number
@@ -179,11 +180,13 @@ def parse_parameters(items: Iterable[str], manifest: Manifest | None) -> dict[st
     return values
 
 
-def _manifest(api: Client, template: str, number: int | None = None) -> Manifest | None:
+def _manifest(
+    api: Client, template: str, number: int | None = None, *, org: str | None = None
+) -> Manifest | None:
     """The manifest of a template version (``None``: the active one). ``None``
     when it cannot be read: values are then sent as strings."""
     try:
-        versions = api.list_template_versions(template)
+        versions = api.list_template_versions(template, org=org)
     except ApiError as exc:
         if exc.status in (403, 404):
             return None
@@ -685,6 +688,10 @@ def create(
     name: NameArg,
     template: Annotated[str, typer.Option("--template", "-t", help="template name")],
     parameter: ParamOpt = None,
+    org: Annotated[
+        str | None,
+        typer.Option("--org", help="the template's organization, when its name is in several"),
+    ] = None,
     owner: Annotated[
         str | None,
         typer.Option(help="create it for another user (owners and user-admins)"),
@@ -702,10 +709,12 @@ def create(
             if owner is not None and owner != named_owner:
                 raise UserError(f"--owner {owner} and {named_owner}/{name} disagree")
             owner = named_owner
-        manifest = _cached(lambda: _manifest(api, template))
+        manifest = _cached(lambda: _manifest(api, template, org=org))
         values = parse_parameters(parameter or [], manifest() if parameter else None)
         workspace = _asking_for_missing(
-            lambda v: api.create_workspace(name, template, v, owner=owner), values, manifest
+            lambda v: api.create_workspace(name, template, v, owner=owner, org=org),
+            values,
+            manifest,
         )
         _queued(
             session,
@@ -737,7 +746,10 @@ def list_(
     if output is Format.JSON:
         print_json(page.workspaces)
         return
-    print_table(page.workspaces, COLUMNS)
+    columns = COLUMNS
+    if any(w.organization != DEFAULT_ORG for w in page.workspaces):
+        columns = [*COLUMNS[:3], "organization", *COLUMNS[3:]]
+    print_table(page.workspaces, columns)
     console.print(f"{page.count} workspace(s)", style="dim")
 
 
@@ -790,7 +802,7 @@ def _build_command(
             if workspace is None:
                 return None
             number = None if update else workspace.template_version
-            return _manifest(api, workspace.template_name, number)
+            return _manifest(api, workspace.template_name, number, org=workspace.organization)
 
         manifest = _cached(manifest_of)
         values = parse_parameters(parameter or [], manifest() if parameter else None)
