@@ -49,6 +49,7 @@ class Sso:
     main: ServerProcess
     strict: ServerProcess
     owner: Client
+    pg: ServerProcess  # started by the PostgreSQL test only
 
 
 def _oidc_env(idp: IdP, **extra: str) -> dict[str, str]:
@@ -71,10 +72,12 @@ def sso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sso]:
     # The servers' ports first: the provider's client lists their callbacks.
     main = ServerProcess(data_dir=base / "main")
     strict = ServerProcess(data_dir=base / "strict")
+    pg = ServerProcess(data_dir=base / "pg")
+    callbacks = [s.url + CALLBACK for s in (main, strict, pg)]
     idp = IdP(
         base / "idp",
         [
-            IdpClient("stockade", SECRET, [main.url + CALLBACK, strict.url + CALLBACK]),
+            IdpClient("stockade", SECRET, callbacks),
             IdpClient("other-app", "other-secret", [main.url + CALLBACK]),
         ],
     )
@@ -97,10 +100,10 @@ def sso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sso]:
     owner.create_first_user("owner", "owner@corp.test", OWNER_PASSWORD)
     owner.login("owner", OWNER_PASSWORD)
     try:
-        yield Sso(idp, main, strict, owner)
+        yield Sso(idp, main, strict, owner, pg)
     finally:
         owner.close()
-        for server in (main, strict):
+        for server in (main, strict, pg):
             server.stop()
         idp.stop()
 
@@ -276,6 +279,28 @@ def test_the_server_refuses_to_start_with_a_bad_mapping(tmp_path: Path) -> None:
 
 
 # --- the flow ----------------------------------------------------------------
+
+
+async def test_an_unreachable_provider_is_a_502_page_from_the_start(tmp_path: Path) -> None:
+    from stockade.devtools.ports import free_port
+    from stockade.server.app import create_app
+    from stockade.server.db import migrate
+
+    settings = Settings(
+        data_dir=tmp_path,
+        oidc_issuer_url=f"http://127.0.0.1:{free_port()}",  # nothing listens
+        oidc_client_id="stockade",
+    )
+    app = create_app(settings)
+    await migrate.upgrade(app.state.services.db)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://stockade.test") as api:
+            response = await api.get(LOGIN)
+        assert_failure_page(response, 502, "could not reach the identity provider")
+    finally:
+        await app.state.services.oidc.close()
+        await app.state.services.db.dispose()
 
 
 def test_auth_methods_and_the_login_button(sso: Sso) -> None:
@@ -741,3 +766,53 @@ def test_stockade_login_sso_with_a_pasted_token(sso: Sso, browser: Browser, tmp_
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode != 0 and "that token was not accepted" in bad.stderr
+
+
+@pytest.mark.postgres
+def test_on_postgresql_too(sso: Sso, request: pytest.FixtureRequest) -> None:
+    """The database work of a login (state used once, link, create, role
+    sync with the last-owner guard) on PostgreSQL."""
+    sso.pg.postgres_url = request.getfixturevalue("pg_cluster").create_database()
+    sso.pg.extra_env = _oidc_env(
+        sso.idp,
+        STOCKADE_OIDC_USER_ROLE_FIELD="roles",
+        STOCKADE_OIDC_USER_ROLE_MAPPING=json.dumps({"stockade-owners": ["owner"]}),
+    )
+    sso.pg.start()
+    with Client(sso.pg.url) as owner:
+        owner.create_first_user("owner", "owner@corp.test", OWNER_PASSWORD)
+        owner.login("owner", OWNER_PASSWORD)
+        name = unique("pat")
+        owner.create_user(name, f"{name}@corp.test", PASSWORD)
+        account = f"sub-{name}"
+        sso.idp.set_account(
+            account, email=f"{name}@corp.test", email_verified=True, roles=["stockade-owners"]
+        )
+
+        def login() -> tuple[Browser, dict[str, Any]]:
+            b = Browser(sso.pg)
+            url = b.to_callback(account)
+            assert b.callback(url).status_code == 303
+            state = parse_qs(urlsplit(url).query)["state"][0]
+            replay = httpx.get(url, cookies={"stockade_oidc_state": state}, trust_env=False)
+            assert_failure_page(replay, 400, "already used")
+            return b, b.me()
+
+        b, me = login()
+        b.close()
+        assert me["username"] == name and me["login_type"] == "oidc" and me["roles"] == ["owner"]
+        sso.idp.update_account(account, roles=[])
+        b, me = login()
+        b.close()
+        assert me["roles"] == []  # the password owner remains: the role goes
+        sso.idp.update_account(account, roles=["stockade-owners"])
+        b, me = login()
+        with Client(sso.pg.url, b.http.cookies["stockade_session"]) as pat:
+            pat.suspend_user("owner")
+        b.close()
+        # Now the last active owner: the provider cannot take that away.
+        sso.idp.update_account(account, roles=[])
+        b, me = login()
+        b.close()
+        assert me["roles"] == ["owner"]
+    assert "oidc_role_sync_kept_last_owner" in sso.pg.logs()

@@ -20,7 +20,11 @@ from joserfc.jwk import KeySet
 
 with warnings.catch_warnings():
     # Authlib 1.9 prefers the httpx2 fork and warns once, at import, that it
-    # falls back to httpx (which Stockade already uses); the client works the same.
+    # falls back to httpx (which Stockade already uses); the client works the
+    # same. Its deprecate module installs an "always" filter for its warnings
+    # when imported, so that comes first and the "ignore" goes in front of it.
+    import authlib.deprecate  # noqa: F401
+
     warnings.simplefilter("ignore", DeprecationWarning)
     from authlib.common.security import generate_token
     from authlib.integrations.base_client import OAuthError

@@ -239,6 +239,14 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "session_lifetime_seconds", "max_token_lifetime_seconds",
         "default_token_lifetime_seconds", "login_rate_per_ip", "login_failures_per_user",
     ),
+    "Single sign-on (OIDC)": (
+        "oidc_issuer_url", "oidc_client_id", "oidc_client_secret", "oidc_scopes",
+        "oidc_username_field", "oidc_email_field", "oidc_email_domains", "oidc_allow_signups",
+        "oidc_sign_in_text", "oidc_ca_file", "oidc_ignore_email_verified",
+        "disable_password_auth_for_oidc_users", "oidc_group_field", "oidc_group_mapping",
+        "oidc_group_regex_filter", "oidc_group_auto_create", "oidc_user_role_field",
+        "oidc_user_role_mapping",
+    ),
     "Audit log": ("audit_key", "audit_retention_days"),
     "Builds and provisioners": (
         "provisioner_workers", "provisioner_backends", "build_timeout_seconds",
