@@ -39,6 +39,7 @@ CALLBACK = "/api/v2/users/oidc/callback"
 LOGIN = "/api/v2/users/oidc/login"
 SECRET = "idp-client-secret-that-must-never-be-logged"
 BUTTON = "Sign in with Corp SSO"
+HTML = "text/html,application/xhtml+xml,*/*;q=0.8"
 ROLE_MAPPING = {"stockade-templates": ["template-admin"], "stockade-audit": ["auditor"]}
 STOCKADE = str(Path(sys.executable).with_name("stockade"))
 
@@ -127,7 +128,8 @@ class Browser:
 
     def __init__(self, server: ServerProcess) -> None:
         self.server = server
-        self.http = httpx.Client(timeout=30, trust_env=False)
+        # As a browser asks: the failures are pages then (a script gets JSON).
+        self.http = httpx.Client(timeout=30, trust_env=False, headers={"accept": HTML})
 
     def close(self) -> None:
         self.http.close()
@@ -296,7 +298,7 @@ async def test_an_unreachable_provider_is_a_502_page_from_the_start(tmp_path: Pa
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://stockade.test") as api:
-            response = await api.get(LOGIN)
+            response = await api.get(LOGIN, headers={"accept": HTML})
         assert_failure_page(response, 502, "could not reach the identity provider")
     finally:
         await app.state.services.oidc.close()
@@ -327,8 +329,11 @@ async def test_without_single_sign_on_there_is_no_button(tmp_path: Path) -> None
             body = {"username": "owner", "email": "o@corp.test", "password": OWNER_PASSWORD}
             assert (await api.post("/api/v2/users/first", json=body)).status_code == 201
             assert "Sign in with" not in (await api.get("/login")).text
-            refused = await api.get(LOGIN)
+            refused = await api.get(LOGIN, headers={"accept": HTML})
             assert_failure_page(refused, 404, "not set up on this Stockade server")
+            # A script (no HTML asked for) gets the API's JSON error.
+            scripted = await api.get(LOGIN)
+            assert scripted.status_code == 404 and scripted.json()["reason"] == "oidc_disabled"
     finally:
         await app.state.services.db.dispose()
 
@@ -494,7 +499,7 @@ def test_bad_or_missing_state_is_refused(sso: Sso, browser: Browser) -> None:
     url = browser.to_callback(person(sso))
     assert_failure_page(browser.callback(_with_state(url, "forged")), 400, "does not belong")
     # Another browser (no state cookie) with the real URL.
-    other = httpx.get(url, trust_env=False)
+    other = httpx.get(url, headers={"accept": HTML}, trust_env=False)
     assert_failure_page(other, 400, "not started in this browser")
     assert_failure_page(browser.callback(sso.main.url + CALLBACK), 400, "incomplete")
     # The provider reporting an error (the person refused consent).
@@ -514,7 +519,9 @@ def test_a_callback_works_once(sso: Sso, browser: Browser) -> None:
     state = parse_qs(urlsplit(url).query)["state"][0]
     assert browser.callback(url).status_code == 303
     # Replayed with the state cookie put back: the state is used up.
-    replay = httpx.get(url, cookies={"stockade_oidc_state": state}, trust_env=False)
+    replay = httpx.get(
+        url, cookies={"stockade_oidc_state": state}, headers={"accept": HTML}, trust_env=False
+    )
     assert_failure_page(replay, 400, "already used")
 
 
@@ -794,7 +801,12 @@ def test_on_postgresql_too(sso: Sso, request: pytest.FixtureRequest) -> None:
             url = b.to_callback(account)
             assert b.callback(url).status_code == 303
             state = parse_qs(urlsplit(url).query)["state"][0]
-            replay = httpx.get(url, cookies={"stockade_oidc_state": state}, trust_env=False)
+            replay = httpx.get(
+                url,
+                cookies={"stockade_oidc_state": state},
+                headers={"accept": HTML},
+                trust_env=False,
+            )
             assert_failure_page(replay, 400, "already used")
             return b, b.me()
 

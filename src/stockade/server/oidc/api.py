@@ -1,13 +1,14 @@
 """Single sign-on endpoints: thin wrappers over ``OidcService``.
 
-The login and callback are visited by the browser, not by API clients, so
-they answer with redirects and, when something goes wrong, with an HTML page
-of the dashboard that says what happened (the service logs why)."""
+The login and callback are visited by the browser, so they answer with
+redirects and, when something goes wrong, with an HTML page of the dashboard
+that says what happened (the service logs why); a client that does not ask
+for HTML gets the API's JSON error instead."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from stockade.sdk import types
 from stockade.server.authz import public
@@ -33,6 +34,18 @@ _CALLBACK_PARAMS = {
 
 
 def _sso_error(request: Request, exc: OidcError) -> Response:
+    """A browser (which asks for HTML) gets a dashboard page saying what went
+    wrong; a script gets the API's JSON error."""
+    response: Response
+    if "text/html" not in request.headers.get("accept", ""):
+        body = types.ApiError(
+            message=exc.message,
+            reason=exc.reason,
+            request_id=getattr(request.state, "request_id", None),
+        )
+        response = JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
+        response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
+        return response
     response = render(
         request,
         "sso_error.html",
