@@ -201,6 +201,12 @@ def valid_bodies(target: str, template: str = "") -> dict[str, Callable[[], dict
         "JobLogs": lambda: {"worker_id": "w", "lines": [{"line": "x"}]},
         "CompleteJobRequest": lambda: {"worker_id": "w", "status": "failed"},
         "EgressRecords": lambda: {"daemon": "d", "records": []},
+        "UpdateTemplateAclRequest": lambda: {"users": {}, "groups": {"everyone": "use"}},
+        "CreateOrganizationRequest": lambda: {"name": unique("org"), "display_name": "Org"},
+        "UpdateOrganizationRequest": lambda: {"display_name": "Org", "description": "d"},
+        "UpdateMemberRequest": lambda: {"roles": []},
+        "CreateGroupRequest": lambda: {"name": unique("grp"), "members": [target]},
+        "UpdateGroupRequest": lambda: {"display_name": "G", "add_members": [target]},
     }
 
 
@@ -335,6 +341,8 @@ class Target:
     user: str
     token_name: str
     template: str
+    org: str
+    group: str
 
 
 @pytest.fixture
@@ -344,7 +352,12 @@ def target(owner: Client, make_user: UserFactory) -> Target:
     _, name = make_user()
     template = unique("tpl")
     owner.push_template(template, simple_archive(template))
-    return Target(name, owner.create_token(unique("tok"), user=name).name, template)
+    org, group = unique("org"), unique("grp")
+    owner.create_organization(org)
+    owner.set_member(org, name)
+    owner.create_group(org, group, members=[name])
+    token = owner.create_token(unique("tok"), user=name).name
+    return Target(name, token, template, org, group)
 
 
 @pytest.fixture
@@ -375,6 +388,8 @@ def test_bad_input_on_every_endpoint_is_a_4xx_with_a_message(
         "name": target.template,
         "number": "1",
         "build_id": "00000000-0000-0000-0000-000000000000",
+        "org": target.org,
+        "group": target.group,
     }
     battery = Battery(http, (SECRET, owner.token))
     created_usernames: list[str] = []
