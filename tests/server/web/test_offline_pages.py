@@ -130,3 +130,5 @@ def test_no_page_or_asset_references_another_host(
     assert not offences, offences
     # The crawl reached the areas of the dashboard and their assets.
     assert pages >= 8 and assets >= 10, (pages, assets, sorted(seen))
+    # Organizations (from the navigation) and a template's page with its Access list.
+    assert {"/admin/orgs", "/admin/orgs/default", f"/templates/{template}"} <= seen, sorted(seen)

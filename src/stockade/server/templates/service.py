@@ -231,6 +231,31 @@ class TemplateService:
             template, org_name = await find_template(session, actor, name, org)
             return _template_api(template, await self._active_number(session, template), org_name)
 
+    async def access_of(self, actor: Actor, name: str, org: str | None = None) -> TemplateAccess:
+        """What the actor may do with one template (found as ``get`` finds it):
+        the dashboard shows admin controls only to its admins."""
+        async with self.db.session() as session:
+            template, _ = await find_template(session, actor, name, org)
+            who = await standing(session, actor)
+            pair = [(template.id, template.organization_id)]
+            return (await template_access(session, who, pair))[template.id]
+
+    async def administers_any(self, actor: Actor) -> bool:
+        """Whether the actor administers some template or may create one: site
+        template admins, organization admins, and admins by a template's ACL."""
+        async with self.db.session() as session:
+            who = await standing(session, actor)
+            if who.site_template_admin or who.admin_org_ids():
+                return True
+            by_user = select(TemplateUserAcl.template_id).where(
+                TemplateUserAcl.user_id == who.user_id, TemplateUserAcl.role == "admin"
+            )
+            by_group = select(TemplateGroupAcl.template_id).where(
+                TemplateGroupAcl.group_id.in_(who.group_ids), TemplateGroupAcl.role == "admin"
+            )
+            found = await session.execute(by_user.union_all(by_group).limit(1))
+            return found.first() is not None
+
     async def versions(
         self, actor: Actor, name: str, org: str | None = None
     ) -> types.TemplateVersionList:

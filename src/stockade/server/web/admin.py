@@ -1,7 +1,8 @@
 """Dashboard pages: admin. Users (list, search, create, a user's status,
-roles, password, tokens and deletion), the audit log (filters, paging, the
-chain's verification, the JSON-lines export) and the deployment (health,
-build queue and workers, connected agents, effective settings).
+roles, password, tokens and deletion), organizations (create, delete, members
+and their org-admin role, groups and their members), the audit log (filters,
+paging, the chain's verification, the JSON-lines export) and the deployment
+(health, build queue and workers, connected agents, effective settings).
 
 Each handler checks the site permission its API route declares (so a member
 gets the same 403 as from the API) and then calls the same service, which
@@ -11,6 +12,7 @@ decides per object (a user-admin cannot touch an owner...).
 from __future__ import annotations
 
 import platform
+import re
 import socket
 import sys
 from datetime import UTC, datetime
@@ -28,9 +30,18 @@ from stockade.server.audit.api import audit_filter
 from stockade.server.authz import ASSIGNABLE_ROLES, Actor, Perm, Role, assignable_roles, can
 from stockade.server.deps import AuditDep, Limit, Offset, ServicesDep
 from stockade.server.errors import Forbidden, InvalidInput, StockadeError
+from stockade.server.orgs.access import standing
 from stockade.server.system import service as system_service
 from stockade.server.users.service import to_api
-from stockade.server.web.core import FormErrors, PageActor, field, read_form, redirect, render
+from stockade.server.web.core import (
+    CSRF_FIELD,
+    FormErrors,
+    PageActor,
+    field,
+    read_form,
+    redirect,
+    render,
+)
 
 router = APIRouter(include_in_schema=False)  # pages, not API
 
@@ -437,3 +448,303 @@ async def egress_page(request: Request, actor: PageActor, services: ServicesDep)
     _require(actor, Perm.EGRESS_READ)
     report = await services.egress.report()
     return render(request, "admin/egress.html", {"report": report})
+
+
+# --- organizations ----------------------------------------------------------------------
+#
+# Anyone may look at the organizations they are in (the service decides which:
+# site admins see all); changes are for the organization's admins and site
+# user-admins, creating and deleting organizations for site owners.
+
+OrgRef = Annotated[str, Path(max_length=32, description="organization name")]
+GroupRef = Annotated[str, Path(max_length=64, description="group name")]
+_USERNAME = re.compile(types.USERNAME_PATTERN)
+# Refusals about a user a form names (shown next to the field that names them).
+_USER_REASONS = ("user_not_found", "not_a_member")
+
+
+def _usernames(text: str, field_name: str) -> list[str]:
+    """Usernames typed into one field, separated by commas or spaces."""
+    names = [n for n in re.split(r"[\s,]+", text.strip().lower()) if n]
+    bad = [n for n in names if not _USERNAME.match(n)]
+    if bad:
+        raise InvalidInput(
+            f"{bad[0][:40]!r} is not a username: a username is {types.USERNAME_HELP}.",
+            detail=[{"field": field_name, "message": "Give usernames, separated by commas."}],
+        )
+    return names
+
+
+async def _orgs(
+    request: Request,
+    actor: Actor,
+    services: ServicesDep,
+    *,
+    status_code: int = 200,
+    **context: object,
+) -> Response:
+    listing = await services.orgs.list(actor)
+    return render(
+        request,
+        "admin/orgs.html",
+        {
+            "orgs": listing.organizations,
+            "can_create": can(actor, Perm.ORGANIZATION_CREATE),
+            **context,
+        },
+        status_code=status_code,
+    )
+
+
+@router.get("/admin/orgs")
+async def orgs_page(request: Request, actor: PageActor, services: ServicesDep) -> Response:
+    return await _orgs(request, actor, services)
+
+
+@router.post("/admin/orgs")
+async def create_org(
+    request: Request, actor: PageActor, services: ServicesDep, record: AuditDep
+) -> Response:
+    form = await read_form(request, actor)
+    values = {key: field(form, key).strip() for key in ("name", "display_name", "description")}
+    try:
+        if values["name"] and not _USERNAME.match(values["name"]):
+            raise InvalidInput(
+                f"An organization's name is {types.USERNAME_HELP}.",
+                detail=[{"field": "name", "message": f"Use {types.USERNAME_HELP}."}],
+            )
+        body = types.CreateOrganizationRequest(**values)
+        org = await services.orgs.create(actor, body, record)
+    except (StockadeError, ValidationError) as exc:
+        errors = FormErrors.of(exc)
+        if isinstance(exc, StockadeError) and exc.reason == "organization_exists":
+            errors.fields["name"] = "Taken: choose another name."
+        return await _orgs(
+            request, actor, services, status_code=errors.status,
+            create_errors=errors, values=values,
+        )  # fmt: skip
+    return redirect(
+        f"/admin/orgs/{quote(org.name)}",
+        f"Organization {org.name} created. Add its members (and its admins) below.",
+    )
+
+
+async def _org(
+    request: Request,
+    actor: Actor,
+    services: ServicesDep,
+    name: str,
+    *,
+    status_code: int = 200,
+    **context: object,
+) -> Response:
+    org = await services.orgs.get(actor, name)
+    members = (await services.orgs.members(actor, name)).members
+    groups = (await services.orgs.groups(actor, name)).groups
+    org_templates = await services.templates.list(actor, include_archived=False, org=name)
+    async with services.db.session() as session:
+        org_admin = (await standing(session, actor)).is_org_admin(org.id)
+    return render(
+        request,
+        "admin/org.html",
+        {
+            "org": org,
+            "members": members,
+            "groups": groups,
+            "org_templates": org_templates.templates,
+            "can_manage": org_admin or can(actor, Perm.USER_UPDATE),
+            "can_delete": can(actor, Perm.ORGANIZATION_CREATE) and not org.is_default,
+            "base": f"/admin/orgs/{quote(org.name)}",
+            "values": {},
+            **context,
+        },
+        status_code=status_code,
+    )
+
+
+@router.get("/admin/orgs/{org}")
+async def org_page(
+    org: OrgRef, request: Request, actor: PageActor, services: ServicesDep
+) -> Response:
+    return await _org(request, actor, services, org)
+
+
+async def _org_action(
+    request: Request,
+    actor: Actor,
+    services: ServicesDep,
+    org: str,
+    section: str,
+    notice: str,
+    action: Any,
+    users_field: str | None = None,
+) -> Response:
+    """Run ``action(form)`` for a form of the organization page: a refusal is
+    shown in the form's ``section`` (``group-NAME`` for a group's forms)
+    with what was typed, success as ``notice``. ``action`` may return where to
+    go, or (where to go, the notice) when the notice depends on the form. A
+    refusal about a user named in the form is shown next to ``users_field``."""
+    form = await read_form(request, actor)
+    try:
+        target = await action(form)
+        if isinstance(target, tuple):
+            target, notice = target
+    except (StockadeError, ValidationError) as exc:
+        errors = FormErrors.of(exc)
+        if isinstance(exc, StockadeError) and users_field and exc.reason in _USER_REASONS:
+            errors.fields.setdefault(users_field, errors.message)
+        elif isinstance(exc, StockadeError) and exc.reason == "group_exists":
+            errors.fields.setdefault("name", "Taken in this organization: choose another name.")
+        values = {k: v for k, v in form.items() if isinstance(v, str) and k != CSRF_FIELD}
+        return await _org(
+            request, actor, services, org, status_code=errors.status,
+            errors_in=section, errors=errors, values=values,
+        )  # fmt: skip
+    return redirect(target or f"/admin/orgs/{quote(org)}#{section}", notice)
+
+
+@router.post("/admin/orgs/{org}/delete")
+async def delete_org(
+    org: OrgRef, request: Request, actor: PageActor, services: ServicesDep, record: AuditDep
+) -> Response:
+    async def run(form: FormData) -> str:
+        await services.orgs.delete(actor, org, record)
+        return "/admin/orgs"
+
+    return await _org_action(
+        request, actor, services, org, "delete", f"Organization {org} is deleted.", run
+    )
+
+
+@router.post("/admin/orgs/{org}/members")
+async def add_org_member(
+    org: OrgRef, request: Request, actor: PageActor, services: ServicesDep, record: AuditDep
+) -> Response:
+    async def run(form: FormData) -> tuple[str, str]:
+        names = _usernames(field(form, "username"), "username")
+        if not names:
+            raise InvalidInput(
+                "Name the user to add.",
+                detail=[{"field": "username", "message": "Give a username."}],
+            )
+        roles = ["org-admin"] if field(form, "org_admin") == "true" else []
+        body = types.UpdateMemberRequest.model_validate({"roles": roles})
+        for name in names:
+            await services.orgs.set_member(actor, org, name, body, record)
+        verb = "is" if len(names) == 1 else "are"
+        return f"/admin/orgs/{quote(org)}#members", f"{', '.join(names)} {verb} now in {org}."
+
+    return await _org_action(request, actor, services, org, "members", "", run, "username")
+
+
+@router.post("/admin/orgs/{org}/members/{username}/roles")
+async def set_org_roles(
+    org: OrgRef,
+    username: UserRef,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+) -> Response:
+    async def run(form: FormData) -> tuple[str, str]:
+        make_admin = field(form, "org_admin") == "true"
+        body = types.UpdateMemberRequest.model_validate(
+            {"roles": ["org-admin"] if make_admin else []}
+        )
+        await services.orgs.set_member(actor, org, username, body, record)
+        what = "an admin" if make_admin else "no longer an admin"
+        return f"/admin/orgs/{quote(org)}#members", f"{username} is {what} of {org}."
+
+    return await _org_action(request, actor, services, org, "members", "", run)
+
+
+@router.post("/admin/orgs/{org}/members/{username}/remove")
+async def remove_org_member(
+    org: OrgRef,
+    username: UserRef,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+) -> Response:
+    async def run(form: FormData) -> None:
+        await services.orgs.remove_member(actor, org, username, record)
+
+    notice = f"{username} is no longer a member of {org} (nor of its groups)."
+    return await _org_action(request, actor, services, org, "members", notice, run)
+
+
+@router.post("/admin/orgs/{org}/groups")
+async def create_group(
+    org: OrgRef, request: Request, actor: PageActor, services: ServicesDep, record: AuditDep
+) -> Response:
+    async def run(form: FormData) -> tuple[str, str]:
+        body = types.CreateGroupRequest(
+            name=field(form, "name").strip(),
+            display_name=field(form, "display_name").strip(),
+            members=_usernames(field(form, "members"), "members"),
+        )
+        group = await services.orgs.create_group(actor, org, body, record)
+        target = f"/admin/orgs/{quote(org)}#group-{quote(group.name)}"
+        return target, f"Group {group.name} created."
+
+    return await _org_action(request, actor, services, org, "groups", "", run, "members")
+
+
+@router.post("/admin/orgs/{org}/groups/{group}/members")
+async def add_group_members(
+    org: OrgRef,
+    group: GroupRef,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+) -> Response:
+    async def run(form: FormData) -> None:
+        names = _usernames(field(form, "usernames"), "usernames")
+        if not names:
+            raise InvalidInput(
+                "Name the users to add.",
+                detail=[{"field": "usernames", "message": "Give usernames."}],
+            )
+        body = types.UpdateGroupRequest(add_members=names)
+        await services.orgs.update_group(actor, org, group, body, record)
+
+    notice = f"Group {group} is changed."
+    section = f"group-{group}"
+    return await _org_action(request, actor, services, org, section, notice, run, "usernames")
+
+
+@router.post("/admin/orgs/{org}/groups/{group}/members/{username}/remove")
+async def remove_group_member(
+    org: OrgRef,
+    group: GroupRef,
+    username: UserRef,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+) -> Response:
+    async def run(form: FormData) -> None:
+        body = types.UpdateGroupRequest(remove_members=[username])
+        await services.orgs.update_group(actor, org, group, body, record)
+
+    notice = f"{username} is no longer in group {group}."
+    return await _org_action(request, actor, services, org, f"group-{group}", notice, run)
+
+
+@router.post("/admin/orgs/{org}/groups/{group}/delete")
+async def delete_group(
+    org: OrgRef,
+    group: GroupRef,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+) -> Response:
+    async def run(form: FormData) -> str:
+        await services.orgs.delete_group(actor, org, group, record)
+        return f"/admin/orgs/{quote(org)}#groups"
+
+    notice = f"Group {group} is deleted."
+    return await _org_action(request, actor, services, org, f"group-{group}", notice, run)

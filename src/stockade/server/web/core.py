@@ -44,11 +44,29 @@ CSRF_FIELD = "csrf_token"
 # Forms are small; anything bigger is not a person typing (template uploads go
 # through the API).
 MAX_FORM_FIELDS = 200
+# The organization every user belongs to (its name cannot change). Pages of
+# its templates need no ``?org=``.
+DEFAULT_ORG = "default"
+
+
+def org_query(org: str | None, sep: str = "?") -> str:
+    """``?org=NAME`` (or ``&org=...``) for an organization other than the
+    default one, else nothing."""
+    return f"{sep}org={quote(org, safe='')}" if org and org != DEFAULT_ORG else ""
+
+
+def template_url(name: str, org: str | None = None, suffix: str = "") -> str:
+    """The page of template ``name`` (``suffix``: a page under it), naming its
+    organization when it is not the default one."""
+    return f"/templates/{quote(name, safe='')}{suffix}{org_query(org)}"
+
 
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.globals["version"] = stockade.__version__
 templates.env.globals["Perm"] = Perm
 templates.env.filters["unquote"] = unquote
+templates.env.globals["template_url"] = template_url
+templates.env.globals["org_query"] = org_query
 
 
 class LoginRequired(Exception):
@@ -99,6 +117,7 @@ class Nav:
     """What the navigation shows the signed-in user."""
 
     templates: bool
+    orgs: bool
     users: bool
     audit: bool
     deployment: bool
@@ -109,6 +128,8 @@ class Nav:
         return cls(
             # Every user sees the templates their organizations let them use.
             templates=True,
+            # Every user is a member of an organization or more, and may see them.
+            orgs=True,
             users=can(actor, Perm.USER_READ) and bool(actor.roles - {Role.MEMBER}),
             audit=can(actor, Perm.AUDIT_READ),
             deployment=can(actor, Perm.DEPLOYMENT_READ),

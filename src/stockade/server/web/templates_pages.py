@@ -3,8 +3,13 @@ activation and archiving for template admins), and a version's manifest and
 files.
 
 The pages call ``services.templates`` as ``templates/api.py`` does; the
-service decides who sees what (members: active, non-archived templates only;
-anything else is a 404). A version's files are read from its archive as
+service decides who sees what (members: the templates their organizations'
+ACLs give them, active and not archived; anything else is a 404). A
+template's page also shows its ACL ("Access"), which its admins change.
+
+Templates of the default organization have bare URLs; others carry
+``?org=NAME``. A bare URL of a name in several organizations is the default
+organization's template. A version's files are read from its archive as
 pushed, in memory: nothing is extracted to disk, and a ``?file=`` path is
 only ever compared with the names the archive lists.
 """
@@ -12,6 +17,7 @@ only ever compared with the names the archive lists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import posixpath
 import tarfile
@@ -22,14 +28,26 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from sqlalchemy import func, select
 
 from stockade.sdk import types
 from stockade.sdk.templates import MANIFEST_NAME, Manifest
-from stockade.server.authz import Actor, Perm, can
+from stockade.server.authz import Actor
+from stockade.server.db.models import Organization
 from stockade.server.deps import AuditDep, ServicesDep
-from stockade.server.errors import NotFound, StockadeError
+from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound, StockadeError
+from stockade.server.orgs.access import ACL_ROLES, TemplateAccess
 from stockade.server.services import Services
-from stockade.server.web.core import FormErrors, PageActor, read_form, redirect, render
+from stockade.server.web.core import (
+    DEFAULT_ORG,
+    FormErrors,
+    PageActor,
+    field,
+    read_form,
+    redirect,
+    render,
+    template_url,
+)
 
 router = APIRouter(include_in_schema=False)  # pages, not API
 
@@ -37,6 +55,7 @@ router = APIRouter(include_in_schema=False)  # pages, not API
 Name = Annotated[str, Path(max_length=64)]
 Number = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FilePath = Annotated[str | None, Query(alias="file", max_length=1024)]
+Org = Annotated[str | None, Query(max_length=32, description="the template's organization")]
 # A file bigger than this is not shown inline: a page of megabytes of text
 # helps nobody, and `stockade templates pull` gets the whole tree.
 MAX_SHOWN_BYTES = 256 * 1024
@@ -191,6 +210,28 @@ def _parsed(version: types.TemplateVersion) -> Manifest | None:
         return None
 
 
+async def several_orgs(services: Services) -> bool:
+    """Whether the deployment has more than one organization: lists then say
+    which one each template or workspace belongs to."""
+    async with services.db.session() as session:
+        count = await session.execute(select(func.count()).select_from(Organization))
+        return count.scalar_one() > 1
+
+
+async def find(services: Services, actor: Actor, name: str, org: str | None) -> types.Template:
+    """The template a page is about. Without ``org``, a name in several
+    organizations is the default organization's (its pages' URLs name none)."""
+    try:
+        return await services.templates.get(actor, name, org)
+    except Conflict as exc:
+        if org is not None or exc.reason != "template_ambiguous":
+            raise
+        try:
+            return await services.templates.get(actor, name, DEFAULT_ORG)
+        except NotFound:
+            raise exc from None
+
+
 # --- pages ----------------------------------------------------------------------------
 
 
@@ -204,9 +245,8 @@ async def list_templates(
     listing = await services.templates.list(actor, include_archived=archived)
     counts: dict[str, int] = {}
     for template in listing.templates:
-        counts[template.name] = len(
-            (await services.templates.versions(actor, template.name)).versions
-        )
+        versions = await services.templates.versions(actor, template.name, template.organization)
+        counts[template.id] = len(versions.versions)
     return render(
         request,
         "templates/list.html",
@@ -214,7 +254,8 @@ async def list_templates(
             "templates": listing.templates,
             "counts": counts,
             "show_archived": archived,
-            "admin": can(actor, Perm.TEMPLATE_WRITE),
+            "admin": await services.templates.administers_any(actor),
+            "several_orgs": await several_orgs(services),
         },
     )
 
@@ -224,13 +265,23 @@ async def _detail(
     actor: Actor,
     services: Services,
     name: str,
+    org: str | None,
     *,
     status_code: int = 200,
     **context: object,
 ) -> Response:
-    template = await services.templates.get(actor, name)
-    versions = (await services.templates.versions(actor, name)).versions
+    template = await find(services, actor, name, org)
+    org = template.organization
+    versions = (await services.templates.versions(actor, name, org)).versions
     pushers = await _usernames(services, actor, (v.created_by for v in versions))
+    admin = await services.templates.access_of(actor, name, org) == TemplateAccess.ADMIN
+    acl: types.TemplateAcl | None = None
+    with contextlib.suppress(Forbidden):  # who may only use it does not see who else may
+        acl = await services.templates.acl(actor, name, org)
+    groups: list[str] = []
+    if admin:
+        listed = await services.orgs.groups(actor, org)
+        groups = [g.name for g in listed.groups]
     return render(
         request,
         "templates/detail.html",
@@ -239,7 +290,11 @@ async def _detail(
             "versions": list(reversed(versions)),  # newest first
             "latest": versions[-1].number if versions else None,
             "pushers": pushers,
-            "admin": can(actor, Perm.TEMPLATE_WRITE),
+            "admin": admin,
+            "acl": acl,
+            "acl_roles": ACL_ROLES,
+            "groups": groups,
+            "acl_values": {"kind": "group", "name": "", "role": "use"},
             **context,
         },
         status_code=status_code,
@@ -248,49 +303,112 @@ async def _detail(
 
 @router.get("/templates/{name}")
 async def template_page(
-    name: Name, request: Request, actor: PageActor, services: ServicesDep
+    name: Name, request: Request, actor: PageActor, services: ServicesDep, org: Org = None
 ) -> Response:
-    return await _detail(request, actor, services, name)
+    return await _detail(request, actor, services, name, org)
 
 
 @router.post("/templates/{name}/active")
 async def set_active(
-    name: Name, request: Request, actor: PageActor, services: ServicesDep, record: AuditDep
+    name: Name,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+    org: Org = None,
 ) -> Response:
     form = await read_form(request, actor)
     try:
+        org = (await find(services, actor, name, org)).organization
         body = types.ActivateTemplateVersionRequest.model_validate({"version": form.get("version")})
-        await services.templates.set_active(actor, name, body.version, record)
+        await services.templates.set_active(actor, name, body.version, record, org)
     except (StockadeError, ValidationError) as exc:
         errors = FormErrors.of(exc)
         if "version" in errors.fields:
             errors.message = "Choose a version: its number, a whole number from 1."
         return await _detail(
-            request, actor, services, name, status_code=errors.status, activate_errors=errors
+            request, actor, services, name, org, status_code=errors.status, activate_errors=errors
         )
     return redirect(
-        f"/templates/{name}",
+        template_url(name, org),
         f"Version {body.version} of {name} is now active: new workspaces and updates use it.",
     )
 
 
 @router.post("/templates/{name}/archive")
 async def archive(
-    name: Name, request: Request, actor: PageActor, services: ServicesDep, record: AuditDep
+    name: Name,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+    org: Org = None,
 ) -> Response:
     await read_form(request, actor)
     try:
-        await services.templates.archive(actor, name, record)
+        org = (await find(services, actor, name, org)).organization
+        await services.templates.archive(actor, name, record, org)
     except StockadeError as exc:
         errors = FormErrors.of(exc)
         return await _detail(
-            request, actor, services, name, status_code=errors.status, archive_errors=errors
+            request, actor, services, name, org, status_code=errors.status, archive_errors=errors
         )
     return redirect(
-        f"/templates/{name}",
+        template_url(name, org),
         f"{name} is archived: members no longer see it, and it takes no new workspaces, "
         "pushes or activations.",
     )
+
+
+# Service refusals that are about the name typed in the Access form.
+_NAME_REASONS = ("not_a_member", "group_not_found", "user_not_found")
+
+
+@router.post("/templates/{name}/acl")
+async def set_acl(
+    name: Name,
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    record: AuditDep,
+    org: Org = None,
+) -> Response:
+    """Add, change (``role``: use or admin) or remove (``role``: none) one
+    entry of the template's ACL: ``kind`` user or group, and its ``name``."""
+    form = await read_form(request, actor)
+    values = {key: field(form, key).strip() for key in ("kind", "name", "role")}
+    kind, who, role = values["kind"], values["name"], values["role"]
+    try:
+        org = (await find(services, actor, name, org)).organization
+        problems = []
+        if kind not in ("user", "group"):
+            problems.append({"field": "kind", "message": "Choose a user or a group."})
+        if not who:
+            problems.append({"field": "name", "message": "Name the user or the group."})
+        if role not in (*ACL_ROLES, "none"):
+            problems.append({"field": "role", "message": "Choose use, admin or none."})
+        if problems:
+            raise InvalidInput(
+                "Choose who (a user or a group, by name) and what they may do.", detail=problems
+            )
+        entry = {who: None if role == "none" else role}
+        body = types.UpdateTemplateAclRequest.model_validate(
+            {"users" if kind == "user" else "groups": entry}
+        )
+        await services.templates.update_acl(actor, name, body, record, org)
+    except (StockadeError, ValidationError) as exc:
+        errors = FormErrors.of(exc)
+        if isinstance(exc, ValidationError) or exc.reason in _NAME_REASONS:
+            errors.fields.setdefault("name", errors.message)
+        return await _detail(
+            request, actor, services, name, org,
+            status_code=errors.status, acl_errors=errors, acl_values=values,
+        )  # fmt: skip
+    if role == "none":
+        notice = f"The {kind} {who} is off the access list of {name}."
+    else:
+        notice = f"The {kind} {who} may now {'administer' if role == 'admin' else 'use'} {name}."
+    return redirect(template_url(name, org), notice)
 
 
 @router.get("/templates/{name}/versions/{number}")
@@ -301,10 +419,12 @@ async def version_page(
     actor: PageActor,
     services: ServicesDep,
     selected: FilePath = None,
+    org: Org = None,
 ) -> Response:
-    archive_data, sha256 = await services.templates.archive_of(actor, name, number)
-    template = await services.templates.get(actor, name)
-    versions = (await services.templates.versions(actor, name)).versions
+    template = await find(services, actor, name, org)
+    org = template.organization
+    archive_data, sha256 = await services.templates.archive_of(actor, name, number, org)
+    versions = (await services.templates.versions(actor, name, org)).versions
     version = next((v for v in versions if v.number == number), None)
     if version is None:  # deleted between the two reads: not possible today
         raise NotFound(
@@ -338,7 +458,7 @@ async def version_page(
             "files": sum(1 for e in entries if e.kind != "directory"),
             "shown": shown,
             "pushers": pushers,
-            "admin": can(actor, Perm.TEMPLATE_WRITE),
+            "admin": await services.templates.access_of(actor, name, org) == TemplateAccess.ADMIN,
             "show": show,
         },
     )

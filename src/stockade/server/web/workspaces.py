@@ -50,6 +50,8 @@ from stockade.server.web.core import (
     safe_next,
     templates,
 )
+from stockade.server.web.templates_pages import find as find_template
+from stockade.server.web.templates_pages import several_orgs
 
 router = APIRouter(include_in_schema=False)  # pages, not API
 
@@ -59,6 +61,7 @@ Name = Annotated[str, Path(max_length=32)]
 Number = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Filter = Annotated[str, Query(alias="q", max_length=64)]
 TemplateName = Annotated[str | None, Query(alias="template", max_length=64)]
+OrgName = Annotated[str | None, Query(alias="org", max_length=32)]
 
 POLL_TRIGGER = "every 3s, build-ended from:body"
 # Form fields of parameters: "param-NAME". A parameter name is [a-z][a-z0-9_]*,
@@ -265,6 +268,7 @@ async def _list_region(
         "q": q.strip(),
         "everyone": can(actor, Perm.WORKSPACE_READ),
         "has_templates": has_templates,
+        "several_orgs": await several_orgs(services),
     }
     region = _region(request, services, actor, "ws-list", "workspaces/_list.html", context)
     return region, listing.count
@@ -466,11 +470,11 @@ def _form_errors(exc: StockadeError | ValidationError, *, every_field: bool = Tr
 
 
 async def _chosen_template(
-    services: Services, actor: Actor, name: str
+    services: Services, actor: Actor, name: str, org: str | None
 ) -> tuple[types.Template, Manifest]:
     """A template and its active version's manifest."""
-    template = await services.templates.get(actor, name)
-    versions = await services.templates.versions(actor, name)
+    template = await find_template(services, actor, name, org)
+    versions = await services.templates.versions(actor, name, template.organization)
     active = next((v for v in versions.versions if v.active), None)
     if template.archived_at is not None or active is None:
         raise Conflict(
@@ -485,6 +489,7 @@ async def _new_page(
     actor: Actor,
     services: Services,
     template_name: str | None,
+    org: str | None = None,
     *,
     posted: FormData | None = None,
     errors: FormErrors | None = None,
@@ -498,8 +503,9 @@ async def _new_page(
     if template_name is None:
         usable = await services.templates.list(actor, include_archived=False)
         context["templates"] = [t for t in usable.templates if t.active_version is not None]
+        context["several_orgs"] = await several_orgs(services)
         return render(request, "workspaces/new.html", context, status_code=status_code)
-    template, manifest = await _chosen_template(services, actor, template_name)
+    template, manifest = await _chosen_template(services, actor, template_name, org)
     context.update(
         template=template,
         fields=_param_fields(manifest, posted),
@@ -513,9 +519,13 @@ async def _new_page(
 
 @router.get("/workspaces/new")
 async def new_page(
-    request: Request, actor: PageActor, services: ServicesDep, template: TemplateName = None
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    template: TemplateName = None,
+    org: OrgName = None,
 ) -> Response:
-    return await _new_page(request, actor, services, template or None)
+    return await _new_page(request, actor, services, template or None, org or None)
 
 
 @router.post("/workspaces/new")
@@ -528,12 +538,16 @@ async def create(
         errors = FormErrors("Choose a template first.", {})
         return await _new_page(request, actor, services, None, errors=errors, status_code=400)
     # An unknown or inactive template is the 404/409 page: there is no form to show.
-    _, manifest = await _chosen_template(services, actor, template_name)
+    chosen, manifest = await _chosen_template(
+        services, actor, template_name, field(form, "org").strip()[:32] or None
+    )
+    org = chosen.organization
     owner = field(form, "owner").strip()
     try:
         body = types.CreateWorkspaceRequest(
             name=field(form, "name").strip(),
             template=template_name,
+            organization=org,
             parameters=_parameter_values(form, manifest),
             owner=owner or None,
         )
@@ -541,7 +555,7 @@ async def create(
     except (StockadeError, ValidationError) as exc:
         errors = _form_errors(exc)
         return await _new_page(
-            request, actor, services, template_name,
+            request, actor, services, template_name, org,
             posted=form, errors=errors, status_code=errors.status,
         )  # fmt: skip
     return redirect(
@@ -557,7 +571,8 @@ async def _active_version(services: Services, actor: Actor, ws: types.Workspace)
     """The template's active version number, for the update button (None:
     the caller cannot read the template any more)."""
     try:
-        return (await services.templates.get(actor, ws.template_name)).active_version
+        template = await services.templates.get(actor, ws.template_name, ws.organization)
+        return template.active_version
     except StockadeError:
         return None
 
@@ -597,7 +612,7 @@ async def _version_manifest(
     """The manifest of the template version the workspace is on (None: the
     caller can no longer read the template, for example once it is archived)."""
     try:
-        versions = await services.templates.versions(actor, ws.template_name)
+        versions = await services.templates.versions(actor, ws.template_name, ws.organization)
     except StockadeError:
         return None
     for version in versions.versions:
