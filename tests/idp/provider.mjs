@@ -13,6 +13,7 @@
 //                    preferred_username, name, groups, roles...}}; an account
 //                    missing there signs in with a subject and nothing else
 //   behaviour.json  {"jwks_down": true} the key endpoint answers 503;
+//                   {"access_token_ttl": 20} short-lived access tokens;
 //                   {"tamper": {...}} the token endpoint's ID token is
 //                   re-signed with changes: "claims" (merged, e.g. {"aud":
 //                   "other"}), "expired" (exp in the past), "foreign_key"
@@ -64,6 +65,10 @@ const provider = new Provider(config.issuer, {
     roles: ['roles'],
   },
   pkce: { required: () => true },
+  ttl: {
+    // Some providers hand out access tokens that live for seconds.
+    AccessToken: () => readJson('behaviour.json', {}).access_token_ttl || 3600,
+  },
   features: { devInteractions: { enabled: true } },
   async findAccount(ctx, id) {
     return {

@@ -372,6 +372,11 @@ def test_first_login_creates_the_user_and_the_second_reuses_it(sso: Sso, browser
     assert sso.owner.verify_audit().ok
 
 
+def test_a_short_lived_access_token_still_reads_userinfo(sso: Sso, browser: Browser) -> None:
+    sso.idp.behave(access_token_ttl=20)  # the email is only in userinfo
+    assert browser.sign_in(person(sso)).status_code == 303
+
+
 def test_the_dashboard_works_with_the_sso_session(sso: Sso, browser: Browser) -> None:
     assert browser.sign_in(person(sso), redirect="/account").headers["location"] == "/account"
     page = browser.http.get(sso.main.url + "/account")

@@ -612,7 +612,21 @@ class OidcService:
                 "issuer_mismatch",
                 f"the authorization response's iss is {iss[:200]!r}, not {disc.issuer!r}",
             )
-        claims = await self._exchange(disc, code, pending)
+        try:
+            claims = await self._exchange(disc, code, pending)
+        except OidcError:
+            raise
+        except Exception as exc:
+            # Whatever else the libraries raise on an odd answer is still the
+            # provider's answer, not a Stockade fault: a page, not a 500. (No
+            # traceback in the log: it could carry what the provider sent.)
+            raise OidcError(
+                502,
+                "The identity provider's answer could not be used, so you were not signed in. "
+                "Try again; if it keeps failing, tell your administrator.",
+                "idp_bad_response",
+                f"exchanging the code failed: {type(exc).__name__}: {exc}",
+            ) from exc
         identity = self._identity(claims)
         record.details["subject"] = identity.subject
         self._check_domain(identity)
@@ -704,8 +718,9 @@ class OidcService:
                     "the token response has no id_token (is the openid scope granted?)",
                 )
             claims = await self._validate_id_token(disc, id_token, pending.nonce)
-            if disc.userinfo_endpoint and tokens.get("access_token"):
-                userinfo = await self._userinfo(client, disc.userinfo_endpoint)
+            access_token = tokens.get("access_token")
+            if disc.userinfo_endpoint and isinstance(access_token, str) and access_token:
+                userinfo = await self._userinfo(client, disc.userinfo_endpoint, access_token)
                 if userinfo.get("sub") != claims["sub"]:
                     raise OidcError(
                         401,
@@ -717,9 +732,12 @@ class OidcService:
                 claims = {**userinfo, **claims}
         return claims
 
-    async def _userinfo(self, client: Any, url: str) -> dict[str, Any]:
+    async def _userinfo(self, client: Any, url: str, access_token: str) -> dict[str, Any]:
+        # The token is sent by hand: authlib's own would first check the access
+        # token's expiry against its 60 s leeway and refuse a short-lived one.
+        headers = {"accept": "application/json", "authorization": f"Bearer {access_token}"}
         try:
-            response = await client.get(url, headers={"accept": "application/json"})
+            response = await client.request("GET", url, headers=headers, withhold_token=True)
         except httpx.TransportError as exc:
             raise _unreachable(f"userinfo {url}", exc) from exc
         body: Any = None
@@ -943,7 +961,7 @@ class OidcService:
     @staticmethod
     async def _free_username(session: AsyncSession, base: str) -> str:
         """``base``, or ``base-2``, ``base-3``... whichever is free."""
-        stem = base[:28].rstrip("-") or "user"
+        stem = base[:26].rstrip("-") or "user"  # room for "-9999"
         taken = set(
             (
                 await session.execute(
