@@ -123,6 +123,26 @@ def _check_upload(data: bytes, name: str) -> tuple[ArchiveInfo, Manifest]:
     return info, manifest
 
 
+async def _set_acl_entry(
+    session: AsyncSession,
+    model: type[TemplateUserAcl] | type[TemplateGroupAcl],
+    key: dict[str, str],
+    role: str | None,
+) -> None:
+    """Give the ACL entry whose primary key is ``key`` (template and user or
+    group, in that order) ``role``; remove it when ``role`` is None."""
+    existing: TemplateUserAcl | TemplateGroupAcl | None = await session.get(
+        model, tuple(key.values())
+    )
+    if role is None:
+        if existing is not None:
+            await session.delete(existing)
+    elif existing is None:
+        session.add(model(**key, role=role))
+    else:
+        existing.role = role
+
+
 def _acl_snapshot(acl: types.TemplateAcl) -> dict[str, Any]:
     return {
         **{f"user:{u.username}": u.role for u in acl.users},
@@ -577,15 +597,9 @@ class TemplateService:
                         "add them to it first",
                         reason="not_a_member",
                     )
-                entry = await session.get(TemplateUserAcl, (template.id, user.id))
-                if role is None and entry is not None:
-                    await session.delete(entry)
-                elif role is not None and entry is None:
-                    session.add(
-                        TemplateUserAcl(template_id=template.id, user_id=user.id, role=role)
-                    )
-                elif role is not None and entry is not None:
-                    entry.role = role
+                await _set_acl_entry(
+                    session, TemplateUserAcl, {"template_id": template.id, "user_id": user.id}, role
+                )
             for group_name, role in body.groups.items():
                 group = (
                     await session.execute(
@@ -600,15 +614,12 @@ class TemplateService:
                         f"organization {org_name!r} has no group {group_name!r}",
                         reason="group_not_found",
                     )
-                gentry = await session.get(TemplateGroupAcl, (template.id, group.id))
-                if role is None and gentry is not None:
-                    await session.delete(gentry)
-                elif role is not None and gentry is None:
-                    session.add(
-                        TemplateGroupAcl(template_id=template.id, group_id=group.id, role=role)
-                    )
-                elif role is not None and gentry is not None:
-                    gentry.role = role
+                await _set_acl_entry(
+                    session,
+                    TemplateGroupAcl,
+                    {"template_id": template.id, "group_id": group.id},
+                    role,
+                )
             await session.flush()
             after = await self._acl_view(session, template, org_name)
         record.diff = diff_fields(_acl_snapshot(before), _acl_snapshot(after))
