@@ -699,12 +699,18 @@ def test_groups_follow_the_identity_provider_and_so_does_template_access(sso: Ss
 
 
 def test_chromium_signs_in_with_the_sso_button(sso: Sso) -> None:
-    from playwright.sync_api import Route, sync_playwright
+    from playwright.sync_api import Page, Route, sync_playwright
 
     from tests.conftest import require
     from tests.server.web.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
     require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium")
+
+    def shoot(page: Page, name: str) -> None:
+        path = ARTIFACTS / "screenshots" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(path), full_page=True)
+
     account = person(sso)
     ours = {urlsplit(sso.main.url).netloc, urlsplit(sso.idp.issuer).netloc}
     outside: list[str] = []
@@ -732,6 +738,7 @@ def test_chromium_signs_in_with_the_sso_button(sso: Sso) -> None:
                 ),
             )
             page.goto(sso.main.url + "/login")
+            shoot(page, "sso-login-button")
             page.click(f"text={BUTTON}")
             page.wait_for_selector("input[name=login]")
             page.fill("input[name=login]", account)
@@ -741,9 +748,10 @@ def test_chromium_signs_in_with_the_sso_button(sso: Sso) -> None:
             page.click("button[type=submit]")
             page.wait_for_url(re.compile(re.escape(sso.main.url) + r"/workspaces.*"))
             assert account.removeprefix("sub-") in page.inner_text("header")
-            path = ARTIFACTS / "screenshots" / "sso-signed-in.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(path), full_page=True)
+            shoot(page, "sso-signed-in")
+            page.goto(f"{sso.main.url}{CALLBACK}?state=stale&code=old")  # a stale bookmark
+            assert "not started in this browser" in page.inner_text("main")
+            shoot(page, "sso-error-page")
         finally:
             browser.close()
     assert not outside, outside
