@@ -109,17 +109,28 @@ def test_an_owner_sets_up_an_organization_and_a_template_for_one_group(
         outside.get_template(template, org=org)
     assert hidden.value.status == 404
 
-    # An auditor reads the list without controls.
-    web = WebClient(server)
+    # An auditor reads the list without controls; bob, a plain member, may
+    # look at the organization but not change it, and the template is not there.
+    auditor_web, bob_web = WebClient(server), WebClient(server)
     try:
-        web.login(auditor, PASSWORD)
-        seen = web.get(f"/templates/{template}?org={org}")
+        auditor_web.login(auditor, PASSWORD)
+        seen = auditor_web.get(f"/templates/{template}?org={org}")
         assert seen.status_code == 200 and 'id="access"' in seen.text and group in seen.text
         assert "Give access" not in seen.text and "/acl" not in seen.text
-        refused = web.post(
+        refused = auditor_web.post(
             f"/templates/{template}/acl?org={org}", {"kind": "user", "name": alice, "role": "use"}
         )
-        assert refused.status_code == 403
+        assert refused.status_code == 403 and "only the admins" not in refused.text
+        assert 'role="alert"' in refused.text and "permission to administer" in refused.text
+        bob_web.login(bob, PASSWORD)
+        shown = bob_web.get(f"/admin/orgs/{org}")
+        assert shown.status_code == 200 and group in shown.text and "Create group" not in shown.text
+        denied = bob_web.post(f"/admin/orgs/{org}/delete")
+        assert (
+            denied.status_code == 403 and "Only site owners can delete organizations" in denied.text
+        )
+        assert bob_web.get(f"/templates/{template}?org={org}").status_code == 404
     finally:
-        web.close()
+        auditor_web.close()
+        bob_web.close()
     assert owner.template_acl(template, org=org).users == []
