@@ -437,6 +437,10 @@ def test_link_by_verified_email_then_password_login_is_refused(sso: Sso, browser
         api.login(name, PASSWORD)
     assert refused.value.status == 403 and refused.value.reason == "password_login_disabled"
     assert BUTTON in refused.value.message and "--sso" in refused.value.message
+    # Only who knows the password learns that the account signs in with SSO.
+    with Client(sso.main.url) as api, pytest.raises(ApiError) as wrong:
+        api.login(name, "Wrong-Horse-99!")
+    assert wrong.value.status == 401 and wrong.value.reason == "login_failed"
     form = httpx.post(
         sso.main.url + "/login",
         data={"username": name, "password": PASSWORD},

@@ -142,11 +142,16 @@ class AuthService:
                 retry_after=user_wait,
             )
         self.user_failures.hit(budget)
-        if (
-            user is not None
-            and user.login_type == "oidc"
-            and (self.settings.disable_password_auth_for_oidc_users or user.hashed_password is None)
-        ):
+        if not await passwords.verify_password(user.hashed_password if user else None, password):
+            # An SSO user without a password lands here too: the same answer
+            # as a wrong password, so nobody learns how an account signs in.
+            record.details["result"] = "failure"
+            if user is not None:
+                record.resource_id, record.resource_name = user.id, user.username
+            raise Unauthenticated(LOGIN_FAILED, reason="login_failed")
+        assert user is not None
+        if user.login_type == "oidc" and self.settings.disable_password_auth_for_oidc_users:
+            # Said only to who knows the password.
             record.details["result"] = "password_login_disabled"
             record.resource_id, record.resource_name = user.id, user.username
             raise Forbidden(
@@ -155,12 +160,6 @@ class AuthService:
                 "`stockade login URL --sso`",
                 reason="password_login_disabled",
             )
-        if not await passwords.verify_password(user.hashed_password if user else None, password):
-            record.details["result"] = "failure"
-            if user is not None:
-                record.resource_id, record.resource_name = user.id, user.username
-            raise Unauthenticated(LOGIN_FAILED, reason="login_failed")
-        assert user is not None
         record.resource_id, record.resource_name = user.id, user.username
         record.user_id, record.username = user.id, user.username
         if user.status != "active":
