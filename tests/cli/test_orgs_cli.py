@@ -100,6 +100,7 @@ def test_an_organization_with_a_group_and_a_template_only_the_group_may_use(
             "bad role": (["orgs", "add-member", org, bob, "--role", "owner"], None),
             "bad entry": (["templates", "acl", "set", template, "--org", org,
                            "--user", f"{alice}=owner"], None),
+            "no template": (["create", "dev"], as_alice),
             "members": (["orgs", "members", org, "-o", "json"], None),
             "list": (["templates", "list"], None),
             "alice sees": (["templates", "list", "-o", "json"], as_alice),
@@ -118,6 +119,9 @@ def test_an_organization_with_a_group_and_a_template_only_the_group_may_use(
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "Invalid value for '--user'" in bad.stderr
     assert "give NAME=ROLE, where ROLE is use, admin or none" in bad.stderr
+    # Typer's own usage errors are usage errors too, not "unexpected error".
+    missing = done["no template"]
+    assert missing.returncode == 2 and "Missing option '--template'" in missing.stderr
     members = as_json(ok(done["members"]))
     assert {(m["username"], tuple(m["roles"])) for m in members} == {
         (alice, ()),

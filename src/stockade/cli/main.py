@@ -93,9 +93,14 @@ def run(argv: list[str] | None = None, extra: list[object] | None = None) -> int
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # click's own usage errors
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+        # typer 0.29 raises its bundled copy of click's exceptions, which are
+        # not click.ClickException: both have show() and exit_code.
+        if isinstance(exc, click.ClickException) or (
+            callable(getattr(exc, "show", None))
+            and isinstance(getattr(exc, "exit_code", None), int)
+        ):
+            exc.show()  # type: ignore[attr-defined]
+            return exc.exit_code  # type: ignore[attr-defined,no-any-return]
         if verbose:
             raise
         fail(f"unexpected error: {exc} (run with --verbose for details)")
