@@ -386,6 +386,9 @@ def test_the_dashboard_works_with_the_sso_session(sso: Sso, browser: Browser) ->
     assert browser.sign_in(person(sso), redirect="/account").headers["location"] == "/account"
     page = browser.http.get(sso.main.url + "/account")
     assert page.status_code == 200 and "Signed in with single sign-on" in page_text(page)
+    # No password form for an account whose password the identity provider keeps.
+    assert 'action="/account/password"' not in page.text
+    assert "kept by your identity provider" in page_text(page)
 
 
 def test_usernames_are_made_to_fit_and_deduplicated(sso: Sso) -> None:
