@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import Annotated, cast, get_args
 
 import typer
 
@@ -13,7 +13,7 @@ from stockade.sdk.types import OrgRoleName
 app = typer.Typer(no_args_is_help=True)
 # Every user belongs to it; commands that take --org default to it.
 DEFAULT_ORG = "default"
-ORG_ROLES = ("org-admin",)
+ORG_ROLES: tuple[str, ...] = get_args(OrgRoleName)
 COLUMNS = ["name", "display_name", "description", "is_default", "created_at"]
 MEMBER_COLUMNS = ["username", "roles", "implicit"]
 

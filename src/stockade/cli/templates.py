@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, cast, get_args
 
 import click
 import typer
@@ -186,7 +186,7 @@ def archive(
 
 acl_app = typer.Typer(no_args_is_help=True)
 app.add_typer(acl_app, name="acl", help="Show or change who may use or administer a template.")
-ACL_ROLES = ("use", "admin", "none")
+ACL_ROLES = (*get_args(types.TemplateRole), "none")  # none removes an entry
 
 
 class AclRow(BaseModel):

@@ -21,10 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import get_args
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from stockade.sdk import types
 from stockade.server.authz import Actor, Perm, can
 from stockade.server.db.models import (
     GroupMember,
@@ -36,7 +38,6 @@ from stockade.server.db.models import (
 from stockade.server.errors import NotFound
 
 ORG_ADMIN = "org-admin"
-ORG_ROLES = (ORG_ADMIN,)
 EVERYONE = "everyone"
 
 
@@ -53,7 +54,7 @@ class TemplateAccess(IntEnum):
         return cls.ADMIN if role == "admin" else cls.USE
 
 
-ACL_ROLES = ("use", "admin")
+ACL_ROLES: tuple[str, ...] = get_args(types.TemplateRole)
 
 
 def org_not_found(name: str) -> NotFound:
