@@ -84,6 +84,13 @@ async def default_org_id(session: AsyncSession) -> str:
     ).scalar_one()
 
 
+async def is_member(session: AsyncSession, org: Organization, user_id: str) -> bool:
+    """Whether the user is in the organization (everyone is in the default one)."""
+    if org.is_default:
+        return True
+    return await session.get(OrganizationMember, (org.id, user_id)) is not None
+
+
 async def standing(session: AsyncSession, actor: Actor) -> Standing:
     """The actor's memberships and groups: two small queries."""
     rows = (

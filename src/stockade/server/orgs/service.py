@@ -15,7 +15,6 @@ import builtins
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -37,7 +36,13 @@ from stockade.server.db.models import (
     utcnow,
 )
 from stockade.server.errors import Conflict, Forbidden, InvalidInput, NotFound
-from stockade.server.orgs.access import EVERYONE, default_org_id, find_org, standing
+from stockade.server.orgs.access import (
+    EVERYONE,
+    default_org_id,
+    find_org,
+    is_member,
+    standing,
+)
 from stockade.server.settings import Settings
 
 _GROUP_NAME = re.compile(types.GROUP_NAME_PATTERN)
@@ -56,6 +61,13 @@ class OrgService:
         self.db = db
         self.settings = settings
         self.audit_key = audit_key
+        # Group sync's settings, parsed once (the settings checked them at start).
+        self._group_mapping: dict[str, str] = json.loads(settings.oidc_group_mapping or "{}")
+        self._group_filter = (
+            re.compile(settings.oidc_group_regex_filter)
+            if settings.oidc_group_regex_filter
+            else None
+        )
 
     # --- permission helpers -------------------------------------------------------
 
@@ -81,12 +93,6 @@ class OrgService:
         if user is None:
             raise InvalidInput(f"there is no user {username!r}", reason="user_not_found")
         return user
-
-    @staticmethod
-    async def _is_member(session: AsyncSession, org: Organization, user_id: str) -> bool:
-        if org.is_default:
-            return True
-        return await session.get(OrganizationMember, (org.id, user_id)) is not None
 
     # --- organizations -----------------------------------------------------------
 
@@ -238,7 +244,7 @@ class OrgService:
             user = await self._user(session, username)
             row = await session.get(OrganizationMember, (org.id, user.id))
             before = {
-                "member": await self._is_member(session, org, user.id),
+                "member": await is_member(session, org, user.id),
                 "roles": sorted(row.roles) if row else [],
             }
             roles: builtins.list[str] = sorted(set(body.roles))
@@ -372,7 +378,7 @@ class OrgService:
             )
         for username in add:
             user = await self._user(session, username)
-            if not await self._is_member(session, org, user.id):
+            if not await is_member(session, org, user.id):
                 raise InvalidInput(
                     f"{user.username} is not a member of organization {org.name!r}; add them "
                     "to it first",
@@ -465,17 +471,12 @@ class OrgService:
     def _synced_names(self, idp_groups: Iterable[str]) -> set[str]:
         """The Stockade group names the IdP's groups stand for: filtered by
         the regex, renamed by the mapping (unmapped ones keep their names)."""
-        mapping: dict[str, str] = json.loads(self.settings.oidc_group_mapping or "{}")
-        pattern = (
-            re.compile(self.settings.oidc_group_regex_filter)
-            if self.settings.oidc_group_regex_filter
-            else None
-        )
+        pattern = self._group_filter
         names = set()
         for idp_name in idp_groups:
             if not isinstance(idp_name, str) or (pattern and not pattern.search(idp_name)):
                 continue
-            name = mapping.get(idp_name, idp_name)
+            name = self._group_mapping.get(idp_name, idp_name)
             if _GROUP_NAME.match(name) and name != EVERYONE:
                 names.add(name)
         return names
@@ -490,8 +491,7 @@ class OrgService:
         any the mapping names) that the claim no longer names. Groups made
         by hand and not in the mapping are left alone. Changes are audited."""
         wanted = self._synced_names(idp_groups)
-        mapping: dict[str, Any] = json.loads(self.settings.oidc_group_mapping or "{}")
-        managed_names = set(mapping.values())
+        managed_names = set(self._group_mapping.values())
         async with self.db.transaction() as session:
             org_id = await default_org_id(session)
             user = await session.get_one(User, user_id)

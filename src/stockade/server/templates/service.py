@@ -29,7 +29,6 @@ from stockade.server.db import Database
 from stockade.server.db.models import (
     Group,
     Organization,
-    OrganizationMember,
     Template,
     TemplateGroupAcl,
     TemplateUserAcl,
@@ -42,6 +41,7 @@ from stockade.server.orgs.access import (
     TemplateAccess,
     default_org_id,
     find_org,
+    is_member,
     standing,
     template_access,
 )
@@ -581,17 +581,12 @@ class TemplateService:
             )
             record.resource_id = template.id
             before = await self._acl_view(session, template, org_name)
-            default_org = await default_org_id(session)
+            template_org = await session.get_one(Organization, template.organization_id)
             for username, role in body.users.items():
                 user = (
                     await session.execute(select(User).where(User.username == username.lower()))
                 ).scalar_one_or_none()
-                member = user is not None and (
-                    template.organization_id == default_org
-                    or await session.get(OrganizationMember, (template.organization_id, user.id))
-                    is not None
-                )
-                if user is None or not member:
+                if user is None or not await is_member(session, template_org, user.id):
                     raise InvalidInput(
                         f"user {username!r} is not a member of organization {org_name!r}; "
                         "add them to it first",
