@@ -24,7 +24,7 @@ from stockade.sdk.templates import (
     parse_manifest,
 )
 from stockade.server.audit.service import AuditRecord, diff_fields
-from stockade.server.authz import Actor
+from stockade.server.authz import Actor, Perm, can
 from stockade.server.db import Database
 from stockade.server.db.models import (
     Group,
@@ -161,6 +161,22 @@ async def find_template(
     without one, within the organizations where the actor can see a
     template of that name. What the actor cannot see is reported exactly
     like what does not exist; seeing it without ``need`` is a 403."""
+    template, org_name, access = await _visible_template(session, actor, name, org)
+    if access < need:
+        raise Forbidden(
+            f"you do not have permission to "
+            f"{'administer' if need == TemplateAccess.ADMIN else 'use'} template {name!r}",
+            reason="forbidden",
+            log_message=f"{actor.username} has {access.name} on {template.id}",
+        )
+    return template, org_name
+
+
+async def _visible_template(
+    session: AsyncSession, actor: Actor, name: str, org: str | None
+) -> tuple[Template, str, TemplateAccess]:
+    """``find_template``'s lookup: the template, its organization's name and
+    the actor's access to it (at least READ)."""
     query = select(Template, Organization.name).join(
         Organization, Organization.id == Template.organization_id
     )
@@ -186,14 +202,7 @@ async def find_template(
             reason="template_ambiguous",
         )
     template, org_name = visible[0]
-    if access[template.id] < need:
-        raise Forbidden(
-            f"you do not have permission to "
-            f"{'administer' if need == TemplateAccess.ADMIN else 'use'} template {name!r}",
-            reason="forbidden",
-            log_message=f"{actor.username} has {access[template.id].name} on {template.id}",
-        )
-    return template, org_name
+    return template, org_name, access[template.id]
 
 
 class TemplateService:
@@ -255,10 +264,7 @@ class TemplateService:
         """What the actor may do with one template (found as ``get`` finds it):
         the dashboard shows admin controls only to its admins."""
         async with self.db.session() as session:
-            template, _ = await find_template(session, actor, name, org)
-            who = await standing(session, actor)
-            pair = [(template.id, template.organization_id)]
-            return (await template_access(session, who, pair))[template.id]
+            return (await _visible_template(session, actor, name, org))[2]
 
     async def administers_any(self, actor: Actor) -> bool:
         """Whether the actor administers some template or may create one: site
@@ -524,22 +530,13 @@ class TemplateService:
         """The template's ACL: for its admins and for the site roles that read
         every template (auditors, user-admins)."""
         async with self.db.session() as session:
-            template, org_name = await find_template(session, actor, name, org)
-            await self._check_may_read_acl(session, actor, template)
+            template, org_name, access = await _visible_template(session, actor, name, org)
+            if access < TemplateAccess.ADMIN and not can(actor, Perm.TEMPLATE_READ):
+                raise Forbidden(
+                    f"only the admins of template {name!r} can see who may use it",
+                    reason="forbidden",
+                )
             return await self._acl_view(session, template, org_name)
-
-    async def _check_may_read_acl(
-        self, session: AsyncSession, actor: Actor, template: Template
-    ) -> None:
-        who = await standing(session, actor)
-        access = (await template_access(session, who, [(template.id, template.organization_id)]))[
-            template.id
-        ]
-        if access < TemplateAccess.ADMIN and not who.site_wide_read:
-            raise Forbidden(
-                f"only the admins of template {template.name!r} can see who may use it",
-                reason="forbidden",
-            )
 
     @staticmethod
     async def _acl_view(
