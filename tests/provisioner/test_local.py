@@ -184,7 +184,13 @@ def in_workspace(local: Local, spec: WorkspaceSpec, state: dict[str, object], te
     sees. Needs root (nsenter)."""
     require("root", ROOT, "run the tests as root (.ci/run does): nsenter needs it")
     run = json.loads((local.dir / spec.workspace_id / "run.json").read_text())
-    env = environ(run["main_pid"])
+    # start() returns once the sandbox's main process exists, which may be
+    # before it has exec'd the bootstrap: until then /proc shows bwrap's
+    # environment (no HOME), not the workspace's.
+    deadline = time.monotonic() + 10
+    while "STOCKADE_WORKSPACE_ID" not in (env := environ(run["main_pid"])):
+        assert time.monotonic() < deadline, "the workspace's main process never exec'd"
+        time.sleep(0.01)
     command = ["/bin/sh", "-c", f'cd "$HOME" 2>/dev/null; {text}']
     if run["sandboxed"]:
         command = [
