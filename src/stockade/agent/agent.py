@@ -297,9 +297,12 @@ class Agent:
 
     def _script_env(self) -> dict[str, str]:
         env = dict(self._base_env)
-        manifest_env = (self._manifest or {}).get("env")
-        if isinstance(manifest_env, dict):
-            env.update({str(k): str(v) for k, v in manifest_env.items()})
+        # The template's parameters, then what the server gives every session
+        # (the AI bridge's base URLs and key, for stock OpenAI/Anthropic clients).
+        for part in ("env", "session_env"):
+            manifest_env = (self._manifest or {}).get(part)
+            if isinstance(manifest_env, dict):
+                env.update({str(k): str(v) for k, v in manifest_env.items()})
         env.pop(TOKEN_ENV, None)
         return env
 

@@ -508,18 +508,47 @@ class Client:
 
     def export_audit(self, **filters: Any) -> Iterator[types.AuditEntry]:
         """Stream every matching entry, oldest first."""
+        return self._json_lines("/api/v2/audit/export", types.AuditEntry, filters)
+
+    def _json_lines(self, path: str, model: type[M], filters: dict[str, Any]) -> Iterator[M]:
         try:
             with self._http.stream(
-                "GET", "/api/v2/audit/export", params=_params(**filters), headers=self._headers()
+                "GET", path, params=_params(**filters), headers=self._headers()
             ) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _error(response)
                 for line in response.iter_lines():
                     if line.strip():
-                        yield types.AuditEntry.model_validate_json(line)
+                        yield model.model_validate_json(line)
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"cannot reach {self.url}: {exc}") from exc
+
+    # --- AI bridge ------------------------------------------------------------------
+
+    def list_aibridge(
+        self, *, limit: int = 100, offset: int = 0, **filters: Any
+    ) -> types.AibridgeInterceptionList:
+        """Requests through the AI bridge, newest first (filters: user,
+        workspace, provider, model, since, until)."""
+        return self._get(
+            "/api/v2/aibridge/interceptions",
+            types.AibridgeInterceptionList,
+            limit=limit,
+            offset=offset,
+            **filters,
+        )
+
+    def get_aibridge(self, interception_id: str) -> types.AibridgeInterception:
+        return self._get(
+            f"/api/v2/aibridge/interceptions/{_seg(interception_id)}", types.AibridgeInterception
+        )
+
+    def export_aibridge(self, **filters: Any) -> Iterator[types.AibridgeInterception]:
+        """Stream every matching record, oldest first."""
+        return self._json_lines(
+            "/api/v2/aibridge/interceptions/export", types.AibridgeInterception, filters
+        )
 
 
 def _error(response: httpx.Response) -> ApiError:

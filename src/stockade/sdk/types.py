@@ -3,6 +3,7 @@ SDK, the CLI and scripts. The server validates with these same models."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -207,6 +208,54 @@ class AuditVerification(Response):
     first_bad_seq: int | None = None
     first_bad_id: str | None = None
     problem: str | None = None
+
+
+class AibridgeToolCall(Response):
+    name: str
+    arguments: str = Field(description="the arguments the model gave, as JSON text")
+
+
+class AibridgeInterception(Response):
+    """One request through the AI bridge."""
+
+    id: str
+    created_at: datetime
+    user_id: str
+    username: str
+    workspace_id: str | None = Field(None, description="set when a workspace's session called")
+    workspace_name: str | None = None
+    provider: Literal["openai", "anthropic"]
+    endpoint: str = Field(description="chat.completions, responses, messages or count_tokens")
+    model: str
+    streamed: bool
+    prompt: str | None = Field(description="the last user prompt of the request")
+    tool_calls: list[AibridgeToolCall] = Field(description="the tools the model asked to call")
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    status: int = Field(description="the HTTP status the caller got")
+    outcome: Literal["completed", "upstream_error", "refused", "cancelled", "failed"]
+    error: str | None
+    latency_ms: int
+    first_byte_ms: int | None = Field(description="until the upstream's first bytes arrived")
+
+
+class AibridgeInterceptionList(Response):
+    items: list[AibridgeInterception]
+    count: int
+
+
+@dataclass(frozen=True)
+class AibridgeFilter:
+    """Which AI bridge records to list or export (all given: all must match)."""
+
+    user: str | None = None
+    workspace: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class Health(Response):

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 import stockade
 from stockade.sdk import types
 from stockade.server.agents import api as agents_api
+from stockade.server.aibridge import api as aibridge_api
 from stockade.server.apps import api as apps_api
 from stockade.server.audit import api as audit_api
 from stockade.server.audit import service as audit_service
@@ -72,6 +73,11 @@ def _error_response(
         response = error_page(request, status, message, reason)
         response.headers.update(extra.get("headers") or {})
         return response
+    # The AI bridge's provider routes answer in the provider's error format,
+    # which the official clients read.
+    provider_error = aibridge_api.error_body(request.url.path, status, message)
+    if provider_error is not None:
+        return JSONResponse(provider_error, status_code=status, headers=extra.get("headers"))
     body = types.ApiError(
         message=message,
         reason=reason,
@@ -145,6 +151,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
                 await audit_service.purge(services.db, key=services.audit_key, older_than_days=days)
 
             services.background.every("audit_retention", 3600, purge)
+        if settings.aibridge_retention_days:
+            services.background.every("aibridge_retention", 3600, services.aibridge.purge)
         await services.provisioner.start()
         services.background.every(
             "build_reaper", max(1.0, settings.job_lease_seconds / 3), services.provisioner.reap
@@ -168,6 +176,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             await services.background.stop()
             await services.provisioner.stop()
             await services.oidc.close()
+            await services.aibridge.close()
             try:
                 await services.egress.flush()  # the last attempts counted
             except Exception as exc:  # a database gone at shutdown loses a few counts
@@ -202,6 +211,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         agents_api.router,
         connections_api.router,
         apps_api.router,
+        aibridge_api.router,
         web_account.router,
         web_workspaces.router,
         web_terminal.router,

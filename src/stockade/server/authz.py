@@ -55,6 +55,7 @@ class Perm(StrEnum):
     WORKSPACE_CONNECT = "workspace.connect"
     PROVISIONER_ADMIN = "provisioner.admin"  # provisioner keys
     ORGANIZATION_CREATE = "organization.create"  # create and delete organizations
+    AIBRIDGE_READ = "aibridge.read"  # everyone's AI bridge records: owners and auditors
 
 
 _USER_ADMIN = {
@@ -77,7 +78,13 @@ SITE_PERMISSIONS: dict[Role, frozenset[Perm]] = {
     Role.USER_ADMIN: frozenset({*_USER_ADMIN, Perm.TEMPLATE_READ}),
     Role.TEMPLATE_ADMIN: frozenset({Perm.USER_READ, Perm.TEMPLATE_READ, Perm.TEMPLATE_WRITE}),
     Role.AUDITOR: frozenset(
-        {Perm.USER_READ, Perm.AUDIT_READ, Perm.EGRESS_READ, Perm.TEMPLATE_READ}
+        {
+            Perm.USER_READ,
+            Perm.AUDIT_READ,
+            Perm.EGRESS_READ,
+            Perm.TEMPLATE_READ,
+            Perm.AIBRIDGE_READ,
+        }
     ),
     # Members see templates through their organizations' ACLs (orgs.access).
     Role.MEMBER: frozenset(),
@@ -126,10 +133,18 @@ class Actor:
     roles: frozenset[Role]
     api_key_id: str
     login_type: str
+    # The workspace whose AI bridge key this is ("" for sessions and tokens).
+    workspace_id: str = ""
 
 
 def actor_for(
-    user_id: str, username: str, roles: Iterable[str], *, api_key_id: str = "", login_type: str = ""
+    user_id: str,
+    username: str,
+    roles: Iterable[str],
+    *,
+    api_key_id: str = "",
+    login_type: str = "",
+    workspace_id: str = "",
 ) -> Actor:
     """The Actor of a user (every user holds the implicit member role)."""
     return Actor(
@@ -138,6 +153,7 @@ def actor_for(
         roles=frozenset(Role(r) for r in roles) | {Role.MEMBER},
         api_key_id=api_key_id,
         login_type=login_type,
+        workspace_id=workspace_id,
     )
 
 

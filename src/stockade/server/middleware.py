@@ -35,7 +35,13 @@ PROVISIONERD_PREFIX = "/api/v2/provisionerd/"
 # API bodies are small JSON documents; routes that take uploads will set their own.
 API_BODY_LIMIT = 1024 * 1024
 # Routes that take uploads, with their own limit: (method, path pattern, bytes).
-UPLOAD_LIMITS = (("POST", re.compile(r"^/api/v2/templates/[^/]+/versions$"), MAX_ARCHIVE_BYTES),)
+AIBRIDGE_PREFIX = "/api/v2/aibridge/"
+# A coding agent's request carries its whole conversation and tool output.
+AIBRIDGE_BODY_LIMIT = 32 * 1024 * 1024
+UPLOAD_LIMITS = (
+    ("POST", re.compile(r"^/api/v2/templates/[^/]+/versions$"), MAX_ARCHIVE_BYTES),
+    ("POST", re.compile(r"^/api/v2/aibridge/[a-z]+/v1/"), AIBRIDGE_BODY_LIMIT),
+)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATIC_PREFIX = "/static/"
 # Every response of the API and the dashboard (workspace apps, served before
@@ -52,9 +58,10 @@ SECURITY_HEADERS = (
 )
 
 
-def presented_token(headers: Headers) -> tuple[str, bool] | None:
+def presented_token(headers: Headers, *, bridge: bool = False) -> tuple[str, bool] | None:
     """The credential a client sent, and whether it came in the session cookie:
-    ``Authorization: Bearer``, our header, or the cookie (in that order)."""
+    ``Authorization: Bearer``, our header, or the cookie (in that order); on
+    the AI bridge also ``x-api-key``, where Anthropic's clients send theirs."""
     auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -62,6 +69,8 @@ def presented_token(headers: Headers) -> tuple[str, bool] | None:
             return value.strip(), False
     if headers.get(TOKEN_HEADER):
         return headers[TOKEN_HEADER].strip(), False
+    if bridge and headers.get("x-api-key", "").strip():
+        return headers["x-api-key"].strip(), False
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")
         if name == SESSION_COOKIE and value:
@@ -165,7 +174,8 @@ class RequestMiddleware:
         state["audit"] = record
         state["request_id"] = request_id
         state["actor"] = None
-        presented = presented_token(headers)
+        bridge = path.startswith(AIBRIDGE_PREFIX)
+        presented = presented_token(headers, bridge=bridge)
         refreshed_cookie: str | None = None
         unsafe = method not in _SAFE_METHODS
         if unsafe and (not path.startswith("/api/") or (presented and presented[1])):
@@ -183,7 +193,7 @@ class RequestMiddleware:
                 return
         if presented is not None and not path.startswith(STATIC_PREFIX):
             token, from_cookie = presented
-            auth = await self.services.auth.authenticate(token, ip)
+            auth = await self.services.auth.authenticate(token, ip, bridge=bridge)
             if from_cookie and auth.slid_for:
                 # The server-side expiry slid; the browser's copy must follow.
                 secure = bool(self.services.settings.secure_cookies)
@@ -195,10 +205,12 @@ class RequestMiddleware:
                 structlog.contextvars.bind_contextvars(user=auth.actor.username)
 
         # Provisioner daemons' heartbeats and log batches are not user actions;
-        # the builds they finish are audited by the build queue itself.
+        # the builds they finish are audited by the build queue itself. The AI
+        # bridge keeps a richer record of its own calls.
         audited = (
             unsafe
             and not path.startswith(PROVISIONERD_PREFIX)
+            and not bridge
             and not path.startswith(STATIC_PREFIX)
         )
         status = 500

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from stockade.egress import ledger
 from stockade.provisioner.backends.base import BackendOptions
 from stockade.server.agents.service import AgentService
+from stockade.server.aibridge.service import AibridgeService
 from stockade.server.apps.service import AppService
 from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
@@ -49,6 +50,7 @@ class Services:
     audit_key: bytes
     egress: EgressService
     apps: AppService = field(init=False)
+    aibridge: AibridgeService = field(init=False)
     oidc: OidcService = field(init=False)
 
 
@@ -105,6 +107,9 @@ def build_services(settings: Settings) -> Services:
         settings, db, agents, services.connections, auth, audit_key=audit_key
     )
     services.background.every("app_sessions", 30, services.apps.sweep)
+    services.aibridge = AibridgeService(db, settings, SecretBox(audit_key))
+    # Workspaces' sessions get the bridge's URLs and a key of their own.
+    agents.session_env = services.aibridge.session_env
     services.oidc = OidcService(
         db, settings, auth, audit_key=audit_key, group_sync=services.orgs.sync_user_groups
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -347,6 +347,77 @@ class Settings(BaseSettings):
         "names are synced; others are left as an administrator set them.",
     )
 
+    aibridge_openai_base_url: str = Field(
+        "",
+        description="AI bridge: base URL of an internal OpenAI-compatible server, /v1 included "
+        "(vLLM: http://HOST:8000/v1; Ollama: http://HOST:11434/v1; LiteLLM...). Users and "
+        "workspaces call it through ACCESS_URL/api/v2/aibridge/openai/v1. Empty: off.",
+    )
+    aibridge_openai_key: SecretStr | None = Field(
+        None,
+        description="The API key the bridge sends to the OpenAI-compatible server (never shown "
+        "to users, never logged). Empty: none sent.",
+    )
+    aibridge_openai_models: str = Field(
+        "",
+        description="Comma-separated models (shell patterns: llama-*) callers may use through "
+        "the OpenAI-compatible bridge. Empty: any the server offers.",
+    )
+    aibridge_anthropic_base_url: str = Field(
+        "",
+        description="AI bridge: base URL of an internal Anthropic-compatible server, without "
+        "/v1 (LiteLLM: http://HOST:4000). Users and workspaces call it through "
+        "ACCESS_URL/api/v2/aibridge/anthropic. Empty: off.",
+    )
+    aibridge_anthropic_key: SecretStr | None = Field(
+        None,
+        description="The API key the bridge sends to the Anthropic-compatible server (never "
+        "shown to users, never logged). Empty: none sent.",
+    )
+    aibridge_anthropic_models: str = Field(
+        "",
+        description="Comma-separated models (shell patterns) callers may use through the "
+        "Anthropic-compatible bridge. Empty: any the server offers.",
+    )
+    aibridge_timeout_seconds: int = Field(
+        300,
+        ge=1,
+        le=3600,
+        description="How long the bridge waits for the upstream's next bytes (the first token "
+        "included) before it gives up with a 504.",
+    )
+    aibridge_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle to trust for HTTPS upstreams with a private CA, besides "
+        "the system's.",
+    )
+    aibridge_requests_per_minute: int = Field(
+        60,
+        ge=0,
+        description="Requests each user may send through the AI bridge per minute; more get "
+        "429 with Retry-After. 0: no limit.",
+    )
+    aibridge_tokens_per_day: int = Field(
+        0,
+        ge=0,
+        description="Tokens (input plus output) each user may use through the AI bridge per "
+        "UTC day; once used up, requests get 429 with Retry-After until midnight UTC. "
+        "0: no limit.",
+    )
+    aibridge_group_models: str = Field(
+        "",
+        description="JSON object: which models (shell patterns) the members of each group may "
+        'use, e.g. {"everyone": ["llama-*"], "ml-team": ["*"]}. Set: a user may use a model '
+        "only when a group they belong to (in any organization) lists it. Empty: every user "
+        "may use every allowed model.",
+    )
+    aibridge_retention_days: int = Field(
+        60,
+        ge=0,
+        description="AI bridge records (prompts, tool calls, token counts) older than this many "
+        "days are deleted, checked hourly. 0: kept forever.",
+    )
+
     @field_validator("wildcard_access_url")
     @classmethod
     def _check_wildcard(cls, value: str) -> str:
@@ -451,6 +522,65 @@ class Settings(BaseSettings):
                 )
         return value.strip()
 
+    @field_validator("aibridge_openai_base_url", "aibridge_anthropic_base_url")
+    @classmethod
+    def _check_aibridge_url(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip().rstrip("/")
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{info.field_name} must be an http:// or https:// URL of the model server, "
+                f"not {value!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"{info.field_name} must not have a query or fragment")
+        return value
+
+    @field_validator("aibridge_openai_models", "aibridge_anthropic_models")
+    @classmethod
+    def _check_aibridge_models(cls, value: str) -> str:
+        return ",".join(dict.fromkeys(m.strip() for m in value.split(",") if m.strip()))
+
+    @field_validator("aibridge_group_models")
+    @classmethod
+    def _check_aibridge_group_models(cls, value: str) -> str:
+        mapping = _json_object(value, "aibridge_group_models", '{"everyone": ["llama-*"]}')
+        for group, models in mapping.items():
+            if not isinstance(models, list) or not all(
+                isinstance(m, str) and m.strip() for m in models
+            ):
+                raise ValueError(
+                    f"aibridge_group_models: the value for {group!r} must be a list of model "
+                    f"names or patterns, not {json.dumps(models)}"
+                )
+        return value.strip()
+
+    @field_validator("aibridge_ca_file")
+    @classmethod
+    def _check_aibridge_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                read_ca_bundle(value)
+            except ValueError as exc:
+                raise ValueError(f"aibridge_ca_file: {exc}") from None
+        return value
+
+    def _check_aibridge(self) -> None:
+        for provider in ("openai", "anthropic"):
+            if not getattr(self, f"aibridge_{provider}_base_url"):
+                extra = [
+                    name
+                    for name in (f"aibridge_{provider}_key", f"aibridge_{provider}_models")
+                    if getattr(self, name)
+                ]
+                if extra:
+                    raise ValueError(
+                        f"{extra[0]} is set but aibridge_{provider}_base_url is not: that "
+                        "upstream is off"
+                    )
+
     @field_validator("oidc_ca_file")
     @classmethod
     def _check_oidc_ca(cls, value: Path | None) -> Path | None:
@@ -510,7 +640,15 @@ class Settings(BaseSettings):
         own = [
             urlsplit(url).hostname
             # The identity provider's host: SSO logins reach it from the server.
-            for url in (self.access_url, self.agent_url, self.postgres_url, self.oidc_issuer_url)
+            # and the AI bridge's model servers, which every bridged request reaches.
+            for url in (
+                self.access_url,
+                self.agent_url,
+                self.postgres_url,
+                self.oidc_issuer_url,
+                self.aibridge_openai_base_url,
+                self.aibridge_anthropic_base_url,
+            )
         ]
         return EgressPolicy.build(
             self.egress_allow.split(","),
@@ -560,6 +698,7 @@ class Settings(BaseSettings):
     def _derive(self) -> Settings:
         tls = self._check_tls()
         self._check_oidc()
+        self._check_aibridge()
         if self.redirect_http_address:
             if not tls:
                 raise ValueError(

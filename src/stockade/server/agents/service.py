@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,6 +28,7 @@ from stockade.server.db import Database
 from stockade.server.db.models import (
     AgentLog,
     AgentMetadata,
+    ApiKey,
     TemplateVersion,
     User,
     Workspace,
@@ -46,6 +47,8 @@ log = get_logger("stockade.agents")
 MAX_AGENT_LOG_LINES = 10_000
 MAX_LINE = 4096
 MAX_METADATA_ITEMS = 100
+# Makes the AI bridge's variables for an agent's sessions (see session_env).
+SessionEnv = Callable[[AsyncSession, WorkspaceAgent], Awaitable[dict[str, str]]]
 SEEN_EVERY = timedelta(seconds=5)  # last_seen_at is written at most this often
 
 
@@ -95,6 +98,9 @@ class AgentService:
         # App health as the agents connected here last reported it:
         # agent id -> slug -> initializing | healthy | unhealthy.
         self.app_health: dict[str, dict[str, str]] = {}
+        # Variables for the workspace's sessions beyond its parameters (the
+        # AI bridge's URLs and key), made inside the hello's transaction.
+        self.session_env: SessionEnv | None = None
 
     # --- host keys --------------------------------------------------------------
 
@@ -180,6 +186,12 @@ class AgentService:
             await session.execute(
                 update(WorkspaceAgent).where(WorkspaceAgent.id.in_(ids)).values(revoked_at=utcnow())
             )
+        # The AI bridge key the agents handed their sessions goes with them.
+        await session.execute(
+            delete(ApiKey).where(
+                ApiKey.workspace_id == workspace_id, ApiKey.login_type == keys.AIBRIDGE_LOGIN_TYPE
+            )
+        )
         return ids
 
     async def disconnect(self, agent_ids: Iterable[str]) -> None:
@@ -352,6 +364,7 @@ class AgentService:
             "startup_timeout": manifest.agent.startup_timeout,
             "metadata": [item.model_dump() for item in manifest.agent.metadata],
             "env": parameter_env(ws.parameters),
+            "session_env": await self.session_env(session, agent) if self.session_env else {},
             "ssh_host_key": self.secrets.decrypt(host_key.encrypted_private_key, context=ws.id),
             # The allow-list the agent's egress guard enforces (ssh -L, app checks).
             "egress": self.egress.policy.to_wire(),

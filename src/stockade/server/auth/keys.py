@@ -17,6 +17,11 @@ def _random(length: int, alphabet: str = _ALPHABET) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
+# The login type of a workspace's AI bridge key: made by the bridge for the
+# workspace's agent, good only on the bridge, revoked with the agent.
+AIBRIDGE_LOGIN_TYPE = "aibridge"
+
+
 def generate() -> tuple[str, str, str]:
     """Returns (key id, full token to hand out once, hash to store)."""
     key_id = _random(ID_LENGTH, string.ascii_lowercase + string.digits)

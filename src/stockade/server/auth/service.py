@@ -40,6 +40,7 @@ _KEY_WITH_USER = (
         ApiKey.lifetime_seconds,
         ApiKey.expires_at,
         ApiKey.last_used_at,
+        ApiKey.workspace_id,
         User.username,
         User.status,
         User.roles,
@@ -65,7 +66,11 @@ class AuthService:
 
     # --- requests -----------------------------------------------------------
 
-    async def authenticate(self, token: str, ip: str | None = None) -> Authentication:
+    async def authenticate(
+        self, token: str, ip: str | None = None, *, bridge: bool = False
+    ) -> Authentication:
+        """The actor a token stands for. A workspace's AI bridge key is good
+        only where ``bridge`` says the request is for the AI bridge."""
         parts = keys.split(token)
         if parts is None:
             return Authentication(None, "the session token or API token is malformed")
@@ -80,6 +85,10 @@ class AuthService:
             return Authentication(None, "the session or API token has expired; sign in again")
         if key.status != "active":
             return Authentication(None, "your account is suspended; ask an administrator")
+        if key.login_type == keys.AIBRIDGE_LOGIN_TYPE and not bridge:
+            return Authentication(
+                None, "this token is only good for the AI bridge (/api/v2/aibridge/)"
+            )
         sliding = None
         if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
             sliding = key.lifetime_seconds if key.login_type == "password" else None
@@ -91,6 +100,7 @@ class AuthService:
                 key.roles,
                 api_key_id=key.id,
                 login_type=key.login_type,
+                workspace_id=key.workspace_id or "",
             ),
             slid_for=sliding,
         )

@@ -102,6 +102,11 @@ class ApiKey(Base):
     expires_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
     ip_address: Mapped[str | None] = mapped_column(String(64))
+    # login_type 'aibridge': the key a workspace's sessions call the AI bridge
+    # with, good for nothing else, gone with the workspace's agent.
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
 
     __table_args__ = (Index("uq_api_keys_user_token_name", "user_id", "token_name", unique=True),)
 
@@ -469,6 +474,9 @@ class WorkspaceAgent(Base):
     revoked_at: Mapped[datetime | None]
     # The agent's own stream counters (open/total by kind, bytes), as last reported.
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The AI bridge token the agent gives its sessions (encrypted: the agent
+    # gets it again at every reconnect, so it cannot be hashed).
+    encrypted_aibridge_token: Mapped[str | None] = mapped_column(Text)
 
 
 class AgentLog(Base):
@@ -563,3 +571,37 @@ class EgressDestination(Base):
     count: Mapped[int] = mapped_column(BigInteger)
     first_seen: Mapped[datetime]
     last_seen: Mapped[datetime]
+
+
+class AibridgeInterception(Base):
+    """One request through the AI bridge: who (and from which workspace),
+    which provider and model, the last user prompt, the tool calls the model
+    asked for, token usage, latency and outcome. Kept after the user or the
+    workspace is gone (their names are copied), purged by age."""
+
+    __tablename__ = "aibridge_interceptions"
+    __table_args__ = (Index("ix_aibridge_interceptions_user_created", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    username: Mapped[str] = mapped_column(String(64))
+    workspace_id: Mapped[str | None] = mapped_column(String(36))
+    workspace_name: Mapped[str | None] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(16))  # openai | anthropic
+    endpoint: Mapped[str] = mapped_column(String(32))  # chat.completions | responses | messages
+    model: Mapped[str] = mapped_column(String(255))
+    streamed: Mapped[bool]
+    prompt: Mapped[str | None] = mapped_column(Text)
+    tool_calls: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[int] = mapped_column(Integer)  # the HTTP status the caller got
+    # completed | upstream_error | refused | cancelled | failed
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    first_byte_ms: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(64))

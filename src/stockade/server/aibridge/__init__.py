@@ -1,0 +1,1 @@
+"""The AI bridge: OpenAI- and Anthropic-compatible access to internal model servers, recorded."""
