@@ -90,6 +90,7 @@ WORKSPACE = row("401", "404", "ok", "ok", "404", "404", org_admin="ok")
 # What only those who manage the organization may change.
 ORG_MANAGE = row("401", "403", "ok", "ok", "403", "403", outsider="404", org_admin="ok")
 ORG_READ = row("401", "ok", "ok", "ok", "ok", "ok", outsider="404")
+BRIDGE_OFF = row("401", "404", "404", "404", "404", "404")
 
 # Outcomes: "ok" is any 2xx; otherwise the status code. {user} is another,
 # plain member; {token} is one of that member's API tokens. Denials on objects
@@ -179,6 +180,19 @@ EXPECTED: dict[Route, dict[str, str]] = {
     ("GET", "/api/v2/organizations/{org}/groups/{group}"): ORG_READ,
     ("PATCH", "/api/v2/organizations/{org}/groups/{group}"): ORG_MANAGE,
     ("DELETE", "/api/v2/organizations/{org}/groups/{group}"): ORG_MANAGE,
+    # The AI bridge is not configured on the shared server: every signed-in
+    # caller gets its 404 (tests/server/test_aibridge.py covers a configured one).
+    ("POST", "/api/v2/aibridge/openai/v1/chat/completions"): BRIDGE_OFF,
+    ("POST", "/api/v2/aibridge/openai/v1/responses"): BRIDGE_OFF,
+    ("GET", "/api/v2/aibridge/openai/v1/models"):    BRIDGE_OFF,
+    ("POST", "/api/v2/aibridge/anthropic/v1/messages"): BRIDGE_OFF,
+    ("POST", "/api/v2/aibridge/anthropic/v1/messages/count_tokens"): BRIDGE_OFF,
+    ("GET", "/api/v2/aibridge/anthropic/v1/models"): BRIDGE_OFF,
+    # Everyone lists records: their own, or everyone's for owners and auditors.
+    ("GET", "/api/v2/aibridge/interceptions"):       row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("GET", "/api/v2/aibridge/interceptions/export"): row("401", "ok", "ok", "ok", "ok", "ok"),
+    ("GET", "/api/v2/aibridge/interceptions/{interception_id}"):
+                                                     row("401", "404", "404", "404", "404", "404"),
     # The daemon protocol takes a provisioner key, never a user's credentials.
     ("POST", "/api/v2/provisionerd/acquire"):        row("401", "401", "401", "401", "401", "401"),
     ("POST", "/api/v2/provisionerd/egress"):         row("401", "401", "401", "401", "401", "401"),
@@ -324,6 +338,8 @@ class Walk:
             path = template.replace("{name}", name)
         elif "{build_id}" in template:
             path = template.replace("{build_id}", "00000000-0000-0000-0000-000000000000")
+        elif "{interception_id}" in template:
+            path = template.replace("{interception_id}", "00000000-0000-0000-0000-000000000000")
         elif "{name}" in template:
             name = self.new_template() if method != "GET" else self.template
             path = path.replace("{name}", name).replace("{number}", "1")
@@ -369,6 +385,8 @@ class Walk:
             body = {"name": unique("grp")}
         elif key == ("PATCH", "/api/v2/organizations/{org}/groups/{group}"):
             body = {"display_name": "Renamed"}
+        elif key[1].startswith("/api/v2/aibridge/") and method == "POST":
+            body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
         elif key == ("POST", "/api/v2/provisionerd/acquire"):
             body = {"worker_id": "w", "backends": ["local"]}
         elif key == ("POST", "/api/v2/provisionerd/egress"):
@@ -437,6 +455,9 @@ def test_every_route_for_every_role_matches_the_table(walk: Walk, tmp_path: Path
                 assert "<html" in response.text, (method, template, role)
             elif got != "ok":
                 body = response.json()
+                if template.startswith("/api/v2/aibridge/") and "error" in body:
+                    # The bridge's provider routes answer in the provider's error format.
+                    body = body["error"]
                 assert isinstance(body.get("message"), str) and body["message"], (
                     method,
                     template,
