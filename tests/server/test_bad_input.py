@@ -66,6 +66,9 @@ class Battery:
         # A fresh connection each time: after a 500 the server drops the
         # connection, and a reused one would blame the next probe.
         headers = {"Connection": "close", **probe.headers}
+        # Only the probe's own credential: a session cookie that an earlier
+        # probe's answer set would make the anonymous probes signed in.
+        self.http.cookies.clear()
         if probe.token:
             headers["Authorization"] = f"Bearer {probe.token}"
         kwargs: dict[str, Any] = {"headers": headers, "params": probe.params}
@@ -104,6 +107,19 @@ class Battery:
         except json.JSONDecodeError:
             self.problems.append(f"{said}  [error is not JSON]")
             return
+        if (
+            probe.path.startswith("/api/v2/aibridge/")
+            and isinstance(body, dict)
+            and "error" in body
+        ):
+            # The bridge's provider routes answer in the provider's error
+            # format ({"error": {"message": ..., "code" or "type": ...}}), which
+            # the official clients read.
+            error = body.get("error", body)
+            body = {
+                "message": error.get("message"),
+                "reason": error.get("code") or error.get("type"),
+            }
         if not (
             isinstance(body, dict)
             and isinstance(body.get("message"), str)
@@ -390,6 +406,7 @@ def test_bad_input_on_every_endpoint_is_a_4xx_with_a_message(
         "build_id": "00000000-0000-0000-0000-000000000000",
         "org": target.org,
         "group": target.group,
+        "interception_id": "00000000-0000-0000-0000-000000000000",
     }
     battery = Battery(http, (SECRET, owner.token))
     created_usernames: list[str] = []

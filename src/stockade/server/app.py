@@ -75,7 +75,7 @@ def _error_response(
         return response
     # The AI bridge's provider routes answer in the provider's error format,
     # which the official clients read.
-    provider_error = aibridge_api.error_body(request.url.path, status, message)
+    provider_error = aibridge_api.error_body(request.url.path, status, message, reason)
     if provider_error is not None:
         return JSONResponse(provider_error, status_code=status, headers=extra.get("headers"))
     body = types.ApiError(

@@ -43,11 +43,11 @@ router = APIRouter(prefix="/api/v2/aibridge", dependencies=[signed_in()])
 CLIENT_CLOSED = 499
 
 
-def error_body(path: str, status: int, message: str) -> dict[str, Any] | None:
+def error_body(path: str, status: int, message: str, reason: str) -> dict[str, Any] | None:
     """The error body a provider route answers with (None: not one)."""
     rest = path.removeprefix(AIBRIDGE_PREFIX)
     provider = PROVIDERS.get(rest.partition("/")[0]) if rest != path else None
-    return provider.error_body(status, message) if provider is not None else None
+    return provider.error_body(status, message, reason) if provider is not None else None
 
 
 def _bridge(request: Request) -> AibridgeService:
@@ -60,7 +60,7 @@ def _error(call: Call | None, provider: str, exc: BridgeError) -> Response:
     level("aibridge_refused", reason=exc.reason, status=exc.status, detail=exc.log_message)
     if call is not None:
         call.fail(exc)
-    body = PROVIDERS[provider].error_body(exc.status, exc.message)
+    body = PROVIDERS[provider].error_body(exc.status, exc.message, exc.reason)
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 

@@ -160,8 +160,9 @@ class Provider(ABC):
         """The headers that carry the upstream key."""
 
     @abstractmethod
-    def error_body(self, status: int, message: str) -> dict[str, Any]:
-        """An error in this family's format."""
+    def error_body(self, status: int, message: str, reason: str = "") -> dict[str, Any]:
+        """An error in this family's format (with ``reason``, our short label,
+        where the format has a place for one)."""
 
     @abstractmethod
     def is_error_body(self, body: Any) -> bool:
@@ -285,13 +286,13 @@ class OpenAI(Provider):
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {key}"}
 
-    def error_body(self, status: int, message: str) -> dict[str, Any]:
+    def error_body(self, status: int, message: str, reason: str = "") -> dict[str, Any]:
         return {
             "error": {
                 "message": message,
                 "type": _openai_error_type(status),
                 "param": None,
-                "code": None,
+                "code": reason or None,
             }
         }
 
@@ -422,7 +423,7 @@ class Anthropic(Provider):
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"x-api-key": key}
 
-    def error_body(self, status: int, message: str) -> dict[str, Any]:
+    def error_body(self, status: int, message: str, reason: str = "") -> dict[str, Any]:
         return {
             "type": "error",
             "error": {"type": _anthropic_error_type(status), "message": message},
