@@ -8,6 +8,7 @@ typed exceptions with our message."""
 from __future__ import annotations
 
 import contextlib
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -110,7 +111,7 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
         chunks = self.bridge.relay_stream(call, self.upstream, self.upstream_response)
-        gone = False
+        gone = stopping = False
 
         async def pump() -> None:
             await send(
@@ -125,19 +126,28 @@ class RelayResponse(Response):
 
         try:
             await race_disconnect(pump(), receive)
-        except (ClientGone, OSError):
+        except (ClientGone, OSError):  # OSError: a send after the client left
             gone = True
-            call.outcome, call.status = "cancelled", CLIENT_CLOSED
-            call.error = "the client disconnected before the answer was complete"
+            _cancelled(call)
+        except asyncio.CancelledError:  # the server is stopping
+            stopping = True
+            _cancelled(call, "the server stopped before the answer was complete")
+            raise
         finally:
             await chunks.aclose()
             await self.upstream_response.aclose()
-            if gone:
-                self.bridge.record_later(call)
+            if stopping:
+                self.bridge.record_later(call)  # this task may not await any more
             else:
                 await self.bridge.record(call)
         if not gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _cancelled(
+    call: Call, why: str = "the client disconnected before the answer was complete"
+) -> None:
+    call.outcome, call.status, call.error = "cancelled", CLIENT_CLOSED, why
 
 
 async def _proxy(request: Request, provider: str, path: str) -> Response:
@@ -203,8 +213,7 @@ async def _proxy(request: Request, provider: str, path: str) -> Response:
 
 async def _gone(bridge: AibridgeService, call: Call | None) -> Response:
     if call is not None:
-        call.outcome, call.status = "cancelled", CLIENT_CLOSED
-        call.error = "the client disconnected before the answer was complete"
+        _cancelled(call)
         if call.endpoint in MODEL_ENDPOINTS:
             await bridge.record(call)
     return Response(status_code=CLIENT_CLOSED)
