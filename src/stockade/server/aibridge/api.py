@@ -99,7 +99,10 @@ class RelayResponse(Response):
     def __init__(
         self, bridge: AibridgeService, call: Call, upstream: Upstream, upstream_response: Any
     ) -> None:
-        super().__init__(status_code=upstream_response.status_code)
+        # Not Response.__init__, which would set an empty body and with it
+        # Content-Length: 0; a stream has no length.
+        self.status_code = upstream_response.status_code
+        self.background = None
         self.bridge, self.call, self.upstream = bridge, call, upstream
         self.upstream_response = upstream_response
         headers = bridge.passed_headers(upstream_response)
