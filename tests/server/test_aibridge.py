@@ -38,7 +38,7 @@ SQLITE_ONLY = "the bridge's records are plain inserts and one SUM, covered by th
 
 UPSTREAM_KEY = "upstream-secret-key"
 MODELS = ["llama-3", "qwen-coder", "secret-model", "claude-x"]
-WEATHER_TOOL = {
+WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -80,7 +80,7 @@ class Bridge:
         written as its stream ends, maybe just after the client's last read)."""
         client = client or self.member
         deadline = time.monotonic() + 10
-        before = getattr(self, "_seen", set())
+        before: set[str] = getattr(self, "_seen", set())
         while True:
             items = client.list_aibridge(limit=1, **filters).items
             if items and items[0].id not in before:
@@ -184,11 +184,11 @@ def test_openai_chat_completions_streamed_and_not_with_tool_calls(bridge: Bridge
             {"role": "system", "content": "You are terse."},
             {"role": "user", "content": "please call a tool for the weather in Paris"},
         ],
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
     )
-    calls = answer.choices[0].message.tool_calls
-    assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}  # type: ignore[union-attr]
+    calls: Any = answer.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
     # The model server saw the bridge's key, never the caller's token.
     seen = bridge.fake.requests()[-1]
     assert seen["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
@@ -241,7 +241,7 @@ def test_openai_chat_completions_streamed_and_not_with_tool_calls(bridge: Bridge
     stream = client.chat.completions.create(
         model="qwen-coder",
         messages=[{"role": "user", "content": "call a tool please"}],
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -261,14 +261,14 @@ def test_openai_chat_completions_streamed_and_not_with_tool_calls(bridge: Bridge
 
 def test_openai_responses_streamed_and_not(bridge: Bridge) -> None:
     client = bridge.openai()
-    tool = {
+    tool: Any = {
         "type": "function",
         "name": "get_weather",
-        "parameters": WEATHER_TOOL["function"]["parameters"],  # type: ignore[index]
+        "parameters": WEATHER_TOOL["function"]["parameters"],
     }
-    answer = client.responses.create(model="llama-3", input="call a tool for Paris", tools=[tool])  # type: ignore[list-item]
+    answer = client.responses.create(model="llama-3", input="call a tool for Paris", tools=[tool])
     calls = [item for item in answer.output if item.type == "function_call"]
-    assert calls and calls[0].name == "get_weather"  # type: ignore[union-attr]
+    assert calls and calls[0].name == "get_weather"
     record = bridge.last_record()
     assert (record.endpoint, record.prompt) == ("responses", "call a tool for Paris")
     assert [c.name for c in record.tool_calls] == ["get_weather"]
@@ -302,24 +302,24 @@ def test_openai_models_are_the_ones_the_bridge_offers(bridge: Bridge) -> None:
 
 def test_anthropic_messages_streamed_and_not_with_tool_use(bridge: Bridge) -> None:
     client = bridge.anthropic()  # sends the Stockade token as x-api-key
-    tool = {
+    tool: Any = {
         "name": "get_weather",
         "description": "The weather in a city",
-        "input_schema": WEATHER_TOOL["function"]["parameters"],  # type: ignore[index]
+        "input_schema": WEATHER_TOOL["function"]["parameters"],
     }
     message = client.messages.create(
         model="claude-x",
         max_tokens=100,
         system="You are terse.",
         messages=[{"role": "user", "content": "call a tool: the weather in Paris"}],
-        tools=[tool],  # type: ignore[list-item]
+        tools=[tool],
     )
     uses = [b for b in message.content if b.type == "tool_use"]
     assert (
         uses
         and uses[0].name == "get_weather"
         and uses[0].input
-        == {  # type: ignore[union-attr]
+        == {
             "city": "Paris",
             "unit": "celsius",
         }
@@ -355,7 +355,7 @@ def test_anthropic_messages_streamed_and_not_with_tool_use(bridge: Bridge) -> No
             {"role": "assistant", "content": "an answer"},
             {"role": "user", "content": [{"type": "text", "text": "stream the reply please"}]},
         ],
-        tools=[tool],  # type: ignore[list-item]
+        tools=[tool],
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -373,10 +373,10 @@ def test_anthropic_messages_streamed_and_not_with_tool_use(bridge: Bridge) -> No
         model="claude-x",
         max_tokens=100,
         messages=[{"role": "user", "content": "call a tool now"}],
-        tools=[tool],  # type: ignore[list-item]
+        tools=[tool],
     ) as stream:
         final = stream.get_final_message()
-    assert [b.name for b in final.content if b.type == "tool_use"] == ["get_weather"]  # type: ignore[union-attr]
+    assert [b.name for b in final.content if b.type == "tool_use"] == ["get_weather"]
     record = bridge.last_record()
     assert json.loads(record.tool_calls[0].arguments) == {"city": "Paris", "unit": "celsius"}
 
@@ -423,7 +423,8 @@ def test_errors_come_back_in_each_providers_format(bridge: Bridge) -> None:
         bridge.anthropic(token="abcdefghij-" + "x" * 32).messages.create(
             model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
         )
-    assert unauthenticated.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    body: Any = unauthenticated.value.body
+    assert body["error"]["type"] == "authentication_error"
 
     url = f"{bridge.server.url}/api/v2/aibridge/openai/v1/chat/completions"
     headers = {"authorization": f"Bearer {bridge.member_token}"}

@@ -239,8 +239,10 @@ class Upstream:
                 {"data": data, "has_more": False, "first_id": self.models[0],
                  "last_id": self.models[-1]}
             )  # fmt: skip
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
-        return JSONResponse({"object": "list", "data": data})
+        listed = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models
+        ]
+        return JSONResponse({"object": "list", "data": listed})
 
     # --- OpenAI chat completions -----------------------------------------------------------
 
