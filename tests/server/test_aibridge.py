@@ -495,6 +495,13 @@ def test_who_sees_which_records(bridge: Bridge) -> None:
         listed = reader.list_aibridge(user=bridge.member_name, provider="openai")
         assert mine.id in {r.id for r in listed.items}
         assert reader.get_aibridge(mine.id).prompt == "the member's own question"
+    # Each call is also in the tamper-evident audit log, without its prompt.
+    entries = bridge.auditor.list_audit(action="aibridge.request", limit=1000).entries
+    entry = next(e for e in entries if e.resource_id == mine.id)
+    assert (entry.username, entry.resource_name) == (bridge.member_name, "llama-3")
+    assert entry.details["outcome"] == "completed" and entry.details["input_tokens"] > 0
+    assert "question" not in json.dumps(entry.model_dump(mode="json"))
+    assert bridge.auditor.verify_audit().ok
     exported = list(bridge.auditor.export_aibridge(user=bridge.member_name))
     assert exported and exported[-1].id == mine.id  # oldest first
     assert {r.username for r in exported} == {bridge.member_name}

@@ -107,7 +107,7 @@ def build_services(settings: Settings) -> Services:
         settings, db, agents, services.connections, auth, audit_key=audit_key
     )
     services.background.every("app_sessions", 30, services.apps.sweep)
-    services.aibridge = AibridgeService(db, settings, SecretBox(audit_key))
+    services.aibridge = AibridgeService(db, settings, audit_key)
     # Workspaces' sessions get the bridge's URLs and a key of their own.
     agents.session_env = services.aibridge.session_env
     services.oidc = OidcService(

@@ -7,8 +7,8 @@ typed exceptions with our message."""
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
 from stockade.sdk import types
@@ -114,7 +115,7 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
         chunks = self.bridge.relay_stream(call, self.upstream, self.upstream_response)
-        gone = stopping = False
+        stopping = False
 
         async def pump() -> None:
             await send(
@@ -129,8 +130,8 @@ class RelayResponse(Response):
 
         try:
             await race_disconnect(pump(), receive)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (ClientGone, OSError):  # OSError: a send after the client left
-            gone = True
             _cancelled(call)
         except asyncio.CancelledError:  # the server is stopping
             stopping = True
@@ -139,12 +140,11 @@ class RelayResponse(Response):
         finally:
             await chunks.aclose()
             await self.upstream_response.aclose()
+            # Once the caller has the whole answer: the record adds no latency.
             if stopping:
                 self.bridge.record_later(call)  # this task may not await any more
             else:
                 await self.bridge.record(call)
-        if not gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _cancelled(
@@ -173,6 +173,8 @@ async def _proxy(request: Request, provider: str, path: str) -> Response:
             streamed=body.get("stream") is True,
             prompt=upstream.provider.prompt(endpoint, body),
             request_id=getattr(request.state, "request_id", None),
+            ip=request.client.host if request.client else None,
+            user_agent=(request.headers.get("user-agent") or "")[:256] or None,
         )
         await bridge.check_model(actor, upstream, model)
         if endpoint in MODEL_ENDPOINTS:
@@ -186,7 +188,7 @@ async def _proxy(request: Request, provider: str, path: str) -> Response:
     except BridgeError as exc:
         answer = _error(call, provider, exc)
         if call is not None and endpoint in MODEL_ENDPOINTS:
-            await bridge.record(call)
+            answer.background = BackgroundTask(bridge.record, call)
         return answer
     except ClientGone:
         return await _gone(bridge, call)
@@ -208,10 +210,10 @@ async def _proxy(request: Request, provider: str, path: str) -> Response:
     else:
         with contextlib.suppress(ValueError):
             call.observation = upstream.provider.observe(endpoint, json.loads(raw_answer))
-    if endpoint in MODEL_ENDPOINTS:
-        await bridge.record(call)
     headers = bridge.passed_headers(response)
-    return Response(raw_answer, status_code=status, headers=headers)
+    # Recorded once the caller has the answer: the record adds no latency.
+    record = BackgroundTask(bridge.record, call) if endpoint in MODEL_ENDPOINTS else None
+    return Response(raw_answer, status_code=status, headers=headers, background=record)
 
 
 async def _gone(bridge: AibridgeService, call: Call | None) -> Response:

@@ -36,6 +36,7 @@ from stockade.server.aibridge.providers import (
     SSEDecoder,
     clip_prompt,
 )
+from stockade.server.audit.service import append as append_audit
 from stockade.server.auth import keys
 from stockade.server.auth.ratelimit import SlidingWindow
 from stockade.server.authz import Actor, Perm, can
@@ -120,6 +121,8 @@ class Call:
     streamed: bool
     prompt: str | None
     request_id: str | None
+    ip: str | None = None
+    user_agent: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None
     observation: Observation = field(default_factory=Observation)
@@ -163,10 +166,11 @@ def _seconds_to_midnight(now: datetime) -> int:
 
 
 class AibridgeService:
-    def __init__(self, db: Database, settings: Settings, secrets: SecretBox) -> None:
+    def __init__(self, db: Database, settings: Settings, audit_key: bytes) -> None:
         self.db = db
         self.settings = settings
-        self.secrets = secrets
+        self.audit_key = audit_key
+        self.secrets = SecretBox(audit_key)
         self.per_minute = SlidingWindow(settings.aibridge_requests_per_minute, 60)
         self.group_models: dict[str, list[str]] = (
             json.loads(settings.aibridge_group_models) if settings.aibridge_group_models else {}
@@ -417,7 +421,9 @@ class AibridgeService:
     # --- records ------------------------------------------------------------------
 
     async def record(self, call: Call) -> None:
-        """Write the call's record (never raises: a lost record is logged)."""
+        """Write the call's record, and its entry in the tamper-evident audit
+        log (which names it, without the prompt), in one transaction. Never
+        raises: a lost record is logged."""
         usage = call.observation.usage
         ended = time.perf_counter()
         try:
@@ -429,33 +435,56 @@ class AibridgeService:
                             select(Workspace.name).where(Workspace.id == call.actor.workspace_id)
                         )
                     ).scalar_one_or_none()
-                session.add(
-                    AibridgeInterception(
-                        user_id=call.actor.user_id,
-                        username=call.actor.username,
-                        workspace_id=call.actor.workspace_id or None,
-                        workspace_name=workspace_name,
-                        provider=call.provider,
-                        endpoint=call.endpoint,
-                        model=call.model[:255],
-                        streamed=call.streamed,
-                        prompt=clip_prompt(call.prompt),
-                        tool_calls=call.observation.tool_calls,
-                        input_tokens=usage.input_tokens,
-                        output_tokens=usage.output_tokens,
-                        cache_read_tokens=usage.cache_read_tokens,
-                        cache_write_tokens=usage.cache_write_tokens,
-                        status=call.status,
-                        outcome=call.outcome,
-                        error=call.error,
-                        latency_ms=round((ended - call.started) * 1000),
-                        first_byte_ms=(
-                            round((call.first_byte - call.started) * 1000)
-                            if call.first_byte is not None
-                            else None
-                        ),
-                        request_id=call.request_id,
-                    )
+                row = AibridgeInterception(
+                    user_id=call.actor.user_id,
+                    username=call.actor.username,
+                    workspace_id=call.actor.workspace_id or None,
+                    workspace_name=workspace_name,
+                    provider=call.provider,
+                    endpoint=call.endpoint,
+                    model=call.model[:255],
+                    streamed=call.streamed,
+                    prompt=clip_prompt(call.prompt),
+                    tool_calls=call.observation.tool_calls,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cache_read_tokens=usage.cache_read_tokens,
+                    cache_write_tokens=usage.cache_write_tokens,
+                    status=call.status,
+                    outcome=call.outcome,
+                    error=call.error,
+                    latency_ms=round((ended - call.started) * 1000),
+                    first_byte_ms=(
+                        round((call.first_byte - call.started) * 1000)
+                        if call.first_byte is not None
+                        else None
+                    ),
+                    request_id=call.request_id,
+                )
+                session.add(row)
+                await session.flush()
+                await append_audit(
+                    session,
+                    key=self.audit_key,
+                    action="aibridge.request",
+                    status_code=call.status,
+                    user_id=call.actor.user_id,
+                    username=call.actor.username,
+                    ip=call.ip,
+                    user_agent=call.user_agent,
+                    resource_type="aibridge_interception",
+                    resource_id=row.id,
+                    resource_name=call.model[:255],
+                    details={
+                        "provider": call.provider,
+                        "endpoint": call.endpoint,
+                        "workspace": workspace_name,
+                        "outcome": call.outcome,
+                        "input_tokens": usage.input_tokens,
+                        "output_tokens": usage.output_tokens,
+                        "tool_calls": [c["name"] for c in call.observation.tool_calls],
+                    },
+                    request_id=call.request_id,
                 )
         except Exception:
             log.exception("aibridge_record_failed", provider=call.provider, model=call.model)
