@@ -44,7 +44,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-def plain_calls(http: httpx.Client, url: str, headers: dict[str, str], count: int) -> list[float]:
+def plain_calls(
+    http: httpx.Client, url: str, headers: dict[str, str], count: int, pause: float
+) -> list[float]:
     body = {"model": "llama-3", "messages": [{"role": "user", "content": "a short question"}]}
     timings = []
     for _ in range(count):
@@ -52,11 +54,12 @@ def plain_calls(http: httpx.Client, url: str, headers: dict[str, str], count: in
         response = http.post(url, json=body, headers=headers)
         timings.append(time.perf_counter() - started)
         assert response.status_code == 200, response.text
+        time.sleep(pause)
     return timings
 
 
 def streamed_calls(
-    http: httpx.Client, url: str, headers: dict[str, str], chunks: int, rounds: int
+    http: httpx.Client, url: str, headers: dict[str, str], chunks: int, rounds: int, pause: float
 ) -> tuple[list[float], list[float]]:
     body = {
         "model": "llama-3",
@@ -74,6 +77,7 @@ def streamed_calls(
                     seen_first = time.perf_counter() - started
         last.append(time.perf_counter() - started)
         first.append(seen_first or 0.0)
+        time.sleep(pause)
     return first, last
 
 
@@ -82,6 +86,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--chunks", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--pause-ms",
+        type=float,
+        default=20,
+        help="between calls (a coding agent's calls are seconds apart; 0 sends them "
+        "back to back, each then also waiting on the previous call's record write)",
+    )
     args = parser.parse_args()
 
     with FakeLLM(key=KEY, models=["llama-3"]) as fake, tempfile.TemporaryDirectory() as tmp:
@@ -110,12 +121,15 @@ def main() -> None:
             figures: dict[str, float] = {}
             with httpx.Client(timeout=60, trust_env=False) as http:
                 for name, (url, headers) in targets.items():
-                    plain_calls(http, url, headers, 20)  # warm-up: connections, caches
-                    timings = plain_calls(http, url, headers, args.requests)
+                    pause = args.pause_ms / 1000
+                    plain_calls(http, url, headers, 20, pause)  # warm-up: connections, caches
+                    timings = plain_calls(http, url, headers, args.requests, pause)
                     figures[f"{name}_plain_median_ms"] = statistics.median(timings) * 1000
                     figures[f"{name}_plain_p95_ms"] = percentile(timings, 0.95) * 1000
-                    streamed_calls(http, url, headers, args.chunks, 2)
-                    first, last = streamed_calls(http, url, headers, args.chunks, args.rounds)
+                    streamed_calls(http, url, headers, args.chunks, 2, pause)
+                    first, last = streamed_calls(
+                        http, url, headers, args.chunks, args.rounds, pause
+                    )
                     figures[f"{name}_stream_first_chunk_ms"] = statistics.median(first) * 1000
                     figures[f"{name}_stream_total_ms"] = statistics.median(last) * 1000
             assert server.process is not None
@@ -137,7 +151,8 @@ def main() -> None:
         }
     )
     print(
-        f"AI bridge overhead ({args.requests} plain calls, {args.rounds} streams of "
+        f"AI bridge overhead (calls {args.pause_ms:g} ms apart: {args.requests} plain, "
+        f"{args.rounds} streams of "
         f"{args.chunks} chunks; {records} records written; {os.cpu_count()} CPUs)"
     )
     for name, value in figures.items():

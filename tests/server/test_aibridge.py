@@ -643,3 +643,37 @@ def test_a_coding_agent_in_a_workspace_reaches_the_model_and_the_auditor_sees_it
     assert chat.input_tokens > 0 and chat.output_tokens > 0
     assert by_provider["anthropic"].prompt == "hello from w"
     assert by_provider["anthropic"].cache_read_tokens == 3
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+def test_settings_name_the_model_servers_and_refuse_half_configurations(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from stockade.egress.guard import REASON_OWN
+    from stockade.server.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path,
+        aibridge_openai_base_url="http://vllm.corp.example:8000/v1/",
+        aibridge_anthropic_base_url="https://litellm.corp.example",
+        aibridge_openai_models=" llama-* , qwen-coder,llama-* ",
+    )
+    # The configured model servers are Stockade's own destinations: the
+    # egress guard lets the bridge reach them, and nothing else.
+    policy = settings.egress_policy
+    assert policy.decide("vllm.corp.example") == REASON_OWN
+    assert policy.decide("litellm.corp.example") == REASON_OWN
+    assert policy.decide("api.openai.com") is None
+    assert settings.aibridge_openai_base_url == "http://vllm.corp.example:8000/v1"
+    assert settings.aibridge_openai_models == "llama-*,qwen-coder"
+    for bad, words in (
+        ({"aibridge_openai_base_url": "vllm:8000"}, "http:// or https:// URL"),
+        ({"aibridge_openai_key": "k"}, "aibridge_openai_base_url is not"),
+        ({"aibridge_group_models": '{"devs": "llama"}'}, "must be a list of model"),
+        ({"aibridge_group_models": "[1]"}, "must be a JSON object"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            Settings(data_dir=tmp_path, **bad)
+        assert words in str(refused.value), (bad, str(refused.value))
