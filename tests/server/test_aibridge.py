@@ -668,12 +668,13 @@ def test_settings_name_the_model_servers_and_refuse_half_configurations(tmp_path
     assert policy.decide("api.openai.com") is None
     assert settings.aibridge_openai_base_url == "http://vllm.corp.example:8000/v1"
     assert settings.aibridge_openai_models == "llama-*,qwen-coder"
-    for bad, words in (
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"aibridge_openai_base_url": "vllm:8000"}, "http:// or https:// URL"),
         ({"aibridge_openai_key": "k"}, "aibridge_openai_base_url is not"),
         ({"aibridge_group_models": '{"devs": "llama"}'}, "must be a list of model"),
         ({"aibridge_group_models": "[1]"}, "must be a JSON object"),
-    ):
+    ]
+    for bad, words in cases:
         with pytest.raises(ValidationError) as refused:
             Settings(data_dir=tmp_path, **bad)
         assert words in str(refused.value), (bad, str(refused.value))

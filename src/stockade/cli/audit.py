@@ -6,11 +6,11 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from stockade.cli.common import OutputOpt, client
+from stockade.cli.common import OutputOpt, client, query_filters
 from stockade.cli.output import Format, console, fail, print_json, print_table
 
 app = typer.Typer(no_args_is_help=True)
@@ -23,16 +23,6 @@ SinceOpt = Annotated[
     datetime | None, typer.Option(help="from this time (ISO 8601; your local time if no zone)")
 ]
 UntilOpt = Annotated[datetime | None, typer.Option(help="before this time")]
-
-
-def _filters(**values: Any) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, datetime) and value.tzinfo is None:
-            value = value.astimezone()  # a time without zone is the user's local time
-        if value is not None:
-            out[key] = value
-    return out
 
 
 @app.command("list")
@@ -48,7 +38,7 @@ def list_(
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Audit entries, newest first."""
-    filters = _filters(
+    filters = query_filters(
         actor=actor, action=action, resource_type=resource_type,
         resource_id=resource_id, since=since, until=until,
     )  # fmt: skip
@@ -97,7 +87,7 @@ def export(
     ] = None,
 ) -> None:
     """Export entries as JSON lines (oldest first), for a SIEM."""
-    filters = _filters(
+    filters = query_filters(
         actor=actor, action=action, resource_type=resource_type,
         resource_id=resource_id, since=since, until=until,
     )  # fmt: skip

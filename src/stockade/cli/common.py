@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 import typer
 
@@ -63,3 +64,15 @@ def parse_duration(text: str) -> int:
     if not match:
         raise UserError(f"cannot read duration {text!r}: use a number with s, m, h or d (e.g. 30d)")
     return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def query_filters(**values: Any) -> dict[str, Any]:
+    """The filters given (None left out); a time without a zone is the
+    user's local time."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, datetime) and value.tzinfo is None:
+            value = value.astimezone()
+        if value is not None:
+            out[key] = value
+    return out

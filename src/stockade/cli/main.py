@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from stockade.cli import (
+    aibridge,
     airgap,
     audit,
     common,
@@ -40,6 +41,11 @@ identity.register(app)
 app.add_typer(users.app, name="users", help="Manage users and their roles.")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens.")
 app.add_typer(audit.app, name="audit", help="Read, verify and export the audit log.")
+app.add_typer(
+    aibridge.app,
+    name="aibridge",
+    help="What went through the AI bridge (prompts, tool calls, tokens); point clients at it.",
+)
 app.add_typer(templates.app, name="templates", help="Write, push, list and pull templates.")
 app.add_typer(orgs.app, name="orgs", help="Manage organizations and their members.")
 app.add_typer(groups.app, name="groups", help="Manage an organization's groups.")
