@@ -57,7 +57,8 @@ def _bridge(request: Request) -> AibridgeService:
     return bridge
 
 
-def _error(call: Call | None, provider: str, exc: BridgeError) -> Response:
+def _error(request: Request, call: Call | None, provider: str, exc: BridgeError) -> Response:
+    request.app.state.services.metrics.errors.labels(exc.reason).inc()
     level = log.warning if exc.status >= 500 else log.info
     level("aibridge_refused", reason=exc.reason, status=exc.status, detail=exc.log_message)
     if call is not None:
@@ -186,7 +187,7 @@ async def _proxy(request: Request, provider: str, path: str) -> Response:
         )
         response = await race_disconnect(bridge.send(upstream, outgoing), request.receive)
     except BridgeError as exc:
-        answer = _error(call, provider, exc)
+        answer = _error(request, call, provider, exc)
         if call is not None and endpoint in MODEL_ENDPOINTS:
             answer.background = BackgroundTask(bridge.record, call)
         return answer
@@ -339,7 +340,7 @@ async def list_interceptions(
 ) -> types.AibridgeInterceptionList:
     """Requests through the bridge, newest first: everyone's for owners and
     auditors, one's own for everybody else."""
-    return await services.aibridge.list(actor, flt, limit=limit, offset=offset)
+    return await services.aibridge.list_records(actor, flt, limit=limit, offset=offset)
 
 
 @router.get("/interceptions/export", tags=["aibridge"], response_class=StreamingResponse)
@@ -347,7 +348,7 @@ async def export_interceptions(
     flt: FilterDep, actor: ActorDep, services: ServicesDep
 ) -> StreamingResponse:
     """The same records as JSON lines, oldest first, for a SIEM."""
-    pages = services.aibridge.export(actor, flt)
+    pages = services.aibridge.export_records(actor, flt)
     # The first page is read before answering, so that a failing query is an
     # error response and not a 200 that breaks off.
     first = await anext(pages, b"")
@@ -365,4 +366,4 @@ async def get_interception(
     interception_id: Annotated[str, Path(max_length=36)], actor: ActorDep, services: ServicesDep
 ) -> types.AibridgeInterception:
     """One record (someone else's is not found unless you may read everyone's)."""
-    return await services.aibridge.get(actor, interception_id)
+    return await services.aibridge.get_record(actor, interception_id)

@@ -528,7 +528,7 @@ class AibridgeService:
             query = query.where(AibridgeInterception.created_at < filters.until)
         return query
 
-    async def list(
+    async def list_records(
         self, actor: Actor, filters: types.AibridgeFilter, *, limit: int, offset: int
     ) -> types.AibridgeInterceptionList:
         query = self._filtered(actor, filters)
@@ -546,7 +546,7 @@ class AibridgeService:
             items = [_view(row) for row in rows]
         return types.AibridgeInterceptionList(items=items, count=count)
 
-    async def get(self, actor: Actor, interception_id: str) -> types.AibridgeInterception:
+    async def get_record(self, actor: Actor, interception_id: str) -> types.AibridgeInterception:
         query = self._visible(
             actor, select(AibridgeInterception).where(AibridgeInterception.id == interception_id)
         )
@@ -556,7 +556,9 @@ class AibridgeService:
                 raise NotFound("AI bridge record not found", reason="aibridge_record_not_found")
             return _view(row)
 
-    async def export(self, actor: Actor, filters: types.AibridgeFilter) -> AsyncIterator[bytes]:
+    async def export_records(
+        self, actor: Actor, filters: types.AibridgeFilter
+    ) -> AsyncIterator[bytes]:
         """Every matching record, oldest first, one JSON document per line."""
         query = self._filtered(actor, filters).order_by(
             AibridgeInterception.created_at, AibridgeInterception.id
