@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class Bridge:
     member_name: str
     member_token: str
     auditor: Client
+    seen: set[str] = field(default_factory=set)  # records last_record returned
 
     def openai(self, token: str | None = None) -> openai.OpenAI:
         client: openai.OpenAI = sdk_client(self.server.url, "openai", token or self.member_token)
@@ -74,19 +75,19 @@ class Bridge:
         return client
 
     def last_record(
-        self, client: Client | None = None, **filters: Any
+        self, client: Client | None = None, *, prompt: str | None = None, **filters: Any
     ) -> types.AibridgeInterception:
-        """The newest record, once written (a streamed call's record is
-        written as its stream ends, maybe just after the client's last read)."""
+        """The newest record not returned before (with ``prompt``, if given),
+        once written: records are written after the caller has its answer,
+        so the test's next request may come first."""
         client = client or self.member
         deadline = time.monotonic() + 10
-        before: set[str] = getattr(self, "_seen", set())
         while True:
-            items = client.list_aibridge(limit=1, **filters).items
-            if items and items[0].id not in before:
-                self._seen = before | {items[0].id}
-                return items[0]
-            assert time.monotonic() < deadline, f"no new AI bridge record ({filters})"
+            for item in client.list_aibridge(limit=20, **filters).items:
+                if item.id not in self.seen and prompt in (None, item.prompt):
+                    self.seen.add(item.id)
+                    return item
+            assert time.monotonic() < deadline, f"no new AI bridge record ({prompt}, {filters})"
             time.sleep(0.05)
 
 
@@ -194,7 +195,7 @@ def test_openai_chat_completions_streamed_and_not_with_tool_calls(bridge: Bridge
     assert seen["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert bridge.member_token not in json.dumps(seen)
 
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="please call a tool for the weather in Paris")
     assert (record.provider, record.endpoint, record.model) == (
         "openai",
         "chat.completions",
@@ -228,7 +229,7 @@ def test_openai_chat_completions_streamed_and_not_with_tool_calls(bridge: Bridge
     assert bridge.fake.requests()[-1]["body"]["stream_options"] == {"include_usage": True}
     usage = chunks[-1].usage
     assert usage is not None
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="hello there bridge")
     assert record.streamed and record.outcome == "completed"
     assert record.prompt == "hello there bridge" and record.tool_calls == []
     assert (record.input_tokens, record.output_tokens) == (
@@ -253,7 +254,7 @@ def test_openai_chat_completions_streamed_and_not_with_tool_calls(bridge: Bridge
         if call.function is not None
     ]
     assert len([p for p in pieces if p]) > 1 and json.loads("".join(pieces))["city"] == "Paris"
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="call a tool please")
     assert record.model == "qwen-coder" and record.streamed
     assert [c.name for c in record.tool_calls] == ["get_weather"]
     assert json.loads(record.tool_calls[0].arguments) == {"city": "Paris", "unit": "celsius"}
@@ -269,7 +270,7 @@ def test_openai_responses_streamed_and_not(bridge: Bridge) -> None:
     answer = client.responses.create(model="llama-3", input="call a tool for Paris", tools=[tool])
     calls = [item for item in answer.output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather"
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="call a tool for Paris")
     assert (record.endpoint, record.prompt) == ("responses", "call a tool for Paris")
     assert [c.name for c in record.tool_calls] == ["get_weather"]
     assert answer.usage is not None
@@ -285,7 +286,7 @@ def test_openai_responses_streamed_and_not(bridge: Bridge) -> None:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert "".join(deltas) == "echo: stream me words" and len(deltas) > 2
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="stream me words")
     assert record.streamed and record.prompt == "stream me words"
     assert final.usage is not None
     assert record.output_tokens == final.usage.output_tokens > 0
@@ -327,7 +328,7 @@ def test_anthropic_messages_streamed_and_not_with_tool_use(bridge: Bridge) -> No
     seen = bridge.fake.requests()[-1]
     assert seen["headers"]["x-api-key"] == UPSTREAM_KEY
     assert seen["headers"]["anthropic-version"]  # the client's own header passed on
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="call a tool: the weather in Paris")
     assert (record.provider, record.endpoint) == ("anthropic", "messages")
     assert record.prompt == "call a tool: the weather in Paris"
     assert [(c.name, json.loads(c.arguments)) for c in record.tool_calls] == [
@@ -360,7 +361,7 @@ def test_anthropic_messages_streamed_and_not_with_tool_use(bridge: Bridge) -> No
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == "echo: stream the reply please"
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="stream the reply please")
     assert record.streamed and record.prompt == "stream the reply please"
     assert (record.input_tokens, record.output_tokens, record.cache_read_tokens) == (
         final.usage.input_tokens,
@@ -377,7 +378,7 @@ def test_anthropic_messages_streamed_and_not_with_tool_use(bridge: Bridge) -> No
     ) as stream:
         final = stream.get_final_message()
     assert [b.name for b in final.content if b.type == "tool_use"] == ["get_weather"]
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="call a tool now")
     assert json.loads(record.tool_calls[0].arguments) == {"city": "Paris", "unit": "celsius"}
 
 
@@ -391,7 +392,7 @@ def test_errors_come_back_in_each_providers_format(bridge: Bridge) -> None:
             model="llama-3", messages=[{"role": "user", "content": "fail:500"}]
         )
     assert "upstream failed on purpose (500)" in str(server_error.value)
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="fail:500")
     assert (record.status, record.outcome) == (500, "upstream_error")
     assert "upstream failed on purpose" in (record.error or "")
 
@@ -414,7 +415,7 @@ def test_errors_come_back_in_each_providers_format(bridge: Bridge) -> None:
         )
     assert "not offered through this bridge" in str(refused.value)
     assert refused.value.code == "aibridge_model_not_allowed"
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="hi")
     assert (record.model, record.outcome, record.status) == ("secret-model", "refused", 403)
 
     with pytest.raises(openai.AuthenticationError):
@@ -460,13 +461,13 @@ def test_a_client_that_leaves_cancels_the_upstream_request(bridge: Bridge) -> No
         assert first.startswith(b"data: ")
     # The 30 chunks would take 6 s: the upstream request ends long before.
     assert upstream_outcome() == "cancelled"
-    record = bridge.last_record()
+    record = bridge.last_record(prompt="slow:30")
     assert (record.outcome, record.streamed) == ("cancelled", True)
 
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json=body, headers=headers, timeout=0.5)
     assert upstream_outcome() == "cancelled"
-    assert bridge.last_record().outcome == "cancelled"
+    assert bridge.last_record(prompt="slow:30").outcome == "cancelled"
 
 
 # --- records --------------------------------------------------------------------------
@@ -476,7 +477,7 @@ def test_who_sees_which_records(bridge: Bridge) -> None:
     bridge.openai().chat.completions.create(
         model="llama-3", messages=[{"role": "user", "content": "the member's own question"}]
     )
-    mine = bridge.last_record()
+    mine = bridge.last_record(prompt="the member's own question")
     other = Client(bridge.server.url)
     other_name = unique("user")
     bridge.owner.create_user(other_name, f"{other_name}@example.com", PASSWORD)

@@ -29,12 +29,20 @@ with warnings.catch_warnings():
     from authlib.common.security import generate_token
     from authlib.integrations.base_client import OAuthError
     from authlib.integrations.httpx_client import AsyncOAuth2Client
+    from authlib.integrations.httpx_client._compat import httpx2 as oauth_http
     from authlib.oauth2.client import OAuth2Client
+
+# The HTTP library authlib's client raises from: httpx2 where that fork is
+# installed (the openai and anthropic SDKs bring it), else httpx. Its
+# exceptions are not httpx's, so the token and userinfo calls catch these.
+TransportError: type[Exception] = oauth_http.TransportError
+HTTPStatusError: type[Exception] = oauth_http.HTTPStatusError
 
 __all__ = [
     "AsyncOAuth2Client",
     "BadSignatureError",
     "ExpiredTokenError",
+    "HTTPStatusError",
     "InvalidClaimError",
     "InvalidKeyIdError",
     "JoseError",
@@ -42,6 +50,7 @@ __all__ = [
     "MissingClaimError",
     "OAuth2Client",
     "OAuthError",
+    "TransportError",
     "generate_token",
     "jwt",
 ]

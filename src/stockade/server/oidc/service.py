@@ -683,7 +683,7 @@ class OidcService:
                 tokens = await client.fetch_token(
                     disc.token_endpoint, code=code, code_verifier=pending.code_verifier
                 )
-            except httpx.TransportError as exc:
+            except libs.TransportError as exc:
                 raise _unreachable(f"token endpoint {disc.token_endpoint}", exc) from exc
             except libs.OAuthError as exc:
                 description = (exc.description or "")[:_SHOWN]
@@ -700,7 +700,7 @@ class OidcService:
                         else ""
                     ),
                 ) from exc
-            except (httpx.HTTPStatusError, ValueError) as exc:
+            except (libs.HTTPStatusError, ValueError) as exc:
                 raise OidcError(
                     502,
                     "The identity provider is not answering as expected, so you cannot sign "
@@ -736,9 +736,11 @@ class OidcService:
         # The token is sent by hand: authlib's own would first check the access
         # token's expiry against its 60 s leeway and refuse a short-lived one.
         headers = {"accept": "application/json", "authorization": f"Bearer {access_token}"}
+        from stockade.server.oidc import libs
+
         try:
             response = await client.request("GET", url, headers=headers, withhold_token=True)
-        except httpx.TransportError as exc:
+        except libs.TransportError as exc:
             raise _unreachable(f"userinfo {url}", exc) from exc
         body: Any = None
         if response.status_code == 200 and "json" in response.headers.get("content-type", ""):
