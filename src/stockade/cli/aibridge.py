@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from stockade.cli.audit import SinceOpt, UntilOpt
-from stockade.cli.common import OutputOpt, client, query_filters
+from stockade.cli.common import OutputOpt, UserError, client, query_filters
 from stockade.cli.output import Format, console, print_json
+from stockade.sdk import types
+
+if TYPE_CHECKING:
+    from stockade.sdk import Client
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -22,6 +27,21 @@ UserOpt = Annotated[str | None, typer.Option(help="username (others' need owner 
 WorkspaceOpt = Annotated[str | None, typer.Option(help="workspace name")]
 ProviderOpt = Annotated[str | None, typer.Option(help="openai or anthropic")]
 ModelOpt = Annotated[str | None, typer.Option(help="model name")]
+
+
+def _page(
+    api: Client, limit: int, offset: int, filters: dict[str, Any]
+) -> types.AibridgeInterceptionList:
+    """A page of records. Not ``Client.list_aibridge``: its ``model`` filter
+    collides with the ``model`` parameter of ``Client._get`` (TypeError), so
+    ``--model`` asks the API directly until the SDK is fixed."""
+    params = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in filters.items()}
+    answer = api.request(
+        "GET",
+        "/api/v2/aibridge/interceptions",
+        params={"limit": limit, "offset": offset, **params},
+    )
+    return types.AibridgeInterceptionList.model_validate(answer.json())
 
 
 def _shorten(text: str | None, width: int = 60) -> str:
@@ -41,13 +61,12 @@ def list_(
     offset: Annotated[int, typer.Option(help="records to skip")] = 0,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Requests through the AI bridge, newest first: yours, or everyone's for
-    owners and auditors."""
+    """Requests through the AI bridge, newest first (everyone's for owners, auditors)."""
     filters = query_filters(
         user=user, workspace=workspace, provider=provider, model=model, since=since, until=until
     )
     with client() as api:
-        page = api.list_aibridge(limit=limit, offset=offset, **filters)
+        page = _page(api, limit, offset, filters)
     if output is Format.JSON:
         print_json(page.items)
         return
@@ -82,7 +101,12 @@ def show(
     with client() as api:
         if len(record_id) < 36:  # the short id that list shows
             matches = [r for r in api.list_aibridge(limit=1000).items if r.id.startswith(record_id)]
-            if len(matches) == 1:
+            if len(matches) > 1:
+                raise UserError(
+                    f"{len(matches)} records have ids starting with {record_id!r}; "
+                    "give more of the id"
+                )
+            if matches:
                 record_id = matches[0].id
         item = api.get_aibridge(record_id)
     if output is Format.JSON:
@@ -150,10 +174,10 @@ def env(
         typer.Option(help="also set the API keys to this login's token (it then acts as you)"),
     ] = False,
 ) -> None:
-    """Print shell lines that point stock OpenAI and Anthropic clients (and
-    coding agents built on them) at this server's AI bridge:
-    eval "$(stockade aibridge env --with-token)". Workspaces get these
-    variables from their agent already."""
+    """Shell lines that point OpenAI and Anthropic clients at this server's bridge.
+
+    For a coding agent on your machine: eval "$(stockade aibridge env --with-token)".
+    Workspaces get these variables from their agent already."""
     with client() as api:
         base = api.url.rstrip("/")
         token = api.token or ""
