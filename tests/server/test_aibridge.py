@@ -507,6 +507,31 @@ def test_who_sees_which_records(bridge: Bridge) -> None:
     assert exported and exported[-1].id == mine.id  # oldest first
     assert {r.username for r in exported} == {bridge.member_name}
     assert list(bridge.member.export_aibridge(model="no-such-model")) == []
+    # The dashboard's page: the same rules, the prompt escaped.
+    bridge.openai().chat.completions.create(
+        model="llama-3", messages=[{"role": "user", "content": "<script>alert(1)</script>"}]
+    )
+    bridge.last_record(prompt="<script>alert(1)</script>")
+
+    def page(client: Client, query: str = "") -> str:
+        cookie = {"cookie": f"stockade_session={client.token}"}
+        answer = httpx.get(f"{bridge.server.url}/aibridge{query}", headers=cookie, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.text
+
+    seen_by_member = page(bridge.member)
+    assert "the member&#39;s own question" in seen_by_member
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in seen_by_member
+    assert "<script>alert" not in seen_by_member
+    assert "Your requests through the AI bridge" in seen_by_member
+    seen_by_auditor = page(bridge.auditor, f"?user={bridge.member_name}&model=llama-3")
+    assert "the member&#39;s own question" in seen_by_auditor
+    assert "Every request through the AI bridge" in seen_by_auditor
+    with Client(bridge.server.url) as stranger:
+        name = unique("user")
+        bridge.owner.create_user(name, f"{name}@example.com", PASSWORD)
+        stranger.login(name, PASSWORD)
+        assert "own question" not in page(stranger)
 
 
 def test_limits_group_models_bad_upstream_key_and_retention(
@@ -602,10 +627,15 @@ chat = openai.OpenAI(max_retries=0).chat.completions.create(
 call = chat.choices[0].message.tool_calls[0]
 message = anthropic.Anthropic(max_retries=0).messages.create(
     model="claude-x", max_tokens=50, messages=[{"role": "user", "content": "hello from w"}])
-api = os.environ["OPENAI_BASE_URL"].split("/api/v2/")[0] + "/api/v2/users/me"
-me = httpx.get(api, headers={"authorization": "Bearer " + os.environ["OPENAI_API_KEY"]})
+site = os.environ["OPENAI_BASE_URL"].split("/api/v2/")[0]
+key = {"authorization": "Bearer " + os.environ["OPENAI_API_KEY"]}
+me = httpx.get(site + "/api/v2/users/me", headers=key)
+records = httpx.get(site + "/api/v2/aibridge/interceptions/export", headers=key)
+as_api_key = httpx.get(site + "/api/v2/aibridge/interceptions",
+                       headers={"x-api-key": os.environ["ANTHROPIC_API_KEY"]})
 print(json.dumps({"tool": call.function.name, "text": message.content[0].text,
-                  "me": me.status_code, "key_is_bridge_only": "bridge" in me.text}))
+                  "me": me.status_code, "key_is_bridge_only": "bridge" in me.text,
+                  "records": [records.status_code, as_api_key.status_code]}))
 """
 
 
@@ -634,6 +664,9 @@ def test_a_coding_agent_in_a_workspace_reaches_the_model_and_the_auditor_sees_it
     assert said["tool"] == "run_tests" and said["text"] == "echo: hello from w"
     # The key the workspace got is good for the bridge and nothing else.
     assert said["me"] == 401 and said["key_is_bridge_only"]
+    # Not even the bridge's records: the workspace's owner here is a site
+    # owner, who may read everyone's, but not through this key.
+    assert said["records"] == [401, 401]
 
     records = bridge.auditor.list_aibridge(workspace="w").items
     by_provider = {r.provider: r for r in records}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -16,10 +15,9 @@ from rich.text import Text
 from stockade.cli.audit import SinceOpt, UntilOpt
 from stockade.cli.common import OutputOpt, UserError, client, query_filters
 from stockade.cli.output import Format, console, print_json
-from stockade.sdk import types
 
 if TYPE_CHECKING:
-    from stockade.sdk import Client
+    pass
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -27,21 +25,6 @@ UserOpt = Annotated[str | None, typer.Option(help="username (others' need owner 
 WorkspaceOpt = Annotated[str | None, typer.Option(help="workspace name")]
 ProviderOpt = Annotated[str | None, typer.Option(help="openai or anthropic")]
 ModelOpt = Annotated[str | None, typer.Option(help="model name")]
-
-
-def _page(
-    api: Client, limit: int, offset: int, filters: dict[str, Any]
-) -> types.AibridgeInterceptionList:
-    """A page of records. Not ``Client.list_aibridge``: its ``model`` filter
-    collides with the ``model`` parameter of ``Client._get`` (TypeError), so
-    ``--model`` asks the API directly until the SDK is fixed."""
-    params = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in filters.items()}
-    answer = api.request(
-        "GET",
-        "/api/v2/aibridge/interceptions",
-        params={"limit": limit, "offset": offset, **params},
-    )
-    return types.AibridgeInterceptionList.model_validate(answer.json())
 
 
 def _shorten(text: str | None, width: int = 60) -> str:
@@ -66,7 +49,7 @@ def list_(
         user=user, workspace=workspace, provider=provider, model=model, since=since, until=until
     )
     with client() as api:
-        page = _page(api, limit, offset, filters)
+        page = api.list_aibridge(limit=limit, offset=offset, **filters)
     if output is Format.JSON:
         print_json(page.items)
         return

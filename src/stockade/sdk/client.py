@@ -113,8 +113,10 @@ class Client:
             raise _error(response)
         return response
 
-    def _get(self, path: str, model: type[M], **params: Any) -> M:
-        return model.model_validate(self.request("GET", path, params=_params(**params)).json())
+    def _get(self, path: str, response_model: type[M], /, **params: Any) -> M:
+        # Positional-only: a query parameter may be called "model" (AI bridge filters).
+        answer = self.request("GET", path, params=_params(**params))
+        return response_model.model_validate(answer.json())
 
     def _send(
         self,

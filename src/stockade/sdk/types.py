@@ -225,7 +225,7 @@ class AibridgeInterception(Response):
     workspace_id: str | None = Field(None, description="set when a workspace's session called")
     workspace_name: str | None = None
     provider: Literal["openai", "anthropic"]
-    endpoint: str = Field(description="chat.completions, responses, messages or count_tokens")
+    endpoint: str = Field(description="chat.completions, responses or messages")
     model: str
     streamed: bool
     prompt: str | None = Field(description="the last user prompt of the request")

@@ -36,6 +36,10 @@ PROVISIONERD_PREFIX = "/api/v2/provisionerd/"
 API_BODY_LIMIT = 1024 * 1024
 # Routes that take uploads, with their own limit: (method, path pattern, bytes).
 AIBRIDGE_PREFIX = "/api/v2/aibridge/"
+# The provider routes, where clients send model requests: the only place a
+# workspace's bridge-only key (and Anthropic's x-api-key header) counts. The
+# records under /api/v2/aibridge/interceptions are not among them.
+AIBRIDGE_PROVIDER_ROUTES = re.compile(r"^/api/v2/aibridge/(openai|anthropic)/")
 # A coding agent's request carries its whole conversation and tool output.
 AIBRIDGE_BODY_LIMIT = 32 * 1024 * 1024
 UPLOAD_LIMITS = (
@@ -174,7 +178,7 @@ class RequestMiddleware:
         state["audit"] = record
         state["request_id"] = request_id
         state["actor"] = None
-        bridge = path.startswith(AIBRIDGE_PREFIX)
+        bridge = AIBRIDGE_PROVIDER_ROUTES.match(path) is not None
         presented = presented_token(headers, bridge=bridge)
         refreshed_cookie: str | None = None
         unsafe = method not in _SAFE_METHODS

@@ -178,8 +178,9 @@ async def _proxy(request: Request, provider: str, path: str) -> Response:
             user_agent=(request.headers.get("user-agent") or "")[:256] or None,
         )
         await bridge.check_model(actor, upstream, model)
-        if endpoint in MODEL_ENDPOINTS:
-            await bridge.check_limits(actor)
+        # count_tokens is not recorded, but it carries a whole prompt to the
+        # model server: it counts against the limits like a generation.
+        await bridge.check_limits(actor)
         prepared = upstream.provider.prepare(endpoint, body)
         content = raw if prepared is body else json.dumps(prepared).encode()
         outgoing = bridge.upstream_request(

@@ -441,6 +441,40 @@ async def deployment_page(request: Request, actor: PageActor, services: Services
     )
 
 
+# --- AI bridge ----------------------------------------------------------------------------
+
+
+@router.get("/aibridge")
+async def aibridge_page(
+    request: Request,
+    actor: PageActor,
+    services: ServicesDep,
+    user: Annotated[str, Query(max_length=64)] = "",
+    model: Annotated[str, Query(max_length=255)] = "",
+    workspace: Annotated[str, Query(max_length=64)] = "",
+    limit: Limit = PAGE_SIZE,
+    offset: Offset = 0,
+) -> Response:
+    """Requests through the AI bridge, newest first, each with its prompt and
+    tool calls: everyone's for owners and auditors, one's own for others."""
+    values = {"user": user.strip(), "model": model.strip(), "workspace": workspace.strip()}
+    flt = types.AibridgeFilter(
+        user=values["user"] or None,
+        workspace=values["workspace"] or None,
+        model=values["model"] or None,
+    )
+    page = await services.aibridge.list_records(actor, flt, limit=limit, offset=offset)
+    context = {
+        "values": values,
+        "filtered": any(values.values()),
+        "records": page.items,
+        "everyone": can(actor, Perm.AIBRIDGE_READ),
+        "enabled": services.aibridge.enabled,
+        "pages": _pages(page.count, limit, offset, values, "/aibridge"),
+    }
+    return render(request, "admin/aibridge.html", context)
+
+
 @router.get("/admin/egress")
 async def egress_page(request: Request, actor: PageActor, services: ServicesDep) -> Response:
     """The egress report: what the deployment tried to reach, allowed or

@@ -122,6 +122,7 @@ class Nav:
     audit: bool
     deployment: bool
     egress: bool
+    aibridge: bool
 
     @classmethod
     def of(cls, actor: Actor) -> Nav:
@@ -134,6 +135,8 @@ class Nav:
             audit=can(actor, Perm.AUDIT_READ),
             deployment=can(actor, Perm.DEPLOYMENT_READ),
             egress=can(actor, Perm.EGRESS_READ),
+            # Everyone has their own AI bridge requests to look at.
+            aibridge=True,
         )
 
 
