@@ -150,13 +150,16 @@ async def race_disconnect(work: Awaitable[T], receive: Receive) -> T:
     watcher = asyncio.ensure_future(wait_for_disconnect(receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    except BaseException:  # cancelled from outside (the server stopping): pass it on
+        task.cancel()
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            raise ClientGone
+        raise
+    watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientGone
     return task.result()
 
 
