@@ -89,7 +89,8 @@ class Script:
     """What to answer a request with."""
 
     def __init__(self, body: dict[str, Any]) -> None:
-        text = _last_user(body)
+        # Echoed back: what cannot be encoded (a lone surrogate) becomes "?".
+        text = _last_user(body).encode("utf-8", "replace").decode("utf-8")
         self.fail = int(m.group(1)) if (m := re.search(r"fail:(\d{3})", text)) else None
         self.delay = 0.0
         self.words = f"echo: {text}".split(" ")

@@ -44,7 +44,10 @@ class Observation:
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, separators=(",", ":"))
         self.tool_calls.append(
-            {"name": str(name or "")[:255], "arguments": arguments[:MAX_ARGUMENT_CHARS]}
+            {
+                "name": storable(str(name or "")[:255]),
+                "arguments": storable(arguments[:MAX_ARGUMENT_CHARS]),
+            }
         )
 
 
@@ -80,10 +83,18 @@ def _last_user_text(messages: Any, part_types: tuple[str, ...]) -> str | None:
     return None
 
 
+def storable(text: str) -> str:
+    """Text any database can hold: PostgreSQL refuses NUL, and a JSON body
+    may carry lone surrogates (escaped) that no encoder accepts."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def clip_prompt(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_PROMPT_CHARS:
-        return text
-    return text[:MAX_PROMPT_CHARS] + f"\n[... {len(text) - MAX_PROMPT_CHARS} more characters]"
+    if text is None:
+        return None
+    if len(text) > MAX_PROMPT_CHARS:
+        text = text[:MAX_PROMPT_CHARS] + f"\n[... {len(text) - MAX_PROMPT_CHARS} more characters]"
+    return storable(text)
 
 
 class SSEDecoder:

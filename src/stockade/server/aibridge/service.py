@@ -35,6 +35,7 @@ from stockade.server.aibridge.providers import (
     Provider,
     SSEDecoder,
     clip_prompt,
+    storable,
 )
 from stockade.server.audit.service import append as append_audit
 from stockade.server.auth import keys
@@ -445,7 +446,7 @@ class AibridgeService:
                     workspace_name=workspace_name,
                     provider=call.provider,
                     endpoint=call.endpoint,
-                    model=call.model[:255],
+                    model=storable(call.model[:255]),
                     streamed=call.streamed,
                     prompt=clip_prompt(call.prompt),
                     tool_calls=call.observation.tool_calls,
@@ -455,7 +456,7 @@ class AibridgeService:
                     cache_write_tokens=usage.cache_write_tokens,
                     status=call.status,
                     outcome=call.outcome,
-                    error=call.error,
+                    error=storable(call.error) if call.error else None,
                     latency_ms=round((ended - call.started) * 1000),
                     first_byte_ms=(
                         round((call.first_byte - call.started) * 1000)
@@ -477,7 +478,7 @@ class AibridgeService:
                     user_agent=call.user_agent,
                     resource_type="aibridge_interception",
                     resource_id=row.id,
-                    resource_name=call.model[:255],
+                    resource_name=storable(call.model[:255]),
                     details={
                         "provider": call.provider,
                         "endpoint": call.endpoint,
