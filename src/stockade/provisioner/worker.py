@@ -180,7 +180,7 @@ class Worker:
                 f"the build took longer than {job.timeout_seconds} s",
             )
         except BackendError as exc:
-            outcome = ("failed", None, exc.reason, exc.message)
+            outcome = ("failed", exc.state, exc.reason, exc.message)
         except Exception as exc:  # a bug in a backend must not kill the worker
             self.on_error("build_crashed", exc)
             outcome = (

@@ -148,7 +148,7 @@ class Manifest(_Strict):
     display_name: str = Field("", max_length=128)
     description: str = Field("", max_length=4096)
     icon: str | None = Field(None, max_length=512)
-    backend: Literal["local", "docker"]
+    backend: Literal["local", "docker", "terraform"]
     parameters: list[Parameter] = Field(default_factory=list)
     compute: Compute = Field(default_factory=Compute)
     agent: Agent = Field(default_factory=Agent)
@@ -439,6 +439,13 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
         yield ("compute", "image"), "the docker backend needs an image", True
     if manifest.backend == "local" and compute.image:
         yield ("compute", "image"), "image is used only by the docker backend", True
+    if manifest.backend == "terraform" and compute.model_fields_set:
+        yield (
+            ("compute",),
+            "the terraform backend takes no compute settings: the .tf files size the "
+            "compute, from parameters (var.NAME)",
+            True,
+        )
     slugs: set[str] = set()
     for i, app in enumerate(manifest.apps):
         if app.slug in slugs:

@@ -77,6 +77,8 @@ def build_services(settings: Settings) -> Services:
         allow_unsandboxed=settings.local_allow_unsandboxed,
         docker_host=settings.docker_host,
         docker_network=settings.docker_network,
+        terraform_binary=settings.terraform_binary,
+        terraform_mirror_dir=settings.provider_mirror_dir,
     )
     services = Services(
         settings=settings,

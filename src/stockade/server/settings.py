@@ -26,6 +26,8 @@ from pydantic_settings import (
 )
 
 from stockade.egress import EgressPolicy
+from stockade.provisioner.backends import NAMES as BACKEND_NAMES
+from stockade.provisioner.terraform.cli import OPENTOFU_MINIMUM, TERRAFORM_MINIMUM
 from stockade.sdk.types import RoleName
 
 
@@ -191,8 +193,9 @@ class Settings(BaseSettings):
         "`stockade provisionerd` daemons.",
     )
     provisioner_backends: str = Field(
-        "local,docker",
-        description="Comma-separated backends the built-in workers serve (local, docker). "
+        "local,docker,terraform",
+        description="Comma-separated backends the built-in workers serve (local, docker, "
+        "terraform). "
         "Builds of other backends wait for a provisionerd that serves them.",
     )
     build_timeout_seconds: int = Field(
@@ -226,6 +229,19 @@ class Settings(BaseSettings):
         "",
         description="Docker network that workspace containers join. Empty: a bridge network "
         "named stockade-<deployment id>, created when missing.",
+    )
+    terraform_binary: str = Field(
+        "terraform",
+        description="The Terraform or OpenTofu CLI that terraform templates run: a command on "
+        "$PATH (terraform, tofu) or a path. Its version is checked at the first build (Terraform "
+        f"{TERRAFORM_MINIMUM} or OpenTofu {OPENTOFU_MINIMUM} at least) and shown in every build "
+        "log.",
+    )
+    terraform_mirror_dir: Path | None = Field(
+        None,
+        description="The provider mirror terraform builds install providers from (nothing is "
+        "ever downloaded). Fill it with `stockade terraform mirror import DIR`. Default: "
+        "DATA_DIR/terraform-mirror.",
     )
 
     wildcard_access_url: str = Field(
@@ -432,11 +448,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_backends(cls, value: str) -> str:
         names = [n.strip() for n in value.split(",") if n.strip()]
-        unknown = sorted(set(names) - {"local", "docker"})
+        unknown = sorted(set(names) - set(BACKEND_NAMES))
         if unknown:
             raise ValueError(
-                f"unknown backend(s) {', '.join(unknown)}: provisioner_backends takes local "
-                "and/or docker"
+                f"unknown backend(s) {', '.join(unknown)}: provisioner_backends takes "
+                f"{', '.join(BACKEND_NAMES)}"
             )
         return ",".join(names)
 
@@ -659,6 +675,10 @@ class Settings(BaseSettings):
     @property
     def workspaces_dir(self) -> Path:
         return self.data_dir / "workspaces"
+
+    @property
+    def provider_mirror_dir(self) -> Path:
+        return self.terraform_mirror_dir or self.data_dir / "terraform-mirror"
 
     @field_validator("address")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stockade.provisioner.backends.base import Backend, BackendError, BackendOptions
 
-NAMES = ("local", "docker")
+NAMES = ("local", "docker", "terraform")
 
 
 class BackendSet:
@@ -32,6 +32,10 @@ class BackendSet:
             from stockade.provisioner.backends.docker import DockerBackend
 
             return DockerBackend(self.options, deployment_id=self.deployment_id)
+        if name == "terraform":
+            from stockade.provisioner.backends.terraform import TerraformBackend
+
+            return TerraformBackend(self.options)
         raise BackendError(
             f"this provisioner has no {name!r} backend (it has: {', '.join(NAMES)})",
             reason="unknown_backend",

@@ -53,6 +53,15 @@ Calls:
 ``close()``
     Release clients and connections.
 
+Secrets in state: whatever a backend puts under ``state[SEALED_STATE_KEY]``
+(a JSON object) is encrypted by the server before it is stored and given back
+decrypted with the next build; the rest of ``state`` is stored as it is.
+
+Failures that leave something behind: a ``BackendError`` may carry the
+``state`` of what exists after the failure (a Terraform apply that created
+half its resources); the server stores it, so that the next build (a retry, a
+stop, a delete) finds and removes those resources.
+
 Cancellation: a build can be canceled; the worker then cancels the task that
 awaits the call (``asyncio.CancelledError`` is raised inside it). A backend
 cleans up what it must and lets the error propagate.
@@ -75,6 +84,9 @@ RECONCILE_GRACE_SECONDS = 60.0
 # What a stopping agent gets, at least, between SIGTERM and SIGKILL: it
 # reports shutting_down and off (each flushed for up to 2 s) before it exits.
 AGENT_STOP_SECONDS = 5.0
+
+# The part of a backend's state the server keeps encrypted at rest.
+SEALED_STATE_KEY = "sealed"
 
 AGENT_TOKEN_ENV = "STOCKADE_AGENT_TOKEN"
 ACCESS_URL_ENV = "STOCKADE_ACCESS_URL"
@@ -181,6 +193,10 @@ class BackendOptions:
     # the agents. None (a provisionerd, or an explicit agent URL): the access
     # URL as it is.
     docker_agent_url: Callable[[str], Awaitable[str]] | None = None
+    # terraform: the CLI to run (terraform, tofu or a path) and the provider
+    # mirror it installs providers from; None: WORKSPACES_DIR/../terraform-mirror.
+    terraform_binary: str = "terraform"
+    terraform_mirror_dir: Path | None = None
 
 
 class Progress(Protocol):
@@ -216,13 +232,23 @@ class Orphan:
 class BackendError(Exception):
     """A build step failed. ``message`` is for the workspace's owner and says
     what to do; ``reason`` is a low-cardinality label (``image_missing``,
-    ``docker_unreachable``...); ``log_message`` may add detail for operators."""
+    ``docker_unreachable``...); ``log_message`` may add detail for operators;
+    ``state``, when not None, is what exists after the failure (stored by the
+    server in place of the previous state)."""
 
-    def __init__(self, message: str, *, reason: str, log_message: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        log_message: str | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.log_message = log_message or message
+        self.state = state
 
 
 class Backend(abc.ABC):

@@ -12,6 +12,7 @@ for ever.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from stockade.agent.bundle import agent_bundle
+from stockade.provisioner.backends.base import SEALED_STATE_KEY
 from stockade.sdk import types
 from stockade.server.agents.service import AgentService
 from stockade.server.audit.service import AuditRecord, append
@@ -42,6 +44,7 @@ from stockade.server.db.models import (
     utcnow,
 )
 from stockade.server.errors import Conflict, NotFound, Unauthenticated
+from stockade.server.secretbox import SecretBox
 from stockade.server.events import JOBS, Notifier, build_key
 from stockade.server.observability import get_logger
 
@@ -101,6 +104,8 @@ class ProvisioningService:
         self.lease_seconds = lease_seconds
         self.timeout_seconds = timeout_seconds
         self.audit_key = audit_key
+        # Seals the secret part of backends' state (Terraform state) at rest.
+        self.secrets = SecretBox(audit_key)
         self._deployment_id: str | None = None
         self._bundle_sha: str | None = None
 
@@ -205,7 +210,7 @@ class ProvisioningService:
                 template_version=version.number,
                 manifest=version.manifest,
                 parameters=build.parameters,
-                state=ws.state,
+                state=self._unseal(ws.state, ws.id),
                 access_url=self.access_url,
                 lease_seconds=self.lease_seconds,
                 timeout_seconds=self.timeout_seconds,
@@ -229,6 +234,21 @@ class ProvisioningService:
         )
         self.notifier.notify(build_key(job.build_id))
         return job
+
+    def _seal(self, state: dict[str, Any], workspace_id: str) -> dict[str, Any]:
+        """``state`` with its secret part (``SEALED_STATE_KEY``) encrypted."""
+        secret = state.get(SEALED_STATE_KEY)
+        if secret is None:
+            return state
+        text = json.dumps(secret, separators=(",", ":"))
+        return {**state, SEALED_STATE_KEY: self.secrets.encrypt(text, context=workspace_id)}
+
+    def _unseal(self, state: dict[str, Any], workspace_id: str) -> dict[str, Any]:
+        sealed = state.get(SEALED_STATE_KEY)
+        if not isinstance(sealed, str):
+            return state
+        text = self.secrets.decrypt(sealed, context=workspace_id)
+        return {**state, SEALED_STATE_KEY: json.loads(text)}
 
     async def _held(self, session: AsyncSession, build_id: str, worker_id: str) -> WorkspaceBuild:
         query = select(WorkspaceBuild).where(WorkspaceBuild.id == build_id)
@@ -359,7 +379,7 @@ class ProvisioningService:
                 build.reason = reason or status
                 build.error = error
             if state is not None:
-                ws.state = state
+                ws.state = self._seal(state, ws.id)
             newer = list(
                 (
                     await session.execute(
