@@ -180,7 +180,14 @@ class Worker:
                 f"the build took longer than {job.timeout_seconds} s",
             )
         except BackendError as exc:
-            outcome = ("failed", exc.state, exc.reason, exc.message)
+            if cancel_reason:
+                # The backend stopped on the cancel and said what it left.
+                if cancel_reason[0] == "lease_lost":
+                    self.current = None
+                    return
+                outcome = ("canceled", exc.state, "canceled", "the build was canceled")
+            else:
+                outcome = ("failed", exc.state, exc.reason, exc.message)
         except Exception as exc:  # a bug in a backend must not kill the worker
             self.on_error("build_crashed", exc)
             outcome = (
