@@ -47,13 +47,13 @@ PushOrgOpt = Annotated[
 @app.command("init")
 def init(
     directory: Annotated[Path, typer.Argument(help="where to write the starter")],
-    backend: Annotated[str, typer.Option(help="local or docker")] = "local",
+    backend: Annotated[str, typer.Option(help="local, docker or terraform")] = "local",
     name: Annotated[str | None, typer.Option(help="template name (default: from DIR)")] = None,
     force: Annotated[bool, typer.Option("--force", help="write into a non-empty dir")] = False,
 ) -> None:
     """Write a working starter template (stockade.yaml and README.md) into DIR."""
     if backend not in STARTERS:
-        raise UserError(f"unknown backend {backend!r}; choose local or docker")
+        raise UserError(f"unknown backend {backend!r}; choose {', '.join(STARTERS)}")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not force:

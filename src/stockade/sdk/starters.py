@@ -1,10 +1,11 @@
 """The starter templates that ``stockade templates init`` writes (and that
 ``stockade airgap bundle`` carries across the gap): a working ``stockade.yaml``
-and a README per backend."""
+and a README per backend, and for terraform a ``main.tf``."""
 
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 
 from stockade.sdk.templates import MANIFEST_NAME, Manifest, parse_manifest
@@ -85,7 +86,30 @@ agent:
       interval: 30
 apps: []
 """,
+    "terraform": """\
+# A Stockade template: see README.md next to this file. The workspace itself is
+# made by main.tf; its parameters are the variables declared there.
+name: {name}
+display_name: {title}
+description: A sandboxed process made by Terraform (built-in resources only).
+backend: terraform
+agent:
+  # Parameters reach the script as STOCKADE_PARAMETER_<NAME> variables.
+  startup_script: |
+    set -eu
+    echo "$STOCKADE_PARAMETER_GREETING from $(hostname), in $HOME"
+  metadata:
+    - key: disk
+      display_name: Home disk usage
+      script: du -sh "$HOME" | cut -f1
+      interval: 300
+apps: []
+""",
 }
+
+# Files a starter has besides stockade.yaml and README.md, shipped in
+# stockade/sdk/starter_files/BACKEND/.
+EXTRA_FILES: dict[str, tuple[str, ...]] = {"terraform": ("main.tf",)}
 
 _README = """\
 # {title}
@@ -102,6 +126,20 @@ Push it (as an owner or template-admin) and check the result:
     stockade templates versions {name}
 
 `--no-activate` uploads a version without making it the one new workspaces use.
+{extra}"""
+
+_TERRAFORM_README = """
+## Terraform
+
+`main.tf` makes the workspace with built-in resources only (`terraform_data` and
+`local-exec`), so it runs wherever the provisioner has the Terraform (or
+OpenTofu) CLI and bubblewrap: the workspace is a sandboxed process on the
+provisioner's host, its home under `var.stockade_workspace_dir`. Stockade passes
+the `stockade_*` variables (declare those you use) and treats every other
+variable as a parameter users choose. What has `count = var.stockade_start_count`
+goes away at stop; the rest stays until the workspace is deleted. See
+docs/terraform.md in Stockade for the whole contract and for providers (from
+the offline mirror: `stockade terraform mirror import DIR`).
 """
 
 
@@ -125,8 +163,9 @@ def starter_manifest(backend: str, name: str = "starter") -> Manifest:
 
 
 def write_starter(directory: Path, backend: str, name: str | None = None) -> str:
-    """Write the starter of ``backend`` (``stockade.yaml`` and ``README.md``) into
-    ``directory``, made if missing; existing files of those names are replaced.
+    """Write the starter of ``backend`` (``stockade.yaml``, ``README.md`` and
+    its :data:`EXTRA_FILES`) into ``directory``, made if missing; existing
+    files of those names are replaced.
     Returns the template name (by default from the directory's name)."""
     name = name or default_name(directory)
     manifest = render_starter(backend, name)
@@ -134,5 +173,11 @@ def write_starter(directory: Path, backend: str, name: str | None = None) -> str
     title = name.replace("-", " ").title()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_NAME).write_text(manifest)
-    (directory / "README.md").write_text(_README.format(name=name, title=title, backend=backend))
+    extra = _TERRAFORM_README if backend == "terraform" else ""
+    (directory / "README.md").write_text(
+        _README.format(name=name, title=title, backend=backend, extra=extra)
+    )
+    shipped = resources.files("stockade.sdk") / "starter_files" / backend
+    for relative in EXTRA_FILES.get(backend, ()):
+        (directory / relative).write_text(shipped.joinpath(relative).read_text())
     return name
