@@ -472,6 +472,48 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
         keys.add(item.key)
 
 
+def output_apps(manifest: Manifest, value: Any) -> list[App]:
+    """The apps a Terraform template's ``stockade_apps`` output adds to its
+    manifest's, each checked as a manifest app is; ``ValueError`` saying which
+    one is wrong and why (a slug the manifest already has included)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError("stockade_apps must be a list of apps (objects with slug and port)")
+    apps: list[App] = []
+    slugs = {app.slug for app in manifest.apps}
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            # Terraform objects carry every attribute, unset ones as null.
+            item = {k: v for k, v in item.items() if v is not None}
+        try:
+            app = App.model_validate(item, strict=False)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = _path(tuple(first["loc"]))
+            raise ValueError(
+                f"stockade_apps[{i}]{'.' + where if where else ''}: {first['msg']}"
+            ) from None
+        probe = manifest.model_copy(update={"apps": [app]})
+        for _loc, reason, _key in _semantic(probe):
+            raise ValueError(f"stockade_apps[{i}]: {reason}")
+        if app.slug in slugs:
+            raise ValueError(f"stockade_apps[{i}]: the app slug {app.slug!r} is already taken")
+        slugs.add(app.slug)
+        apps.append(app)
+    return apps
+
+
+def workspace_apps(manifest: Manifest, state: dict[str, Any] | None) -> list[App]:
+    """A workspace's apps: its template's, and those its last Terraform build
+    output (checked by the provisioner; anything unreadable is left out)."""
+    outputs = ((state or {}).get("terraform") or {}).get("outputs") or {}
+    try:
+        return [*manifest.apps, *output_apps(manifest, outputs.get("stockade_apps"))]
+    except ValueError:
+        return list(manifest.apps)
+
+
 @dataclass(frozen=True)
 class AppTarget:
     """Where an app listens inside the workspace, and the path it is served under."""

@@ -570,6 +570,15 @@ class WorkspaceBuildList(Response):
     builds: list[WorkspaceBuild]
 
 
+class WorkspaceResource(Response):
+    """A resource a Terraform template's last build left in its state."""
+
+    address: str = Field(description="e.g. docker_container.workspace[0]")
+    type: str
+    name: str
+    tainted: bool = Field(False, description="its create failed; the next apply replaces it")
+
+
 class Workspace(Response):
     id: str
     name: str
@@ -593,6 +602,14 @@ class Workspace(Response):
     latest_build: WorkspaceBuild
     agent: WorkspaceAgent | None = Field(
         None, description="the agent of the latest start build, while it is not revoked"
+    )
+    resources: list[WorkspaceResource] = Field(
+        default_factory=list,
+        description="terraform: the managed resources in the state its last build left",
+    )
+    resource_metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="terraform: the template's stockade_metadata output (shown with resources)",
     )
 
 

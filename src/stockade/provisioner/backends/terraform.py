@@ -52,6 +52,7 @@ from stockade.provisioner.backends.base import (
     token_fingerprint,
 )
 from stockade.provisioner.terraform import cli as tfcli
+from stockade.sdk.templates import output_apps
 
 Transition = Literal["start", "stop", "delete"]
 
@@ -346,6 +347,8 @@ class TerraformBackend(Backend):
                 cwd=workdir,
                 env=env,
                 log=log,
+                # The plan's changes, shown once already.
+                skip=frozenset({"planned_change"}),
             )
         except asyncio.CancelledError:
             # Interrupted: what it made so far is in its state, which must
@@ -363,6 +366,13 @@ class TerraformBackend(Backend):
             raise BackendError(
                 f"terraform apply failed{where}: {_diagnostics_text(apply)}",
                 reason="apply_failed",
+                state=new_state,
+            )
+        problem = _check_outputs(spec, new_state["terraform"]["outputs"])
+        if problem:
+            raise BackendError(
+                f"the template's outputs are not usable: {problem}",
+                reason="invalid_outputs",
                 state=new_state,
             )
         count = len(new_state["terraform"]["resources"])
@@ -391,6 +401,21 @@ class TerraformBackend(Backend):
         errors = [line for line in result.plain if line.startswith("Error:")]
         detail = "; ".join(errors) or (result.plain[-1] if result.plain else "no output")
         return BackendError(f"terraform init failed: {detail}", reason="init_failed")
+
+
+def _check_outputs(spec: WorkspaceSpec, outputs: dict[str, Any]) -> str | None:
+    """Why the ``stockade_*`` outputs cannot be used (None: they can)."""
+    metadata = outputs.get("stockade_metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(isinstance(v, str | int | float | bool) for v in metadata.values())
+    ):
+        return "stockade_metadata must be a map of strings"
+    try:
+        output_apps(spec.manifest, outputs.get("stockade_apps"))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _diagnostics_text(result: tfcli.RunResult) -> str:

@@ -241,11 +241,13 @@ async def run(
     cwd: Path,
     env: Mapping[str, str],
     log: LogLine,
+    skip: frozenset[str] = frozenset(),
 ) -> RunResult:
     """Run ``cli`` with ``args`` in ``cwd``; every output line is logged (JSON
-    UI messages as their text). Cancellation interrupts the CLI and waits up
-    to :data:`INTERRUPT_GRACE_SECONDS` for it to write its state, then kills
-    its process group, and re-raises."""
+    UI messages as their text, but those whose type is in ``skip``).
+    Cancellation interrupts the CLI and waits up to
+    :data:`INTERRUPT_GRACE_SECONDS` for it to write its state, then kills its
+    process group, and re-raises."""
     # Popen, not the event loop's subprocesses: uvloop leaves some of its own
     # descriptors open in the child (close_fds is not honoured), among them
     # pipes; the workspace processes a local-exec leaves running would hold
@@ -277,7 +279,7 @@ async def run(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(read_fd, "rb", 0)
     )
     try:
-        return await _consume(proc, reader, log)
+        return await _consume(proc, reader, log, skip)
     finally:
         transport.close()
 
@@ -289,7 +291,10 @@ async def _wait(proc: subprocess.Popen[bytes]) -> int:
 
 
 async def _consume(
-    proc: subprocess.Popen[bytes], reader: asyncio.StreamReader, log: LogLine
+    proc: subprocess.Popen[bytes],
+    reader: asyncio.StreamReader,
+    log: LogLine,
+    skip: frozenset[str],
 ) -> RunResult:
     result = RunResult(returncode=-1)
     try:
@@ -306,7 +311,8 @@ async def _consume(
                 with contextlib.suppress(ValueError):
                     message = json.loads(line)
             if isinstance(message, dict) and "@message" in message:
-                await _report(message, result, log)
+                if message.get("type") not in skip:
+                    await _report(message, result, log)
             elif line.strip():
                 result.plain.append(line)
                 await log(line, "info")

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED, LIFECYCLE_STATES, PROTOCOL_VERSION
 from stockade.provisioner.worker import parameter_env
 from stockade.sdk import types
-from stockade.sdk.templates import Manifest, health_check_url
+from stockade.sdk.templates import Manifest, health_check_url, workspace_apps
 from stockade.server.auth import keys
 from stockade.server.db import Database
 from stockade.server.db.models import (
@@ -376,7 +376,7 @@ class AgentService:
                     "interval": app.health_check.interval,
                     "threshold": app.health_check.threshold,
                 }
-                for app in manifest.apps
+                for app in workspace_apps(manifest, ws.state)
                 if app.health_check is not None and health_check_url(app) is not None
             ],
         }

@@ -67,7 +67,7 @@ from sqlalchemy import select
 from starlette.websockets import WebSocket
 
 from stockade.sdk import types
-from stockade.sdk.templates import App, AppTarget, Manifest, app_target
+from stockade.sdk.templates import App, AppTarget, Manifest, app_target, workspace_apps
 from stockade.server.agents.service import AgentService, PendingStream
 from stockade.server.apps.proxy import AgentStream, Counters, Lease, StreamPool
 from stockade.server.audit.service import AuditRecord, write_record
@@ -378,7 +378,9 @@ class AppService:
         async with self.db.session() as session:
             row = (
                 await session.execute(
-                    select(Workspace.id, Workspace.owner_id, TemplateVersion.manifest)
+                    select(
+                        Workspace.id, Workspace.owner_id, Workspace.state, TemplateVersion.manifest
+                    )
                     .join(User, User.id == Workspace.owner_id)
                     .join(TemplateVersion, TemplateVersion.id == Workspace.template_version_id)
                     .where(
@@ -402,7 +404,7 @@ class AppService:
         apps: dict[str, App] = {}
         try:
             manifest = Manifest.model_validate(row.manifest)
-            apps = {app.slug: app for app in manifest.apps}
+            apps = {app.slug: app for app in workspace_apps(manifest, row.state)}
         except ValidationError:
             log.warning("manifest_unreadable", workspace_id=row.id)
         if len(self._workspaces) > 10_000:

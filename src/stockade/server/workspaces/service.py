@@ -9,11 +9,13 @@ on their own workspaces only (others' are 404), owners and user-admins on all.
 from __future__ import annotations
 
 import builtins
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -266,7 +268,27 @@ def _workspace_view(
         created_at=ws.created_at,
         updated_at=ws.updated_at,
         latest_build=build_view(build, ws, names),
+        **_terraform_view(ws.state),
     )
+
+
+def _terraform_view(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The resources and metadata a terraform build left in the state (what
+    the provisioner wrote; anything malformed is left out, not an error)."""
+    info = (state or {}).get("terraform")
+    if not isinstance(info, dict):
+        return {}
+    resources = []
+    for item in info.get("resources") or []:
+        with contextlib.suppress(ValidationError, TypeError):
+            resources.append(types.WorkspaceResource.model_validate(item))
+    metadata = (info.get("outputs") or {}).get("stockade_metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    return {
+        "resources": resources,
+        "resource_metadata": {str(k): str(v) for k, v in metadata.items() if v is not None},
+    }
 
 
 async def _views(
