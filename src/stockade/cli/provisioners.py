@@ -74,7 +74,7 @@ def start(
     ] = None,
     backend: Annotated[
         list[str] | None,
-        typer.Option("--backend", help="repeatable: local, docker (default: both)"),
+        typer.Option("--backend", help="repeatable: local, docker, terraform (default: all)"),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="builds run at the same time")] = 1,
     data_dir: Annotated[
@@ -102,6 +102,17 @@ def start(
     docker_network: Annotated[
         str, typer.Option(help="network workspace containers join (default: per deployment)")
     ] = "",
+    terraform_binary: Annotated[
+        str, typer.Option(help="the Terraform or OpenTofu CLI: terraform, tofu or a path")
+    ] = "terraform",
+    terraform_mirror_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="provider mirror for terraform builds (default: DATA_DIR/terraform-mirror; "
+            "fill it with `stockade terraform mirror import`)",
+            show_default=False,
+        ),
+    ] = None,
     verbose_logs: Annotated[
         bool, typer.Option("--debug", help="log tracebacks of worker errors")
     ] = False,
@@ -140,6 +151,10 @@ def start(
         allow_unsandboxed=local_allow_unsandboxed,
         docker_host=docker_host,
         docker_network=docker_network,
+        terraform_binary=terraform_binary,
+        terraform_mirror_dir=terraform_mirror_dir.expanduser().absolute()
+        if terraform_mirror_dir
+        else None,
     )
     configure_logging(logging.DEBUG if verbose_logs else logging.INFO)
     try:

@@ -353,6 +353,8 @@ class DaemonConfig:
     allow_unsandboxed: bool = False
     docker_host: str = ""
     docker_network: str = ""
+    terraform_binary: str = "terraform"
+    terraform_mirror_dir: Path | None = None
     wait_seconds: float = 10.0
 
     @property
@@ -362,6 +364,8 @@ class DaemonConfig:
             allow_unsandboxed=self.allow_unsandboxed,
             docker_host=self.docker_host,
             docker_network=self.docker_network,
+            terraform_binary=self.terraform_binary,
+            terraform_mirror_dir=self.terraform_mirror_dir or self.data_dir / "terraform-mirror",
         )
 
 
