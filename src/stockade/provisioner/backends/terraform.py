@@ -52,11 +52,13 @@ from stockade.provisioner.backends.base import (
     token_fingerprint,
 )
 from stockade.provisioner.terraform import cli as tfcli
+from stockade.provisioner.terraform.config import ConfigError, declared_variables
 from stockade.sdk.templates import output_apps
 
 Transition = Literal["start", "stop", "delete"]
 
 STATE_FILE = "terraform.tfstate"
+VARS_FILE = "stockade.tfvars.json"
 PLAN_FILE = "stockade.tfplan"
 # Replaces any backend the template configures: the state lives in Stockade.
 OVERRIDE_FILE = "zz_stockade_override.tf"
@@ -79,7 +81,7 @@ _WORKSPACE_ID = re.compile(r"^[0-9a-f-]{8,64}$")
 
 def stockade_variables(
     spec: WorkspaceSpec, transition: Transition, workspace_dir: Path
-) -> dict[str, str]:
+) -> dict[str, str | int]:
     """The values Stockade passes a template, by variable name."""
     start = transition == "start"
     return {
@@ -88,10 +90,10 @@ def stockade_variables(
         "stockade_owner": spec.owner_username,
         "stockade_owner_id": spec.owner_id,
         "stockade_template": spec.template_name,
-        "stockade_template_version": str(spec.template_version),
-        "stockade_build_number": str(spec.build_number),
+        "stockade_template_version": spec.template_version,
+        "stockade_build_number": spec.build_number,
         "stockade_transition": transition,
-        "stockade_start_count": "1" if start else "0",
+        "stockade_start_count": 1 if start else 0,
         "stockade_access_url": spec.access_url,
         "stockade_deployment_id": spec.deployment_id,
         "stockade_workspace_dir": str(workspace_dir),
@@ -123,16 +125,6 @@ def agent_init_script(spec: WorkspaceSpec) -> str:
             f"{AGENT_CA_ENV}={ca_path}; export {AGENT_CA_ENV}",
         ]
     return "\n".join(lines) + "\n" + BOOTSTRAP_SCRIPT
-
-
-def _tf_value(value: Any) -> str:
-    """A parameter as a ``TF_VAR_`` value: strings raw, the rest as HCL (JSON
-    literals are HCL)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return json.dumps(value)
 
 
 def _resources(tfstate: dict[str, Any]) -> list[dict[str, Any]]:
@@ -278,14 +270,17 @@ class TerraformBackend(Backend):
         build_dir = self.builds_dir / f"{spec.build_id}-{secrets.token_hex(4)}"
         workdir = build_dir / "template"
         try:
-            await asyncio.to_thread(self._prepare, spec, state, build_dir, workdir, workspace_dir)
+            values: dict[str, Any] = {
+                **spec.parameters,
+                **stockade_variables(spec, transition, workspace_dir),
+            }
+            await asyncio.to_thread(
+                self._prepare, spec, state, build_dir, workdir, workspace_dir, values
+            )
             env = tfcli.base_environment(build_dir / "cli.tfrc")
-            variables = stockade_variables(spec, transition, workspace_dir)
-            for name, value in spec.parameters.items():
-                env[f"TF_VAR_{name}"] = _tf_value(value)
-            for name, value in variables.items():
-                env[f"TF_VAR_{name}"] = value
-            return await self._run(cli, spec, state, progress, transition, workdir, env)
+            return await self._run(
+                cli, state, progress, transition, workdir, env, build_dir / VARS_FILE, spec
+            )
         finally:
             # The plan file and the state hold secrets in clear: never leave them.
             await asyncio.to_thread(shutil.rmtree, build_dir, True)
@@ -297,10 +292,25 @@ class TerraformBackend(Backend):
         build_dir: Path,
         workdir: Path,
         workspace_dir: Path,
+        values: dict[str, Any],
     ) -> None:
         self.builds_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         build_dir.mkdir(mode=0o700)
         shutil.copytree(spec.files_dir, workdir, symlinks=True)
+        try:
+            declared = declared_variables(workdir)
+        except ConfigError as exc:
+            raise BackendError(
+                f"the template's Terraform files cannot be read: {exc}", reason="invalid_config"
+            ) from exc
+        # A file, not TF_VAR_ variables: the CLI's environment reaches every
+        # local-exec command, and a template that prints it would put the
+        # agent token in the build log. Only declared variables: Terraform
+        # warns about values for the others.
+        passed = {name: value for name, value in values.items() if name in declared}
+        vars_path = build_dir / VARS_FILE
+        vars_path.touch(mode=0o600)
+        vars_path.write_text(json.dumps(passed))
         (workdir / OVERRIDE_FILE).write_text(OVERRIDE)
         (build_dir / "cli.tfrc").write_text(tfcli.cli_config(self.mirror_dir))
         tfstate = (state.get(SEALED_STATE_KEY) or {}).get("tfstate")
@@ -313,12 +323,13 @@ class TerraformBackend(Backend):
     async def _run(
         self,
         cli: tfcli.CliVersion,
-        spec: WorkspaceSpec,
         state: dict[str, Any],
         progress: Progress,
         transition: Transition,
         workdir: Path,
         env: dict[str, str],
+        vars_file: Path,
+        spec: WorkspaceSpec,
     ) -> dict[str, Any]:
         async def log(line: str, level: Literal["info", "warn", "error"]) -> None:
             await progress.log(line, level=level)
@@ -330,7 +341,13 @@ class TerraformBackend(Backend):
         if init.returncode != 0:
             raise self._init_error(init)
         await progress.stage("Terraform plan")
-        plan_args = ["plan", "-json", "-input=false", f"-out={PLAN_FILE}"]
+        plan_args = [
+            "plan",
+            "-json",
+            "-input=false",
+            f"-var-file={vars_file}",
+            f"-out={PLAN_FILE}",
+        ]
         if transition == "delete":
             plan_args.append("-destroy")
         plan = await tfcli.run(cli, plan_args, cwd=workdir, env=env, log=log)

@@ -1,0 +1,298 @@
+"""The terraform backend through a real server and the real Terraform CLI:
+the starter (a bubblewrap sandbox made with ``terraform_data`` and
+``local-exec``) and a Docker container made through the docker CLI go through
+start, stop, start and delete with the agent connecting back each time; a
+failed apply names the resource and keeps what it made; a canceled apply keeps
+its partial state; the state is sealed at rest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade.devtools.server import ServerProcess
+from stockade.sdk import Client, types
+from stockade.sdk.templates import build_archive
+from tests.builds import agent_lines, build_lines, wait_for_agent, wait_for_build
+from tests.cli.test_cli import Run, cli  # noqa: F401  (fixture)
+from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
+
+TEMPLATES = Path(__file__).parent / "terraform_templates"
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+def terraform_present() -> None:
+    require(
+        "the Terraform CLI",
+        shutil.which("terraform") is not None,
+        "install Terraform 1.4+ (it is at /usr/local/bin/terraform on these machines)",
+    )
+
+
+def kill_sandboxes(data_dir: Path) -> None:
+    """The starter's sandboxes outlive a dead server by design; a test's must
+    not outlive the test: kill the process groups their pid files name."""
+    for pid_file in (data_dir / "terraform" / "workspaces").glob("*/run/pid"):
+        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    terraform_present()
+    proc = ServerProcess(data_dir=tmp_path / "server", env=RELAXED_LIMITS).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        kill_sandboxes(proc.data_dir)
+        stop_workspaces(proc)
+
+
+@pytest.fixture
+def owner(server: ServerProcess) -> Iterator[Client]:
+    client = Client(server.url)
+    client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
+    client.login("owner", OWNER_PASSWORD)
+    yield client
+    client.close()
+
+
+def finished(client: Client, name: str, number: int) -> types.WorkspaceBuild:
+    return wait_for_build(client, "owner", name, number, FINISHED, timeout=120)
+
+
+def stored_state(server: ServerProcess, workspace_id: str) -> dict[str, Any]:
+    with sqlite3.connect(server.data_dir / "stockade.db") as db:
+        (text,) = db.execute(
+            "SELECT state FROM workspaces WHERE id = ?", (workspace_id,)
+        ).fetchone()
+    return dict(json.loads(text))
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_starter_makes_a_sandboxed_workspace_that_stops_starts_and_is_deleted(
+    server: ServerProcess,
+    owner: Client,
+    tmp_path: Path,
+    cli: Run,  # noqa: F811
+) -> None:
+    require("bubblewrap", shutil.which("bwrap") is not None, "apt-get install bubblewrap")
+    cli("login", server.url, "--username", "owner", "--password", OWNER_PASSWORD)
+    starter = tmp_path / "tf-starter"
+    cli("templates", "init", str(starter), "--backend", "terraform")
+    # The startup script also counts starts in the home, which must persist.
+    manifest = starter / "stockade.yaml"
+    manifest.write_text(
+        manifest.read_text().replace('in $HOME"\n', 'in $HOME"\n    date >> "$HOME/starts"\n')
+    )
+    cli("templates", "push", "tf-starter", "-d", str(starter))
+    (version,) = owner.list_template_versions("tf-starter")
+    # The parameter comes from the variable in main.tf.
+    assert [p["name"] for p in version.manifest["parameters"]] == ["greeting"]
+
+    created = cli("create", "box", "--template", "tf-starter", "-p", "greeting=good morning")
+    assert "good morning from workspace" in created.stdout
+    ws = wait_for_agent(owner, "owner", "box")
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+    assert "good morning from workspace, in /home/workspace" in agent_lines(owner, "owner", "box")
+    lines = build_lines(owner, "owner", "box")
+    assert any(line.startswith("running Terraform v1.") for line in lines)
+    assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in lines
+    stages = [s.name for s in owner.get_build("owner", "box", 1).stages]
+    assert stages == ["Preparing", "Terraform init", "Terraform plan", "Terraform apply"]
+    assert {r.address for r in ws.resources} == {
+        "terraform_data.home",
+        "terraform_data.workspace[0]",
+    }
+    assert ws.resource_metadata["sandbox"] == "bubblewrap"
+
+    # The Terraform state is in the database, sealed.
+    state = stored_state(server, ws.id)
+    assert state["sealed"].startswith("v1:")
+    assert "terraform_data" not in state["sealed"]
+    assert state["terraform"]["transition"] == "start"
+
+    workspace_dir = server.data_dir / "terraform" / "workspaces" / ws.id
+    pgid = int((workspace_dir / "run" / "pid").read_text())
+    assert group_alive(pgid)
+
+    owner.create_build("owner", "box", "stop")
+    assert finished(owner, "box", 2).status == "succeeded"
+    ws = owner.get_workspace("owner", "box")
+    assert ws.status == "stopped"
+    assert [r.address for r in ws.resources] == ["terraform_data.home"]
+    assert not group_alive(pgid)
+    assert (workspace_dir / "home" / "starts").read_text().count("\n") == 1
+
+    owner.create_build("owner", "box", "start")
+    assert finished(owner, "box", 3).status == "succeeded"
+    wait_for_agent(owner, "owner", "box")
+    assert (workspace_dir / "home" / "starts").read_text().count("\n") == 2
+
+    owner.create_build("owner", "box", "delete")
+    assert finished(owner, "box", 4).status == "succeeded"
+    assert not workspace_dir.exists()
+    names = [w.name for w in owner.list_workspaces().workspaces]
+    assert "box" not in names
+
+
+def test_a_docker_container_made_through_the_docker_cli_runs_the_agent(
+    server: ServerProcess, owner: Client, base_image: str
+) -> None:
+    require("the docker CLI", shutil.which("docker") is not None, "apt-get install docker.io")
+    owner.push_template("tf-docker", build_archive(TEMPLATES / "docker"))
+    ws = owner.create_workspace("dock", "tf-docker", {"motto": "ahoy", "image": base_image})
+    assert finished(owner, "dock", 1).status == "succeeded"
+    ws = wait_for_agent(owner, "owner", "dock")
+    assert ws.agent is not None and ws.agent.lifecycle_state == "ready"
+    assert any("says ahoy" in line for line in agent_lines(owner, "owner", "dock"))
+    container = f"stockade-tf-{ws.id}"
+    volume = f"stockade-tf-home-{ws.id}"
+    assert docker("inspect", "-f", "{{.State.Running}}", container) == "true"
+    # The token never is in the container's configuration.
+    config = docker("inspect", container)
+    assert "STOCKADE_AGENT_TOKEN" not in config
+    assert ws.resource_metadata == {"volume": volume, "image": base_image}
+    # The app from the template's stockade_apps output is the workspace's.
+    apps = owner.request("GET", "/api/v2/workspaces/owner/dock/apps").json()["apps"]
+    assert [app["slug"] for app in apps] == ["files"]
+
+    owner.create_build("owner", "dock", "stop")
+    assert finished(owner, "dock", 2).status == "succeeded"
+    assert docker("ps", "-aq", "--filter", f"name={container}") == ""
+    assert docker("volume", "ls", "-q", "--filter", f"name={volume}") == volume
+
+    owner.create_build("owner", "dock", "start")
+    assert finished(owner, "dock", 3).status == "succeeded"
+    wait_for_agent(owner, "owner", "dock")
+    starts = docker(
+        "run", "--rm", "-v", f"{volume}:/h", "--entrypoint", "cat", base_image, "/h/starts"
+    )
+    assert starts.count("\n") == 1  # two lines; the output is stripped
+
+    owner.create_build("owner", "dock", "delete")
+    assert finished(owner, "dock", 4).status == "succeeded"
+    assert docker("ps", "-aq", "--filter", f"name={container}") == ""
+    assert docker("volume", "ls", "-q", "--filter", f"name={volume}") == ""
+
+
+def docker(*args: str) -> str:
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout.strip()
+
+
+FAILING = """\
+variable "marker" { type = string }
+variable "fail" {
+  type    = bool
+  default = true
+}
+resource "terraform_data" "first" {
+  input = var.marker
+  provisioner "local-exec" {
+    command = "echo made > ${self.input}"
+  }
+  provisioner "local-exec" {
+    when    = destroy
+    command = "echo destroyed > ${self.input}"
+  }
+}
+resource "terraform_data" "second" {
+  depends_on = [terraform_data.first]
+  triggers_replace = [var.fail]
+  provisioner "local-exec" {
+    command = var.fail ? "echo 'disk quota exceeded' >&2; exit 3" : "true"
+  }
+}
+"""
+
+
+def push_tf(client: Client, tmp_path: Path, name: str, main_tf: str) -> None:
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "stockade.yaml").write_text(f"name: {name}\nbackend: terraform\n")
+    (directory / "main.tf").write_text(main_tf)
+    client.push_template(name, build_archive(directory))
+
+
+def test_a_failed_apply_names_the_resource_and_keeps_what_it_made(
+    server: ServerProcess, owner: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    push_tf(owner, tmp_path, "tf-fail", FAILING)
+    owner.create_workspace("half", "tf-fail", {"marker": str(marker)})
+    build = finished(owner, "half", 1)
+    assert build.status == "failed"
+    assert build.reason == "apply_failed"
+    assert build.error is not None
+    assert "terraform_data.second" in build.error
+    assert "disk quota exceeded" in build.error
+    assert marker.read_text() == "made\n"
+    # What the failed apply made is in the stored state...
+    ws = owner.get_workspace("owner", "half")
+    assert {r.address: r.tainted for r in ws.resources} == {
+        "terraform_data.first": False,
+        "terraform_data.second": True,
+    }
+    # ... so a delete destroys it.
+    owner.create_build("owner", "half", "delete")
+    assert finished(owner, "half", 2).status == "succeeded"
+    assert marker.read_text() == "destroyed\n"
+
+
+SLOW = """\
+variable "marker" { type = string }
+resource "terraform_data" "first" {
+  input = var.marker
+  provisioner "local-exec" {
+    command = "echo made > ${self.input}"
+  }
+}
+resource "terraform_data" "slow" {
+  depends_on = [terraform_data.first]
+  provisioner "local-exec" {
+    command = "sleep 120"
+  }
+}
+"""
+
+
+def test_a_canceled_apply_is_interrupted_and_its_partial_state_kept(
+    server: ServerProcess, owner: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    push_tf(owner, tmp_path, "tf-slow", SLOW)
+    owner.create_workspace("slow", "tf-slow", {"marker": str(marker)})
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the first resource was never made"
+        time.sleep(0.1)
+    started = time.monotonic()
+    owner.cancel_build("owner", "slow", 1)
+    build = finished(owner, "slow", 1)
+    assert build.status == "canceled"
+    # Terraform stops on SIGINT without waiting for the sleep to end.
+    assert time.monotonic() - started < 60
+    ws = owner.get_workspace("owner", "slow")
+    assert "terraform_data.first" in {r.address for r in ws.resources}
