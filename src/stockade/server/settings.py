@@ -28,12 +28,8 @@ from pydantic_settings import (
 from stockade.egress import EgressPolicy
 from stockade.provisioner.backends import NAMES as BACKEND_NAMES
 from stockade.provisioner.terraform.cli import OPENTOFU_MINIMUM, TERRAFORM_MINIMUM
+from stockade.sdk.paths import default_data_dir
 from stockade.sdk.types import RoleName
-
-
-def default_data_dir() -> Path:
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "stockade"
 
 
 def read_ca_bundle(path: Path) -> str:
