@@ -33,6 +33,8 @@ OPENTOFU_MINIMUM = "1.6.0"
 # Given time to stop after SIGINT (it finishes the current resource and
 # writes its state) before it is killed.
 INTERRUPT_GRACE_SECONDS = 30.0
+# How long the output is still read once the CLI has exited.
+OUTPUT_DRAIN_SECONDS = 2.0
 # Passed from the provisioner's environment to the CLI and so to the
 # template's local-exec commands; nothing else is (the server's environment
 # may hold its database URL or OIDC secret).
@@ -189,12 +191,6 @@ class RunResult:
 LogLine = Callable[[str, Literal["info", "warn", "error"]], Awaitable[None]]
 
 
-async def _drain(reader: asyncio.StreamReader) -> None:
-    """Read and drop what is left."""
-    while await reader.read(65536):
-        pass
-
-
 async def _report(message: dict[str, Any], result: RunResult, log: LogLine) -> None:
     """One line of the machine-readable UI into the build log."""
     kind = message.get("type")
@@ -284,12 +280,6 @@ async def run(
         transport.close()
 
 
-async def _wait(proc: subprocess.Popen[bytes]) -> int:
-    """The exit code, once the process has ended (its output has usually
-    ended already, so this is short)."""
-    return await asyncio.to_thread(proc.wait)
-
-
 async def _consume(
     proc: subprocess.Popen[bytes],
     reader: asyncio.StreamReader,
@@ -298,47 +288,72 @@ async def _consume(
 ) -> RunResult:
     result = RunResult(returncode=-1)
     try:
-        while True:
-            try:
-                raw = await reader.readline()
-            except ValueError:  # a line over the limit: skip its rest
-                continue
-            if not raw:
-                break
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            message: Any = None
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    message = json.loads(line)
-            if isinstance(message, dict) and "@message" in message:
-                if message.get("type") not in skip:
-                    await _report(message, result, log)
-            elif line.strip():
-                result.plain.append(line)
-                await log(line, "info")
-        result.returncode = await _wait(proc)
+        result.returncode = await _follow(proc, reader, log, skip, result)
     except asyncio.CancelledError:
-        await _interrupt(proc, reader)
+        await _interrupt(proc, reader, log, skip, result)
         raise
     return result
 
 
-async def _interrupt(proc: subprocess.Popen[bytes], reader: asyncio.StreamReader) -> None:
-    """SIGINT to the CLI (it stops after the current step and saves its
-    state), then SIGKILL to its whole group if it does not end in time."""
+async def _follow(
+    proc: subprocess.Popen[bytes],
+    reader: asyncio.StreamReader,
+    log: LogLine,
+    skip: frozenset[str],
+    result: RunResult,
+) -> int:
+    """Log the output until the CLI exits, then what is left of it (for at
+    most a moment: a process the CLI left behind may hold the pipe open)."""
+    reading = asyncio.ensure_future(_read_all(reader, log, skip, result))
+    try:
+        code = await asyncio.to_thread(proc.wait)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reading), OUTPUT_DRAIN_SECONDS)
+        return code
+    finally:
+        reading.cancel()
+
+
+async def _read_all(
+    reader: asyncio.StreamReader, log: LogLine, skip: frozenset[str], result: RunResult
+) -> None:
+    """Log every line until the output ends."""
+    while True:
+        try:
+            raw = await reader.readline()
+        except ValueError:  # a line over the limit: skip its rest
+            continue
+        if not raw:
+            return
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        message: Any = None
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+        if isinstance(message, dict) and "@message" in message:
+            if message.get("type") not in skip:
+                await _report(message, result, log)
+        elif line.strip():
+            result.plain.append(line)
+            await log(line, "info")
+
+
+async def _interrupt(
+    proc: subprocess.Popen[bytes],
+    reader: asyncio.StreamReader,
+    log: LogLine,
+    skip: frozenset[str],
+    result: RunResult,
+) -> None:
+    """SIGINT to the CLI's group (it stops after the current step and saves
+    its state; what it says meanwhile is logged), then SIGKILL to the group
+    if it has not ended in time."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(INTERRUPT_GRACE_SECONDS):
-                # Keep draining: a CLI blocked on a full pipe never exits.
-                drain = asyncio.ensure_future(_drain(reader))
-                try:
-                    await _wait(proc)
-                finally:
-                    drain.cancel()
-        except TimeoutError:
-            pass
+                await _follow(proc, reader, log, skip, result)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    await asyncio.to_thread(proc.wait)
+    result.returncode = await asyncio.to_thread(proc.wait)
