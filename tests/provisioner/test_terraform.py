@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from stockade.devtools.server import ServerProcess
@@ -124,6 +125,15 @@ def test_the_starter_makes_a_sandboxed_workspace_that_stops_starts_and_is_delete
         "terraform_data.workspace[0]",
     }
     assert ws.resource_metadata["sandbox"] == "bubblewrap"
+    # The dashboard shows them too.
+    page = httpx.get(
+        f"{server.url}/workspaces/owner/box",
+        headers={"cookie": f"stockade_session={owner.token}"},
+        timeout=10,
+    )
+    assert page.status_code == 200
+    assert "<code>terraform_data.workspace[0]</code>" in page.text
+    assert "<code>bubblewrap</code>" in page.text
 
     # The Terraform state is in the database, sealed.
     state = stored_state(server, ws.id)
