@@ -1,4 +1,4 @@
-"""Workspace benchmark: create -> agent ready, on the local and docker backends.
+"""Workspace benchmark: create -> agent ready, on the local, docker and terraform backends.
 
 For each backend: 20 workspaces created one after another (each one's time
 from the create request to its agent's lifecycle ``ready``, as the client sees
@@ -7,9 +7,14 @@ as the agent stamped it (``ready_at`` - ``created_at``); also the start
 build's end), then 20 created at once. Prints p50/p95/max against the brief's
 targets and writes ``bench/results/workspaces-<time>.json``.
 
-    .venv/bin/python bench/run_workspaces.py [--backend local|docker|both] [--count 20]
+    .venv/bin/python bench/run_workspaces.py [--backend local|docker|terraform|both|all]
+        [--count 20]
 
 The docker backend needs dockerd and the base image (scripts/build-base-image.sh).
+The terraform backend runs the starter of `stockade templates init --backend
+terraform` (a bubblewrap sandbox made by terraform_data + local-exec) and
+also times the same init + plan + apply run by hand with the Terraform CLI,
+so that Stockade's share of a build shows.
 "Ready" is the agent's lifecycle state once the template's startup script
 (here: `true`) has run: the compute runs, the bootstrap fetched (first start)
 or found the agent bundle, the agent connected and got its manifest.
@@ -34,7 +39,9 @@ from rich.console import Console
 from rich.table import Table
 
 from stockade.devtools.server import ServerProcess
+from stockade.provisioner.terraform.cli import base_environment, cli_config
 from stockade.sdk import Client
+from stockade.sdk.starters import write_starter
 from stockade.sdk.templates import build_archive
 
 PASSWORD = "bench-Horse-Battery-42"
@@ -53,6 +60,15 @@ def percentile(values: list[float], q: float) -> float:
 def push_template(client: Client, backend: str, root: Path) -> str:
     name = f"bench-{backend}"
     directory = root / name
+    if backend == "terraform":
+        write_starter(directory, "terraform", name)
+        starter = directory / "stockade.yaml"
+        # The same work after the agent connects as the other backends.
+        starter.write_text(
+            starter.read_text().split("agent:")[0] + "agent:\n  startup_script: 'true'\n"
+        )
+        client.push_template(name, build_archive(directory))
+        return name
     directory.mkdir()
     compute = f"compute:\n  image: {BASE_IMAGE}\n  cpu: 1\n  memory: 512MiB\n"
     manifest = f"name: {name}\nbackend: {backend}\nagent:\n  startup_script: 'true'\n"
@@ -176,6 +192,68 @@ def bench_backend(
     ]
 
 
+def terraform_by_hand(runs: int = 10) -> dict[str, float]:
+    """init + plan + apply + destroy of the starter run with the Terraform CLI
+    directly (no Stockade): p50 seconds of each step."""
+    times: dict[str, list[float]] = {"init": [], "plan": [], "apply": [], "destroy": []}
+    with tempfile.TemporaryDirectory(prefix="stockade-bench-tf-") as tmp:
+        root = Path(tmp)
+        (root / "mirror").mkdir()
+        config = root / "cli.tfrc"
+        config.write_text(cli_config(root / "mirror"))
+        env = {**base_environment(config)}
+        values = {
+            "stockade_workspace_dir": str(root / "ws"),
+            "stockade_start_count": 1,
+            "stockade_agent_fingerprint": "bench",
+            "stockade_agent_init_script": "exec sleep 600",
+        }
+        for i in range(runs):
+            work = root / f"run-{i}"
+            write_starter(work, "terraform", "bench")
+            (work / "v.tfvars.json").write_text(json.dumps(values))
+            for step, argv in (
+                ("init", ["init", "-input=false", "-no-color"]),
+                ("plan", ["plan", "-input=false", "-var-file=v.tfvars.json", "-out=p"]),
+                ("apply", ["apply", "-input=false", "-auto-approve", "p"]),
+                (
+                    "destroy",
+                    ["destroy", "-input=false", "-auto-approve", "-var-file=v.tfvars.json"],
+                ),
+            ):
+                started = time.perf_counter()
+                subprocess.run(
+                    ["terraform", *argv], cwd=work, env=env, check=True, capture_output=True
+                )
+                times[step].append(time.perf_counter() - started)
+    return {step: statistics.median(values) for step, values in times.items()}
+
+
+def terraform_report(results: list[dict[str, Any]]) -> None:
+    """Stage timings of the terraform builds next to the CLI run by hand."""
+    runs = [d for r in results if r["label"].startswith("terraform") for d in r["details"]]
+    stages: dict[str, list[float]] = {}
+    for run in runs:
+        for name, seconds in run["stages"].items():
+            if seconds is not None:
+                stages.setdefault(name, []).append(seconds)
+    by_hand = terraform_by_hand()
+    table = Table(title="terraform start build: stages (p50) vs the CLI by hand", show_edge=False)
+    for column in ("step", "in a Stockade build", "terraform by hand"):
+        table.add_column(column)
+    pairs = [("Preparing", None), ("Terraform init", "init"), ("Terraform plan", "plan"),
+             ("Terraform apply", "apply")]  # fmt: skip
+    for stage, step in pairs:
+        mine = stages.get(stage)
+        table.add_row(
+            stage,
+            fmt(statistics.median(mine)) if mine else "-",
+            fmt(by_hand[step]) if step else "-",
+        )
+    table.add_row("(destroy, by hand)", "-", fmt(by_hand["destroy"]))
+    console.print(table)
+
+
 def docker_ready() -> bool:
     try:
         subprocess.run(
@@ -192,11 +270,15 @@ def fmt(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", choices=["local", "docker", "both"], default="both")
+    parser.add_argument(
+        "--backend", choices=["local", "docker", "terraform", "both", "all"], default="both"
+    )
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--workers", type=int, default=None, help="built-in build workers")
     args = parser.parse_args()
-    backends = ["local", "docker"] if args.backend == "both" else [args.backend]
+    backends = {"both": ["local", "docker"], "all": ["local", "docker", "terraform"]}.get(
+        args.backend, [args.backend]
+    )
     if "docker" in backends and not docker_ready():
         console.print(f"docker: skipped (no daemon or no {BASE_IMAGE}; see scripts/)")
         backends.remove("docker")
@@ -241,6 +323,8 @@ def main() -> None:
         )
     console.print(table)
     console.print("targets: p50 " + ", ".join(f"{b} < {t:.1f} s" for b, t in TARGETS.items()))
+    if "terraform" in backends:
+        terraform_report(results)
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"workspaces-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
