@@ -4,10 +4,12 @@ none (isolation.py), and not one packet may reach the sink.
 
 The flow, every command started inside stk-iso: ``stockade server`` (with a
 dockerd of its own in stk-iso for docker workspaces), the first user, a
-``local`` and a ``docker`` template from ``stockade templates init`` with an
-app added, a workspace of each (``create`` waits for its agent), a command in
-each through ``stockade ssh`` (the real OpenSSH client), each app fetched
-through the app proxy, then stop and delete, and ``stockade egress report``
+``local``, a ``docker`` and a ``terraform`` template from ``stockade templates
+init`` and a Terraform template that runs a container through the docker CLI,
+each with an app added, a workspace of each (``create`` waits for its agent),
+a command in each through ``stockade ssh`` (the real OpenSSH client), each app
+fetched through the app proxy, then stop (and for the Terraform container a
+start again, its home kept) and delete, and ``stockade egress report``
 (nothing denied). The capture covers all of it, from dockerd's start to the
 server's exit.
 
@@ -23,6 +25,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +41,10 @@ from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require
 from tests.e2e.conftest import require_tools
 from tests.e2e.isolation import Capture, IsolatedNetwork, NamespacedDockerd, NamespacedServer
 from tests.provisioner.conftest import BASE_IMAGE, image_present, stop_local_workspaces
+from tests.provisioner.test_terraform import TEMPLATES as TERRAFORM_TEMPLATES
+from tests.provisioner.test_terraform import kill_sandboxes
+
+TERRAFORM_DOCKER = TERRAFORM_TEMPLATES / "docker"
 
 # A SYN as tcpdump -n prints it: "SRC.PORT > DST.PORT: Flags [S]".
 SYN = re.compile(
@@ -227,6 +234,7 @@ def test_the_main_flow_sends_nothing_out(
                 env={**RELAXED_LIMITS, "DOCKER_HOST": dockerd.host},
             )
             stack.callback(stop_local_workspaces, tmp_path / "server" / "workspaces")
+            stack.callback(kill_sandboxes, tmp_path / "server")
             stack.callback(server.stop)
             server.start()
             flow.timings["server ready"] = round(server.ready_seconds or 0, 2)
@@ -262,16 +270,26 @@ def run_flow(flow: Flow, url: str) -> None:
     flow.stockade("login", url, "--first-user", "--username", "admin",
                   "--email", "admin@example.com", "--password", OWNER_PASSWORD)  # fmt: skip
     markers: dict[str, str] = {}
-    for backend in ("local", "docker"):
+    for backend in ("local", "docker", "terraform"):
         name = f"e2e-{backend}"
         directory = flow.home / name
         flow.stockade("templates", "init", str(directory), "--backend", backend, "--name", name)
         markers[name] = add_app(directory, port=8000 + secrets.randbelow(20000))
         flow.stockade("templates", "push", name, "-d", str(directory))
+    # A platform team's Terraform template: a container started through the
+    # docker CLI (the namespaced dockerd, by DOCKER_HOST), the agent inside.
+    directory = flow.home / "e2e-tf-docker"
+    shutil.copytree(TERRAFORM_DOCKER, directory)
+    manifest = directory / "stockade.yaml"
+    manifest.write_text(manifest.read_text().replace("name: tf-docker", "name: e2e-tf-docker"))
+    markers["e2e-tf-docker"] = add_app(directory, port=8000 + secrets.randbelow(20000))
+    flow.stockade("templates", "push", "e2e-tf-docker", "-d", str(directory))
 
     flow.stockade("create", "e2e-local", "--template", "e2e-local")
     flow.stockade("create", "e2e-docker", "--template", "e2e-docker",
                   "--parameter", "cpu=1", "--parameter", "memory=2GiB")  # fmt: skip
+    flow.stockade("create", "e2e-terraform", "--template", "e2e-terraform")
+    flow.stockade("create", "e2e-tf-docker", "--template", "e2e-tf-docker")
     token = flow.token()
     for name, marker in markers.items():
         said = flow.stockade("ssh", name, "--", "echo", f"ssh-{marker}", "&&", "hostname")
@@ -284,6 +302,11 @@ def run_flow(flow: Flow, url: str) -> None:
         assert app == f"hello from {marker} at /x?y=1", app
 
     flow.stockade("stop", "e2e-docker")
+    # Terraform stops what is counted on the start and keeps the home volume.
+    flow.stockade("stop", "e2e-tf-docker")
+    flow.stockade("start", "e2e-tf-docker")
+    said = flow.stockade("ssh", "e2e-tf-docker", "--", "cat", "starts")
+    assert len(said.splitlines()) == 2, said
     for name in markers:
         flow.stockade("delete", name, "--yes")
     assert json.loads(flow.stockade("list", "--output", "json")) == []
