@@ -23,6 +23,7 @@ from stockade.cli import (
     provisioners,
     ssh,
     templates,
+    terraform,
     tokens,
     users,
     workspaces,
@@ -50,6 +51,7 @@ app.add_typer(templates.app, name="templates", help="Write, push, list and pull 
 app.add_typer(orgs.app, name="orgs", help="Manage organizations and their members.")
 app.add_typer(groups.app, name="groups", help="Manage an organization's groups.")
 app.add_typer(airgap.app, name="airgap", help="Build, verify and install offline bundles.")
+app.add_typer(terraform.app, name="terraform", help="The offline Terraform provider mirror.")
 app.add_typer(
     egress.app, name="egress", help="Show what the deployment tried to reach (owners, auditors)."
 )

@@ -270,9 +270,12 @@ def import_mirror(source: Path, mirror_dir: Path) -> list[ProviderPackage]:
 
 def _import_root(source: Path) -> Path:
     if not source.exists():
-        raise MirrorError(f"{source}: no such directory; {_EXPECTED}")
+        raise MirrorError(f"{source}: no such directory")
     if not source.is_dir():
-        raise MirrorError(f"{source}: not a directory; {_EXPECTED}")
+        raise MirrorError(
+            f"{source}: not a directory; expected the directory `terraform providers mirror DIR` "
+            "wrote (DIR)"
+        )
     return source.resolve()
 
 
