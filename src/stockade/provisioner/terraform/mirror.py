@@ -56,8 +56,9 @@ Layout = Literal["packed", "unpacked"]
 # Terraform also takes IDNA names, which no real provider uses).
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
-_NAMESPACE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?")
-_TYPE = re.compile(_LABEL)
+# Terraform refuses "--" in namespaces and types (it would read "xn--" as punycode).
+_NAMESPACE = re.compile(r"(?!.*--)[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?")
+_TYPE = re.compile(rf"(?!.*--){_LABEL}")
 _VERSION_RE = r"[0-9]+\.[0-9]+\.[0-9]+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?"
 _VERSION = re.compile(_VERSION_RE)
 _PLATFORM_RE = r"[a-z0-9]+_[a-z0-9]+"
