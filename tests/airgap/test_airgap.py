@@ -589,6 +589,8 @@ def test_install_and_serve_in_a_namespace_with_no_route(
         assert f"Installed Stockade 0.1.0 into {site / 'venv'}" in result.stdout
         assert f"loaded image {BASE_IMAGE}" in result.stdout
         assert f"templates push docker -d {site / 'templates' / 'docker'}" in result.stdout
+        # The carried providers are imported (checked) by a step of their own.
+        assert f"terraform mirror import {site / 'terraform-mirror'} --mirror-dir" in result.stdout
         info = built.info()
 
         # The venv's Stockade is the bundle's wheel, not this checkout.

@@ -259,11 +259,16 @@ def install(
         _say(f"  images not loaded (--no-images): docker load -i {result.prefix}/bundle/images/...")
     _say(f"  templates: {result.templates}")
     if result.terraform_mirror is not None:
+        _say(f"  Terraform providers: {result.terraform_mirror} (not yet where builds read them)")
+    providers = "import the Terraform providers, " if result.terraform_mirror else ""
+    _say(f"Next: {providers}start the server, create the owner, push a template:")
+    if result.terraform_mirror is not None:
+        # Checked and copied by the import, which refuses a tree that is not a
+        # provider mirror; the data directory is the one the server gets below.
         _say(
-            f"  Terraform provider mirror: {result.terraform_mirror} (a filesystem_mirror "
-            "in the CLI configuration TF_CLI_CONFIG_FILE points at)"
+            f"  {result.stockade} terraform mirror import {result.terraform_mirror} "
+            "--mirror-dir /var/lib/stockade/terraform-mirror"
         )
-    _say("Next: start the server, create the owner, push a template:")
     _say(
         f"  {result.stockade} server --address 0.0.0.0:7080 "
         "--access-url http://HOST:7080 --data-dir /var/lib/stockade"
