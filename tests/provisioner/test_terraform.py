@@ -28,6 +28,7 @@ from stockade.sdk.templates import build_archive
 from tests.builds import agent_lines, build_lines, wait_for_agent, wait_for_build
 from tests.cli.test_cli import Run, cli  # noqa: F401  (fixture)
 from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspaces
+from tests.terraform import make_mirror
 
 TEMPLATES = Path(__file__).parent / "terraform_templates"
 FINISHED = ("succeeded", "failed", "canceled")
@@ -306,3 +307,70 @@ def test_a_canceled_apply_is_interrupted_and_its_partial_state_kept(
     assert time.monotonic() - started < 60
     ws = owner.get_workspace("owner", "slow")
     assert "terraform_data.first" in {r.address for r in ws.resources}
+
+
+NEEDS_NULL = """\
+terraform {
+  required_providers {
+    null = { source = "hashicorp/null", version = "2.1.2" }
+  }
+}
+resource "null_resource" "here" {}
+"""
+NEEDS_RANDOM = """\
+terraform {
+  required_providers {
+    random = { source = "hashicorp/random", version = "~> 3.6" }
+  }
+}
+resource "random_id" "here" { byte_length = 4 }
+"""
+
+
+def test_providers_come_from_the_mirror_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    """The server's CLI configuration is honoured: a provider in the mirror
+    (the real hashicorp/null, laid out as Terraform expects) installs, one
+    that is not fails at init with a message naming it and saying what to do."""
+    terraform_present()
+    mirror = make_mirror(tmp_path / "mirror", "packed")
+    env = {**RELAXED_LIMITS, "STOCKADE_TERRAFORM_MIRROR_DIR": str(mirror)}
+    server = ServerProcess(data_dir=tmp_path / "server", env=env).start()
+    try:
+        with Client(server.url) as client:
+            client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
+            client.login("owner", OWNER_PASSWORD)
+            push_tf(client, tmp_path, "tf-null", NEEDS_NULL)
+            push_tf(client, tmp_path, "tf-random", NEEDS_RANDOM)
+            client.create_workspace("n", "tf-null")
+            client.create_workspace("r", "tf-random")
+            assert finished(client, "n", 1).status == "succeeded"
+            lines = build_lines(client, "owner", "n")
+            assert "- Installing hashicorp/null v2.1.2..." in lines
+            assert [r.address for r in client.get_workspace("owner", "n").resources] == [
+                "null_resource.here"
+            ]
+            build = finished(client, "r", 1)
+            assert (build.status, build.reason) == ("failed", "provider_missing")
+            assert build.error is not None
+            assert 'hashicorp/random version "~> 3.6" is not in the provider mirror' in build.error
+            assert f"{mirror}" in build.error
+            assert "stockade terraform mirror import DIR" in build.error
+    finally:
+        server.stop()
+        stop_workspaces(server)
+
+
+def test_a_missing_cli_fails_the_build_with_what_to_set(tmp_path: Path) -> None:
+    env = {**RELAXED_LIMITS, "STOCKADE_TERRAFORM_BINARY": str(tmp_path / "no-such-terraform")}
+    server = ServerProcess(data_dir=tmp_path / "server", env=env).start()
+    try:
+        with Client(server.url) as client:
+            client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
+            client.login("owner", OWNER_PASSWORD)
+            push_tf(client, tmp_path, "tf-none", 'resource "terraform_data" "x" {}\n')
+            client.create_workspace("x", "tf-none")
+            build = finished(client, "x", 1)
+            assert (build.status, build.reason) == ("failed", "terraform_missing")
+            assert build.error is not None and "--terraform-binary" in build.error
+    finally:
+        server.stop()

@@ -53,6 +53,7 @@ from stockade.provisioner.backends.base import (
 )
 from stockade.provisioner.terraform import cli as tfcli
 from stockade.provisioner.terraform.config import ConfigError, declared_variables
+from stockade.provisioner.terraform.mirror import missing_provider_help
 from stockade.sdk.templates import output_apps
 
 Transition = Literal["start", "stop", "delete"]
@@ -409,8 +410,6 @@ class TerraformBackend(Backend):
             source = found.group(1) if found else next(iter(constraints), "a provider")
             short = source.removeprefix("registry.terraform.io/")
             constraint = constraints.get(short) or constraints.get(source)
-            from stockade.provisioner.terraform.mirror import missing_provider_help
-
             return BackendError(
                 missing_provider_help(short, constraint, self.mirror_dir),
                 reason="provider_missing",
