@@ -42,9 +42,13 @@ AIBRIDGE_PREFIX = "/api/v2/aibridge/"
 AIBRIDGE_PROVIDER_ROUTES = re.compile(r"^/api/v2/aibridge/(openai|anthropic)/")
 # A coding agent's request carries its whole conversation and tool output.
 AIBRIDGE_BODY_LIMIT = 32 * 1024 * 1024
+# A provisioner daemon's build result carries the workspace's backend state,
+# a whole Terraform state among them.
+BUILD_STATE_LIMIT = 64 * 1024 * 1024
 UPLOAD_LIMITS = (
     ("POST", re.compile(r"^/api/v2/templates/[^/]+/versions$"), MAX_ARCHIVE_BYTES),
     ("POST", re.compile(r"^/api/v2/aibridge/[a-z]+/v1/"), AIBRIDGE_BODY_LIMIT),
+    ("POST", re.compile(r"^/api/v2/provisionerd/jobs/[^/]+/complete$"), BUILD_STATE_LIMIT),
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATIC_PREFIX = "/static/"
