@@ -22,7 +22,9 @@ from stockade.sdk.templates import (
     build_archive,
     extract_archive,
     parse_manifest,
+    read_directory_files,
 )
+from stockade.sdk.terraform_variables import merge_terraform_parameters
 
 app = typer.Typer(no_args_is_help=True)
 COLUMNS = ["name", "display_name", "backend", "active_version", "archived_at", "updated_at"]
@@ -79,7 +81,13 @@ def push(
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} not found; create one with `stockade templates init`")
     try:
-        parse_manifest(manifest_path.read_bytes(), expected_name=name)
+        text = manifest_path.read_bytes()
+        manifest = parse_manifest(text, expected_name=name)
+        if manifest.backend == "terraform":
+            # Its parameters are also its variables: check them before uploading.
+            merge_terraform_parameters(
+                manifest, read_directory_files(directory), manifest_text=text
+            )
     except ManifestError as exc:
         prefix = f"{directory}/" if str(directory) not in ("", ".") else ""
         lines = [f"{prefix}{problem}" for problem in exc.problems]

@@ -163,10 +163,13 @@ class Problem:
     line: int
     path: str
     reason: str
+    # The template file the line is in: a terraform template's parameters
+    # also come from its .tf files.
+    file: str = MANIFEST_NAME
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{MANIFEST_NAME}:{self.line}: {where}{self.reason}"
+        return f"{self.file}:{self.line}: {where}{self.reason}"
 
 
 class ManifestError(ValueError):
@@ -803,6 +806,62 @@ def inspect_archive(data: bytes) -> ArchiveInfo:
     if manifest is None:
         raise ArchiveError(f"the archive has no {MANIFEST_NAME} at its top level")
     return ArchiveInfo(manifest, files, total, hashlib.sha256(data).hexdigest())
+
+
+TERRAFORM_FILE_SUFFIXES = (".tf", ".tf.json")
+
+
+def read_archive_files(
+    data: bytes, suffixes: tuple[str, ...] = TERRAFORM_FILE_SUFFIXES
+) -> dict[str, bytes]:
+    """The contents of the files at the top level of an archive whose names
+    end with one of ``suffixes`` (a terraform template's root module), by
+    name; links are followed inside the archive. Within the limits
+    :func:`inspect_archive` checks; raise ``ArchiveError`` otherwise."""
+    if len(data) > MAX_ARCHIVE_BYTES:
+        raise ArchiveError(
+            f"the archive is {len(data)} bytes; the limit is {MAX_ARCHIVE_BYTES} bytes"
+        )
+    found: dict[str, bytes] = {}
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_MEMBERS:
+                    raise ArchiveError(f"the archive holds more than {MAX_MEMBERS} entries")
+                name = _safe_name(member.name)
+                if "/" in name or not name.endswith(suffixes) or member.isdir():
+                    continue
+                if not (member.isfile() or member.issym() or member.islnk()):
+                    continue
+                try:
+                    extracted = tar.extractfile(member)
+                except KeyError:
+                    extracted = None
+                if extracted is None:
+                    raise ArchiveError(f"the link {name!r} points to no file in the archive")
+                content = extracted.read(MAX_UNPACKED_BYTES - total + 1)
+                total += len(content)
+                if total > MAX_UNPACKED_BYTES:
+                    raise ArchiveError(
+                        f"the archive unpacks to more than {MAX_UNPACKED_BYTES} bytes"
+                    )
+                found[name] = content
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error) as exc:
+        raise ArchiveError(f"the body is not a readable .tar.gz archive ({exc})") from exc
+    return found
+
+
+def read_directory_files(
+    directory: Path, suffixes: tuple[str, ...] = TERRAFORM_FILE_SUFFIXES
+) -> dict[str, bytes]:
+    """As :func:`read_archive_files`, from a template directory (before it
+    is packed): its top-level files whose names end with one of ``suffixes``."""
+    return {
+        path.name: path.read_bytes()
+        for path in sorted(directory.iterdir())
+        if path.name.endswith(suffixes) and path.is_file()
+    }
 
 
 def build_archive(directory: Path) -> bytes:

@@ -22,7 +22,9 @@ from stockade.sdk.templates import (
     ManifestError,
     inspect_archive,
     parse_manifest,
+    read_archive_files,
 )
+from stockade.sdk.terraform_variables import merge_terraform_parameters
 from stockade.server.audit.service import AuditRecord, diff_fields
 from stockade.server.authz import Actor, Perm, can
 from stockade.server.db import Database
@@ -103,6 +105,13 @@ def _check_name(name: str) -> None:
         )
 
 
+def _terraform_files(data: bytes) -> dict[str, bytes]:
+    try:
+        return read_archive_files(data)
+    except ArchiveError as exc:
+        raise InvalidInput(str(exc), reason="invalid_archive") from exc
+
+
 def _check_upload(data: bytes, name: str) -> tuple[ArchiveInfo, Manifest]:
     """Runs in a thread: decompressing is CPU work."""
     try:
@@ -111,12 +120,23 @@ def _check_upload(data: bytes, name: str) -> tuple[ArchiveInfo, Manifest]:
         raise InvalidInput(str(exc), reason="invalid_archive") from exc
     try:
         manifest = parse_manifest(info.manifest_text, expected_name=name)
+        if manifest.backend == "terraform":
+            # The stored manifest carries the parameters its variables declare.
+            manifest = merge_terraform_parameters(
+                manifest, _terraform_files(data), manifest_text=info.manifest_text
+            )
     except ManifestError as exc:
         raise InvalidInput(
             f"invalid manifest: {exc}" if len(exc.problems) == 1 else f"invalid manifest:\n{exc}",
             reason="invalid_manifest",
             detail=[
-                {"line": p.line, "field": p.path, "message": p.reason, "text": str(p)}
+                {
+                    "file": p.file,
+                    "line": p.line,
+                    "field": p.path,
+                    "message": p.reason,
+                    "text": str(p),
+                }
                 for p in exc.problems
             ],
         ) from exc
