@@ -524,6 +524,9 @@ def test_more_file_errors() -> None:
         'main_override.tf:1: variable "x": an override file overrides a variable declared '
         "in another file; declare it there first"
     ]
+    assert problems({"main.tf": 'variable "x" {\n  default = 1\n  default = 2\n}'}) == [
+        'main.tf:3: variable "x": default is set twice (first at line 2); Terraform refuses that'
+    ]
     assert problems({"main.tf": 'variable "x" "y" {}'}) == [
         "main.tf:1: a variable block takes one label: its name"
     ]

@@ -162,6 +162,17 @@ def _read_hcl(path: str, text: str) -> tuple[list[_Variable], list[Problem]]:
             for item in block.body.children:
                 if isinstance(item, AttributeRule):
                     name = str(item.identifier.serialize(options))
+                    if name in variable.attrs:
+                        # python-hcl2 keeps the last; Terraform refuses both.
+                        problems.append(
+                            Problem(
+                                _line_of_rule(item) or line,
+                                f'variable "{variable.name}"',
+                                f"{name} is set twice (first at line "
+                                f"{variable.attr_lines[name]}); Terraform refuses that",
+                                file=path,
+                            )
+                        )
                     variable.attrs[name] = item.expression.serialize(options)
                     variable.attr_lines[name] = _line_of_rule(item) or line
                 elif isinstance(item, BlockRule) and str(item.labels[0].serialize(options)) == (
