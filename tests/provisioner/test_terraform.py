@@ -14,6 +14,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import httpx
 import pytest
 
 from stockade.devtools.server import ServerProcess
-from stockade.sdk import Client, types
+from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import build_archive
 from tests.builds import agent_lines, build_lines, wait_for_agent, wait_for_build
 from tests.cli.test_cli import Run, cli  # noqa: F401  (fixture)
@@ -73,6 +74,21 @@ def owner(server: ServerProcess) -> Iterator[Client]:
 
 def finished(client: Client, name: str, number: int) -> types.WorkspaceBuild:
     return wait_for_build(client, "owner", name, number, FINISHED, timeout=120)
+
+
+def deleted(client: Client, name: str, number: int) -> None:
+    """Wait for delete build ``number``: the workspace is gone once it succeeds."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            build = client.get_build("owner", name, number)
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        assert build.status not in FINISHED or build.status == "succeeded", build
+        assert time.monotonic() < deadline, f"build {number} still {build.status}"
+        time.sleep(0.05)
 
 
 def stored_state(server: ServerProcess, workspace_id: str) -> dict[str, Any]:
@@ -160,7 +176,7 @@ def test_the_starter_makes_a_sandboxed_workspace_that_stops_starts_and_is_delete
     assert (workspace_dir / "home" / "starts").read_text().count("\n") == 2
 
     owner.create_build("owner", "box", "delete")
-    assert finished(owner, "box", 4).status == "succeeded"
+    deleted(owner, "box", 4)
     assert not workspace_dir.exists()
     names = [w.name for w in owner.list_workspaces().workspaces]
     assert "box" not in names
@@ -201,7 +217,7 @@ def test_a_docker_container_made_through_the_docker_cli_runs_the_agent(
     assert starts.count("\n") == 1  # two lines; the output is stripped
 
     owner.create_build("owner", "dock", "delete")
-    assert finished(owner, "dock", 4).status == "succeeded"
+    deleted(owner, "dock", 4)
     assert docker("ps", "-aq", "--filter", f"name={container}") == ""
     assert docker("volume", "ls", "-q", "--filter", f"name={volume}") == ""
 
@@ -268,7 +284,7 @@ def test_a_failed_apply_names_the_resource_and_keeps_what_it_made(
     }
     # ... so a delete destroys it.
     owner.create_build("owner", "half", "delete")
-    assert finished(owner, "half", 2).status == "succeeded"
+    deleted(owner, "half", 2)
     assert marker.read_text() == "destroyed\n"
 
 
@@ -374,3 +390,59 @@ def test_a_missing_cli_fails_the_build_with_what_to_set(tmp_path: Path) -> None:
             assert build.error is not None and "--terraform-binary" in build.error
     finally:
         server.stop()
+
+
+def test_a_provisioner_daemon_runs_terraform_builds_with_its_own_mirror(tmp_path: Path) -> None:
+    """`stockade provisionerd start --backend terraform --terraform-mirror-dir`
+    on another "host": the state goes to the server and comes back for the
+    next build (a stop finds what the start made)."""
+    terraform_present()
+    mirror = make_mirror(tmp_path / "daemon-mirror", "unpacked")
+    server = ServerProcess(
+        data_dir=tmp_path / "server", env={**RELAXED_LIMITS, "STOCKADE_PROVISIONER_WORKERS": "0"}
+    ).start()
+    daemon: subprocess.Popen[bytes] | None = None
+    log = tmp_path / "daemon.log"
+    try:
+        with Client(server.url) as client:
+            client.create_first_user("owner", "owner@example.com", OWNER_PASSWORD)
+            client.login("owner", OWNER_PASSWORD)
+            key = client.create_provisioner_key("tf-host").key
+            env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+            env["STOCKADE_PROVISIONER_KEY"] = key
+            with log.open("ab") as out:
+                daemon = subprocess.Popen(
+                    [sys.executable, "-m", "stockade", "provisionerd", "start",
+                     "--url", server.url, "--data-dir", str(tmp_path / "daemon"),
+                     "--name", "tf-host", "--backend", "terraform",
+                     "--terraform-mirror-dir", str(mirror)],
+                    stdout=out, stderr=subprocess.STDOUT, env=env,
+                )  # fmt: skip
+            push_tf(client, tmp_path, "tf-null", NEEDS_NULL.replace("{}", COUNTED))
+            ws = client.create_workspace("d", "tf-null")
+            build = finished(client, "d", 1)
+            assert build.status == "succeeded", log.read_text()
+            assert build.worker_name == "tf-host"
+            assert {r.address for r in client.get_workspace("owner", "d").resources} == {
+                "null_resource.here",
+                "null_resource.running[0]",
+            }
+            assert stored_state(server, ws.id)["sealed"].startswith("v1:")
+            client.create_build("owner", "d", "stop")
+            assert finished(client, "d", 2).status == "succeeded"
+            stopped = client.get_workspace("owner", "d")
+            assert [r.address for r in stopped.resources] == ["null_resource.here"]
+            client.create_build("owner", "d", "delete")
+            deleted(client, "d", 3)
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+        server.stop()
+
+
+COUNTED = """{}
+variable "stockade_start_count" { type = number }
+resource "null_resource" "running" {
+  count = var.stockade_start_count
+}"""
