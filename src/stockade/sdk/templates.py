@@ -442,7 +442,9 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
         yield ("compute", "image"), "the docker backend needs an image", True
     if manifest.backend == "local" and compute.image:
         yield ("compute", "image"), "image is used only by the docker backend", True
-    if manifest.backend == "terraform" and compute.model_fields_set:
+    if manifest.backend == "terraform" and any(
+        getattr(compute, field) is not None for field in Compute.model_fields
+    ):
         yield (
             ("compute",),
             "the terraform backend takes no compute settings: the .tf files size the "
@@ -497,9 +499,12 @@ def output_apps(manifest: Manifest, value: Any) -> list[App]:
             raise ValueError(
                 f"stockade_apps[{i}]{'.' + where if where else ''}: {first['msg']}"
             ) from None
-        probe = manifest.model_copy(update={"apps": [app]})
-        for _loc, reason, _key in _semantic(probe):
-            raise ValueError(f"stockade_apps[{i}]: {reason}")
+        probe = Manifest.model_construct(
+            name=manifest.name, backend=manifest.backend, apps=[app], compute=Compute()
+        )
+        for loc, reason, _key in _semantic(probe):
+            if loc[:1] == ("apps",):
+                raise ValueError(f"stockade_apps[{i}]: {reason}")
         if app.slug in slugs:
             raise ValueError(f"stockade_apps[{i}]: the app slug {app.slug!r} is already taken")
         slugs.add(app.slug)

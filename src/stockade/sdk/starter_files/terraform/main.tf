@@ -98,12 +98,13 @@ resource "terraform_data" "workspace" {
     command = <<-EOT
       [ -f "$RUN_DIR/pid" ] || exit 0
       group=$(cat "$RUN_DIR/pid")
-      kill -TERM -- "-$group" 2>/dev/null || true
+      # "-GROUP": the whole process group (no "--": dash's kill refuses it).
+      kill -TERM "-$group" 2>/dev/null || true
       for _ in $(seq 1 100); do
-        kill -0 -- "-$group" 2>/dev/null || break
+        kill -0 "-$group" 2>/dev/null || break
         sleep 0.1
       done
-      kill -KILL -- "-$group" 2>/dev/null || true
+      kill -KILL "-$group" 2>/dev/null || true
       rm -f "$RUN_DIR/pid"
     EOT
   }
