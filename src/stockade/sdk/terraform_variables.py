@@ -705,6 +705,15 @@ def _raise(problems: Iterable[Problem]) -> None:
         raise ManifestError(ordered)
 
 
+def declared_variables(files: Mapping[str, bytes]) -> set[str]:
+    """The names of every variable the root module declares, ``stockade_*``
+    ones included (what a build may pass values for). Raise
+    :class:`ManifestError` when a file cannot be read."""
+    variables, problems = _read_variables(files)
+    _raise(problems)
+    return {variable.name for variable in variables}
+
+
 def terraform_parameters(files: Mapping[str, bytes]) -> list[Parameter]:
     """The parameters declared as variables in a terraform template's root
     module, in file order (files by name).

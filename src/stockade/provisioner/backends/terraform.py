@@ -52,9 +52,9 @@ from stockade.provisioner.backends.base import (
     token_fingerprint,
 )
 from stockade.provisioner.terraform import cli as tfcli
-from stockade.provisioner.terraform.config import ConfigError, declared_variables
 from stockade.provisioner.terraform.mirror import missing_provider_help
-from stockade.sdk.templates import output_apps
+from stockade.sdk.templates import ManifestError, output_apps, read_directory_files
+from stockade.sdk.terraform_variables import declared_variables
 
 Transition = Literal["start", "stop", "delete"]
 
@@ -299,8 +299,8 @@ class TerraformBackend(Backend):
         build_dir.mkdir(mode=0o700)
         shutil.copytree(spec.files_dir, workdir, symlinks=True)
         try:
-            declared = declared_variables(workdir)
-        except ConfigError as exc:
+            declared = declared_variables(read_directory_files(workdir))
+        except ManifestError as exc:
             raise BackendError(
                 f"the template's Terraform files cannot be read: {exc}", reason="invalid_config"
             ) from exc
