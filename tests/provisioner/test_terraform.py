@@ -371,6 +371,11 @@ def test_providers_come_from_the_mirror_and_a_missing_one_is_named(tmp_path: Pat
             assert 'hashicorp/random version "~> 3.6" is not in the provider mirror' in build.error
             assert f"{mirror}" in build.error
             assert "stockade terraform mirror import DIR" in build.error
+            # The health API says which CLI builds run.
+            cli = client.health().provisioners["terraform_cli"]
+            assert cli.startswith("Terraform v1.") and cli.endswith(
+                f"({shutil.which('terraform')})"
+            )
     finally:
         server.stop()
         stop_workspaces(server)
@@ -388,6 +393,8 @@ def test_a_missing_cli_fails_the_build_with_what_to_set(tmp_path: Path) -> None:
             build = finished(client, "x", 1)
             assert (build.status, build.reason) == ("failed", "terraform_missing")
             assert build.error is not None and "--terraform-binary" in build.error
+            health = client.health()
+            assert health.provisioners["terraform_cli"].startswith("unusable: the Terraform CLI")
     finally:
         server.stop()
 

@@ -127,6 +127,10 @@ class ProvisionerRunner:
         self.host_prefix = f"{socket.gethostname()}:"
         # Addresses the server listens on for docker workspaces' agents.
         self.agent_addresses: list[str] = []
+        # The Terraform CLI builds run ("Terraform v1.11.4 (/usr/local/bin/terraform)"),
+        # or why none can; None until checked.
+        self.terraform_cli: str | None = None
+        self._terraform_check: asyncio.Task[None] | None = None
 
     def reach_docker_agents(
         self,
@@ -175,6 +179,10 @@ class ProvisionerRunner:
                 )
         if "docker" in self.backend_names and self.options.docker_agent_url is not None:
             await self._listen_for_docker_agents(self.options.docker_agent_url)
+        if "terraform" in self.backend_names:
+            self._terraform_check = asyncio.create_task(
+                self._check_terraform(), name="stockade:terraform-cli"
+            )
         host = self.host_prefix.rstrip(":")
         for i in range(self.worker_count if self.backend_names else 0):
             identity = WorkerIdentity(
@@ -222,7 +230,27 @@ class ProvisionerRunner:
                 error=f"Docker did not answer in {DOCKER_PROBE_SECONDS} s",
             )
 
+    async def _check_terraform(self) -> None:
+        """Find and check the Terraform CLI at start, so that the log and the
+        health page say at once which one builds will run (or why none)."""
+        from stockade.provisioner.backends.terraform import TerraformBackend
+
+        assert self.backends is not None
+        backend = self.backends.get("terraform")
+        if not isinstance(backend, TerraformBackend):
+            return
+        try:
+            cli = await backend.cli()
+        except BackendError as exc:
+            self.terraform_cli = f"unusable: {exc.message}"
+            log.warning("terraform_cli_unusable", reason=exc.reason, error=exc.message)
+            return
+        self.terraform_cli = cli.label
+        log.info("terraform_cli", cli=cli.label, mirror=str(backend.mirror_dir))
+
     async def stop(self) -> None:
+        if self._terraform_check is not None:
+            self._terraform_check.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -236,6 +264,7 @@ class ProvisionerRunner:
             "alive": sum(1 for t in self._tasks if not t.done()),
             "backends": self.backend_names,
             "docker_agent_addresses": self.agent_addresses,
+            "terraform_cli": self.terraform_cli,
             "last_orphans_removed": self.last_orphans,
         }
 
