@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,12 +152,23 @@ def test_a_canceled_run_interrupts_the_cli_and_its_commands(tmp_path: Path) -> N
     """SIGINT reaches the CLI's process group; what it started is gone."""
     sleeper = tmp_path / "fake-cli"
     marker = tmp_path / "children"
+    # Python, not sh: like Terraform (Go), it handles SIGINT even when it was
+    # started with SIGINT ignored (as pytest-xdist's workers start processes),
+    # which a shell cannot.
     sleeper.write_text(
-        "#!/bin/sh\n"
-        f"sleep 300 >/dev/null 2>&1 & echo $! > {marker}\n"
-        "trap 'echo interrupted; exit 130' INT\n"
-        "echo started\n"
-        "while :; do sleep 0.1; done\n"
+        f"#!{sys.executable}\n"
+        "import os, signal, subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '300'], stdout=subprocess.DEVNULL,\n"
+        "                         stderr=subprocess.DEVNULL, start_new_session=False)\n"
+        f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+        "def stop(*_):\n"
+        # os.write: the signal may come while print('started') still flushes.
+        "    os.write(1, b'interrupted\\n')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "print('started', flush=True)\n"
+        "while True:\n"
+        "    time.sleep(0.1)\n"
     )
     sleeper.chmod(0o755)
     lines: list[str] = []
@@ -178,7 +190,7 @@ def test_a_canceled_run_interrupts_the_cli_and_its_commands(tmp_path: Path) -> N
             await task
 
     asyncio.run(scenario())
-    assert "interrupted" in lines
+    assert "interrupted" in lines, "\n".join(lines)
     # Killed with the group (a zombie until init reaps it: not running).
     stat_file = Path(f"/proc/{int(marker.read_text())}/stat")
     assert not stat_file.exists() or stat_file.read_text().split(") ")[1][0] in "ZX"
