@@ -286,6 +286,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stockade-bench-ws-") as tmp:
         root = Path(tmp)
         env = {}
+        if "terraform" in backends:
+            env["STOCKADE_PROVISIONER_BACKENDS"] = "local,docker,terraform"
         if args.workers is not None:
             env["STOCKADE_PROVISIONER_WORKERS"] = str(args.workers)
         server = ServerProcess(data_dir=root / "data", env=env).start()

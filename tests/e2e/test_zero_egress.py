@@ -37,12 +37,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require
+from tests.conftest import OWNER_PASSWORD, require
 from tests.e2e.conftest import require_tools
 from tests.e2e.isolation import Capture, IsolatedNetwork, NamespacedDockerd, NamespacedServer
 from tests.provisioner.conftest import BASE_IMAGE, image_present, stop_local_workspaces
 from tests.provisioner.test_terraform import TEMPLATES as TERRAFORM_TEMPLATES
-from tests.provisioner.test_terraform import kill_sandboxes
+from tests.provisioner.test_terraform import TERRAFORM_IN_SERVER, kill_sandboxes
 
 TERRAFORM_DOCKER = TERRAFORM_TEMPLATES / "docker"
 
@@ -231,7 +231,7 @@ def test_the_main_flow_sends_nothing_out(
             server = NamespacedServer(
                 isolated,
                 data_dir=tmp_path / "server",
-                env={**RELAXED_LIMITS, "DOCKER_HOST": dockerd.host},
+                env={**TERRAFORM_IN_SERVER, "DOCKER_HOST": dockerd.host},
             )
             stack.callback(stop_local_workspaces, tmp_path / "server" / "workspaces")
             stack.callback(kill_sandboxes, tmp_path / "server")

@@ -32,6 +32,9 @@ from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require, stop_workspa
 from tests.terraform import make_mirror
 
 TEMPLATES = Path(__file__).parent / "terraform_templates"
+# The server's own workers serve terraform only when told to (they would run
+# templates' commands as the server's user).
+TERRAFORM_IN_SERVER = {**RELAXED_LIMITS, "STOCKADE_PROVISIONER_BACKENDS": "local,docker,terraform"}
 FINISHED = ("succeeded", "failed", "canceled")
 
 
@@ -54,7 +57,7 @@ def kill_sandboxes(data_dir: Path) -> None:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     terraform_present()
-    proc = ServerProcess(data_dir=tmp_path / "server", env=RELAXED_LIMITS).start()
+    proc = ServerProcess(data_dir=tmp_path / "server", env=TERRAFORM_IN_SERVER).start()
     try:
         yield proc
     finally:
@@ -349,7 +352,7 @@ def test_providers_come_from_the_mirror_and_a_missing_one_is_named(tmp_path: Pat
     that is not fails at init with a message naming it and saying what to do."""
     terraform_present()
     mirror = make_mirror(tmp_path / "mirror", "packed")
-    env = {**RELAXED_LIMITS, "STOCKADE_TERRAFORM_MIRROR_DIR": str(mirror)}
+    env = {**TERRAFORM_IN_SERVER, "STOCKADE_TERRAFORM_MIRROR_DIR": str(mirror)}
     server = ServerProcess(data_dir=tmp_path / "server", env=env).start()
     try:
         with Client(server.url) as client:
@@ -382,7 +385,7 @@ def test_providers_come_from_the_mirror_and_a_missing_one_is_named(tmp_path: Pat
 
 
 def test_a_missing_cli_fails_the_build_with_what_to_set(tmp_path: Path) -> None:
-    env = {**RELAXED_LIMITS, "STOCKADE_TERRAFORM_BINARY": str(tmp_path / "no-such-terraform")}
+    env = {**TERRAFORM_IN_SERVER, "STOCKADE_TERRAFORM_BINARY": str(tmp_path / "no-such-terraform")}
     server = ServerProcess(data_dir=tmp_path / "server", env=env).start()
     try:
         with Client(server.url) as client:

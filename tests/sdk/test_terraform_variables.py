@@ -696,3 +696,31 @@ def test_a_dangling_link_in_an_archive() -> None:
         tar.addfile(info)
     with pytest.raises(ArchiveError, match=re.escape("the link 'main.tf' points to no file")):
         read_archive_files(buffer.getvalue())
+
+
+def test_modules_from_elsewhere_are_refused_and_vendored_ones_accepted() -> None:
+    """terraform init downloads remote modules whatever the provider mirror
+    says: a template may only use modules it carries (./ or ../ paths)."""
+    from stockade.sdk.terraform_variables import declared_variables
+
+    remote = {
+        "main.tf": b'module "net" {\n  source = "git::https://example.com/net.git"\n}\n',
+        "more.tf.json": b'{"module": {"db": {"source": "hashicorp/consul/aws"}}}',
+        "vars.tf": b'variable "size" {\n  default = 1\n}\n',
+    }
+    with pytest.raises(ManifestError) as refused:
+        declared_variables(remote)
+    assert [str(p) for p in refused.value.problems] == [
+        "main.tf:2: module \"net\": source 'git::https://example.com/net.git' would be "
+        "downloaded by terraform init, and builds download nothing: copy the module into "
+        "the template and use a path starting with ./",
+        "more.tf.json:1: module \"db\": source 'hashicorp/consul/aws' would be downloaded by "
+        "terraform init, and builds download nothing: copy the module into the template and "
+        "use a path starting with ./",
+    ]
+    vendored = {
+        "main.tf": b'module "net" {\n  source = "./modules/net"\n}\n'
+        b'module "up" {\n  source = "../shared"\n}\n',
+        "vars.tf": b'variable "size" {\n  default = 1\n}\n',
+    }
+    assert declared_variables(vendored) == {"size"}

@@ -149,6 +149,9 @@ def _read_hcl(path: str, text: str) -> tuple[list[_Variable], list[Problem]]:
         if not isinstance(block, BlockRule):
             continue
         labels = [str(label.serialize(options)) for label in block.labels]
+        if labels[0] == "module":
+            problems.extend(_module_problems(block, labels, path, options))
+            continue
         if labels[0] != "variable":
             continue
         line = _line_of_rule(block) or 1
@@ -191,6 +194,37 @@ def _read_hcl(path: str, text: str) -> tuple[list[_Variable], list[Problem]]:
     return found, problems
 
 
+def _remote_source(source: object) -> bool:
+    """Whether ``terraform init`` would download a module from ``source``:
+    anything but a path starting with ./ or ../ (registry addresses, git::,
+    https://, s3::, github.com/...)."""
+    return not (isinstance(source, str) and source.startswith(("./", "../")))
+
+
+def _module_problem(name: str, source: object, path: str, line: int) -> Problem:
+    return Problem(
+        line,
+        f'module "{name}"',
+        f"source {source!r} would be downloaded by terraform init, and builds download "
+        "nothing: copy the module into the template and use a path starting with ./",
+        file=path,
+    )
+
+
+def _module_problems(block: Any, labels: list[str], path: str, options: Any) -> list[Problem]:
+    from hcl2.rules.base import AttributeRule
+
+    line = _line_of_rule(block) or 1
+    name = labels[1] if len(labels) > 1 else "?"
+    for item in block.body.children:
+        if isinstance(item, AttributeRule) and str(item.identifier.serialize(options)) == "source":
+            source = item.expression.serialize(options)
+            if _remote_source(source):
+                return [_module_problem(name, source, path, _line_of_rule(item) or line)]
+            return []
+    return []
+
+
 def _read_json(path: str, text: str) -> tuple[list[_Variable], list[Problem]]:
     try:
         data = json.loads(text)
@@ -226,7 +260,14 @@ def _read_json(path: str, text: str) -> tuple[list[_Variable], list[Problem]]:
                     elif key != "//":
                         variable.attrs[key] = value
             found.append(variable)
-    return found, []
+    problems: list[Problem] = []
+    modules = data.get("module") if isinstance(data, dict) else None
+    for group in modules if isinstance(modules, list) else [modules] if modules else []:
+        for name, body in group.items() if isinstance(group, dict) else ():
+            for part in body if isinstance(body, list) else [body]:
+                if isinstance(part, dict) and _remote_source(part.get("source")):
+                    problems.append(_module_problem(name, part.get("source"), path, 1))
+    return found, problems
 
 
 def _read_variables(files: Mapping[str, bytes]) -> tuple[list[_Variable], list[Problem]]:

@@ -189,9 +189,12 @@ class Settings(BaseSettings):
         "`stockade provisionerd` daemons.",
     )
     provisioner_backends: str = Field(
-        "local,docker,terraform",
+        "local,docker",
         description="Comma-separated backends the built-in workers serve (local, docker, "
-        "terraform). "
+        "terraform). terraform is not served by default: a Terraform template's commands "
+        "would run as the server's user, able to read its data directory; give terraform "
+        "builds a `stockade provisionerd --backend terraform` on a host of their own, or add "
+        "it here knowingly. "
         "Builds of other backends wait for a provisionerd that serves them.",
     )
     build_timeout_seconds: int = Field(

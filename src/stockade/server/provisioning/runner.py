@@ -180,6 +180,14 @@ class ProvisionerRunner:
         if "docker" in self.backend_names and self.options.docker_agent_url is not None:
             await self._listen_for_docker_agents(self.options.docker_agent_url)
         if "terraform" in self.backend_names:
+            log.warning(
+                "terraform_builds_in_server",
+                message="the server's workers run terraform builds: a Terraform template's "
+                "providers and local-exec commands run as the server's user and can read its "
+                "data directory (database, audit key); whoever may push templates can run "
+                "commands here. Serve terraform from a `stockade provisionerd` on a host of "
+                "its own instead (docs/terraform.md, Security).",
+            )
             self._terraform_check = asyncio.create_task(
                 self._check_terraform(), name="stockade:terraform-cli"
             )
