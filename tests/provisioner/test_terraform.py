@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -24,6 +25,8 @@ import httpx
 import pytest
 
 from stockade.devtools.server import ServerProcess
+from stockade.provisioner.backends.terraform import _new_state
+from stockade.provisioner.terraform import cli as tfcli
 from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import build_archive
 from tests.builds import agent_lines, build_lines, wait_for_agent, wait_for_build
@@ -456,3 +459,86 @@ variable "stockade_start_count" { type = number }
 resource "null_resource" "running" {
   count = var.stockade_start_count
 }"""
+
+
+def test_a_server_stopping_mid_apply_stops_and_keeps_the_partial_state(
+    server: ServerProcess, owner: Client, tmp_path: Path
+) -> None:
+    """SIGTERM to the server during an apply: Terraform is interrupted, the
+    server exits in time (not hung on its worker), and what the apply made is
+    in the stored state when the server comes back."""
+    marker = tmp_path / "marker"
+    push_tf(owner, tmp_path, "tf-slow", SLOW)
+    owner.create_workspace("slow", "tf-slow", {"marker": str(marker)})
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the first resource was never made"
+        time.sleep(0.1)
+    started = time.monotonic()
+    code = server.stop(timeout=45)
+    assert time.monotonic() - started < 40, server.logs()[-3000:]
+    assert code in (0, -signal.SIGTERM), server.logs()[-3000:]
+    server.start()
+    build = owner.get_build("owner", "slow", 1)
+    assert (build.status, build.reason) == ("failed", "interrupted")
+    ws = owner.get_workspace("owner", "slow")
+    assert "terraform_data.first" in {r.address for r in ws.resources}
+
+
+LEAKY = """\
+variable "stockade_agent_token" {
+  type      = string
+  sensitive = true
+}
+resource "terraform_data" "x" {
+  provisioner "local-exec" {
+    command = "echo 'token ${var.stockade_agent_token}' >&2; exit 1"
+  }
+}
+"""
+
+
+def test_the_agent_token_never_reaches_the_build_log_or_error(
+    server: ServerProcess, owner: Client, tmp_path: Path
+) -> None:
+    """Terraform prints a failed local-exec command with its sensitive
+    values; the backend masks the token in every line and in the error. A
+    state file the template's author left in the template is not used."""
+    directory = tmp_path / "tf-leaky"
+    directory.mkdir()
+    (directory / "stockade.yaml").write_text("name: tf-leaky\nbackend: terraform\n")
+    (directory / "main.tf").write_text(LEAKY)
+    (directory / "terraform.tfstate").write_text('{"version": 4, "lineage": "authors-own"}')
+    owner.push_template("tf-leaky", build_archive(directory))
+    owner.create_workspace("leaky", "tf-leaky")
+    build = finished(owner, "leaky", 1)
+    assert build.status == "failed"
+    assert build.error is not None and "token [agent token]" in build.error
+    lines = build_lines(owner, "owner", "leaky")
+    assert any("[agent token]" in line for line in lines)
+    assert any("ignored the template's own terraform.tfstate" in line for line in lines)
+    # The token itself: the agent's key row holds its hash only, so look for
+    # any 20+ character word after "token " that is not the mask.
+    for text in [build.error, *lines]:
+        for found in re.findall(r"token (\S{20,})", text):
+            assert found.startswith("[agent"), text
+
+
+def test_a_state_file_cut_short_is_not_stored(tmp_path: Path) -> None:
+    """A CLI killed while writing its state leaves it cut short: the previous
+    state is kept (the backup, else the one before the build)."""
+    version = tfcli.CliVersion("terraform", "1.11.4", "/usr/local/bin/terraform")
+    previous = json.dumps({"version": 4, "lineage": "l", "serial": 3, "resources": []})
+    old = {"sealed": {"tfstate": previous}}
+    (tmp_path / "terraform.tfstate").write_text('{"version": 4, "lineage": "l", "seri')
+    state, warning = _new_state(tmp_path, version, "start", old)
+    assert state["sealed"]["tfstate"] == previous
+    assert warning is not None and "cut short" in warning
+    backup = json.dumps({"version": 4, "lineage": "l", "serial": 4, "resources": []})
+    (tmp_path / "terraform.tfstate.backup").write_text(backup)
+    state, warning = _new_state(tmp_path, version, "start", old)
+    assert (state["sealed"]["tfstate"], state["terraform"]["serial"]) == (backup, 4)
+    whole = json.dumps({"version": 4, "lineage": "l", "serial": 5, "resources": []})
+    (tmp_path / "terraform.tfstate").write_text(whole)
+    state, warning = _new_state(tmp_path, version, "start", old)
+    assert (state["sealed"]["tfstate"], warning) == (whole, None)

@@ -180,12 +180,29 @@ class Worker:
                 f"the build took longer than {job.timeout_seconds} s",
             )
         except BackendError as exc:
+            current = asyncio.current_task()
             if cancel_reason:
                 # The backend stopped on the cancel and said what it left.
                 if cancel_reason[0] == "lease_lost":
                     self.current = None
                     return
                 outcome = ("canceled", exc.state, "canceled", "the build was canceled")
+            elif current is not None and current.cancelling():
+                # The worker is stopping and the backend answered the cancel
+                # with what it left (a Terraform state): keep that, end the
+                # build, and go on stopping.
+                with contextlib.suppress(Exception):  # best effort: we are stopping
+                    await progress.close()
+                    await self.source.complete(
+                        job.build_id,
+                        "failed",
+                        state=exc.state,
+                        reason="interrupted",
+                        error="the provisioner stopped during the build; start the workspace "
+                        "again",
+                    )
+                self.current = None
+                raise asyncio.CancelledError from exc
             else:
                 outcome = ("failed", exc.state, exc.reason, exc.message)
         except Exception as exc:  # a bug in a backend must not kill the worker

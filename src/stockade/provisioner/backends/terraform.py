@@ -27,7 +27,6 @@ and the outputs ``stockade_metadata`` (a map of strings shown with them) and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import secrets
@@ -59,8 +58,17 @@ from stockade.sdk.terraform_variables import declared_variables
 Transition = Literal["start", "stop", "delete"]
 
 STATE_FILE = "terraform.tfstate"
-VARS_FILE = "stockade.tfvars.json"
 PLAN_FILE = "stockade.tfplan"
+VARS_FILE = "stockade.tfvars.json"
+# What a template author's own terraform runs leave in the template directory
+# (a pushed terraform.tfstate would become every new workspace's state).
+LEFTOVERS = (
+    "terraform.tfstate",
+    "terraform.tfstate.backup",
+    "terraform.tfstate.d",
+    ".terraform",
+    PLAN_FILE,
+)
 # Replaces any backend the template configures: the state lives in Stockade.
 OVERRIDE_FILE = "zz_stockade_override.tf"
 OVERRIDE = """\
@@ -77,6 +85,8 @@ _FINDING = re.compile(
 _PROVIDER_NOT_FOUND = re.compile(
     r"(?:available versions for provider\s+|provider\s+)([\w.-]+(?:/[\w.-]+){1,2})[:\s]", re.S
 )
+# No build runs longer than this; a younger build directory may be running.
+STALE_BUILD_SECONDS = 86400.0
 _WORKSPACE_ID = re.compile(r"^[0-9a-f-]{8,64}$")
 
 
@@ -178,6 +188,7 @@ class TerraformBackend(Backend):
             "terraform-mirror"
         )
         self._cli: tfcli.CliVersion | None = None
+        self._swept = False
 
     async def cli(self) -> tfcli.CliVersion:
         """The CLI, found and checked once."""
@@ -222,6 +233,17 @@ class TerraformBackend(Backend):
             return ComputeStatus("stopped", "stopped by its last build")
         return ComputeStatus("missing")
 
+    def _sweep_builds(self) -> list[Orphan]:
+        """Remove build directories a killed provisioner left, once they are
+        older than any build may run (a younger one may be another worker's)."""
+        removed: list[Orphan] = []
+        if self.builds_dir.is_dir():
+            for path in self.builds_dir.iterdir():
+                if time.time() - path.stat().st_mtime > STALE_BUILD_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(Orphan("build-directory", str(path), ""))
+        return removed
+
     async def reconcile(self, live: set[str]) -> list[Orphan]:
         """Remove the directories of workspaces that are gone and working
         directories that outlived their build (a worker killed mid-build).
@@ -241,13 +263,7 @@ class TerraformBackend(Backend):
                     continue
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(Orphan("directory", str(path), path.name))
-        if self.builds_dir.is_dir():
-            for path in self.builds_dir.iterdir():
-                # No build runs longer than a day; a younger one may be running.
-                if now - path.stat().st_mtime > max(grace, 86400):
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(Orphan("build-directory", str(path), ""))
-        return removed
+        return removed + self._sweep_builds()
 
     # --- one build --------------------------------------------------------------------
 
@@ -266,7 +282,13 @@ class TerraformBackend(Backend):
         transition: Transition,
     ) -> dict[str, Any]:
         cli = await self.cli()
-        await progress.log(f"running {cli.label}; providers from the mirror {self.mirror_dir}")
+        if not self._swept:
+            # What a provisioner killed mid-build left (a daemon has no
+            # reconciler): removed at its first build after a restart.
+            self._swept = True
+            await asyncio.to_thread(self._sweep_builds)
+        masked = _Masked(progress, spec.agent_token)
+        await masked.log(f"running {cli.label}; providers from the mirror {self.mirror_dir}")
         workspace_dir = self._workspace_dir(spec.workspace_id)
         build_dir = self.builds_dir / f"{spec.build_id}-{secrets.token_hex(4)}"
         workdir = build_dir / "template"
@@ -275,13 +297,28 @@ class TerraformBackend(Backend):
                 **spec.parameters,
                 **stockade_variables(spec, transition, workspace_dir),
             }
-            await asyncio.to_thread(
+            ignored = await asyncio.to_thread(
                 self._prepare, spec, state, build_dir, workdir, workspace_dir, values
             )
+            if ignored:
+                await masked.log(
+                    f"ignored the template's own {', '.join(ignored)}: a workspace's state is "
+                    "Stockade's (remove them from the template)",
+                    level="warn",
+                )
             env = tfcli.base_environment(build_dir / "cli.tfrc")
             return await self._run(
-                cli, state, progress, transition, workdir, env, build_dir / VARS_FILE, spec
+                cli, state, masked, transition, workdir, env, build_dir / VARS_FILE, spec
             )
+        except BackendError as exc:
+            # Terraform prints a failed local-exec command with its sensitive
+            # values: the token must not reach the stored build error.
+            raise BackendError(
+                masked.mask(exc.message),
+                reason=exc.reason,
+                log_message=masked.mask(exc.log_message),
+                state=exc.state,
+            ) from exc
         finally:
             # The plan file and the state hold secrets in clear: never leave them.
             await asyncio.to_thread(shutil.rmtree, build_dir, True)
@@ -294,10 +331,22 @@ class TerraformBackend(Backend):
         workdir: Path,
         workspace_dir: Path,
         values: dict[str, Any],
-    ) -> None:
+    ) -> list[str]:
+        """Lay out the build's directory; returns the leftovers of a template
+        author's own runs that were removed from the copy."""
         self.builds_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         build_dir.mkdir(mode=0o700)
         shutil.copytree(spec.files_dir, workdir, symlinks=True)
+        ignored = []
+        for name in LEFTOVERS:
+            leftover = workdir / name
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            elif leftover.exists() or leftover.is_symlink():
+                leftover.unlink()
+            else:
+                continue
+            ignored.append(name)
         try:
             declared = declared_variables(read_directory_files(workdir))
         except ManifestError as exc:
@@ -320,6 +369,7 @@ class TerraformBackend(Backend):
             state_path.write_text(tfstate)
             state_path.chmod(0o600)
         workspace_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return ignored
 
     async def _run(
         self,
@@ -340,7 +390,7 @@ class TerraformBackend(Backend):
             cli, ["init", "-input=false", "-no-color"], cwd=workdir, env=env, log=log
         )
         if init.returncode != 0:
-            raise self._init_error(init)
+            raise await asyncio.to_thread(self._init_error, init)
         await progress.stage("Terraform plan")
         plan_args = [
             "plan",
@@ -371,14 +421,18 @@ class TerraformBackend(Backend):
         except asyncio.CancelledError:
             # Interrupted: what it made so far is in its state, which must
             # reach the server, or the next build would not know it.
-            partial = await asyncio.to_thread(_new_state, workdir, cli, transition, state)
+            partial, warning = await asyncio.to_thread(_new_state, workdir, cli, transition, state)
+            if warning:
+                await progress.log(warning, level="warn")
             raise BackendError(
                 "terraform apply was interrupted (the build was canceled or ran out of time); "
                 "what it had made is kept and the next build continues from there",
                 reason="interrupted",
                 state=partial,
             ) from None
-        new_state = await asyncio.to_thread(_new_state, workdir, cli, transition, state)
+        new_state, warning = await asyncio.to_thread(_new_state, workdir, cli, transition, state)
+        if warning:
+            await progress.log(warning, level="warn")
         if apply.returncode != 0:
             where = f" at {', '.join(apply.failed_resources)}" if apply.failed_resources else ""
             raise BackendError(
@@ -419,6 +473,25 @@ class TerraformBackend(Backend):
         return BackendError(f"terraform init failed: {detail}", reason="init_failed")
 
 
+class _Masked:
+    """A ``Progress`` that masks the agent token in every line, and masks
+    messages on request (Terraform prints a failed local-exec command with
+    its sensitive values)."""
+
+    def __init__(self, progress: Progress, token: str | None) -> None:
+        self.progress = progress
+        self.token = token
+
+    def mask(self, text: str) -> str:
+        return text.replace(self.token, "[agent token]") if self.token else text
+
+    async def stage(self, name: str) -> None:
+        await self.progress.stage(name)
+
+    async def log(self, line: str, *, level: Literal["info", "warn", "error"] = "info") -> None:
+        await self.progress.log(self.mask(line), level=level)
+
+
 def _check_outputs(spec: WorkspaceSpec, outputs: dict[str, Any]) -> str | None:
     """Why the ``stockade_*`` outputs cannot be used (None: they can)."""
     metadata = outputs.get("stockade_metadata")
@@ -448,21 +521,38 @@ def _diagnostics_text(result: tfcli.RunResult) -> str:
     return "; ".join(parts)
 
 
+def _read_state(text: str) -> dict[str, Any] | None:
+    """A Terraform state, or None when ``text`` is not a whole one."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "lineage" in data else None
+
+
 def _new_state(
     workdir: Path, cli: tfcli.CliVersion, transition: Transition, old: dict[str, Any]
-) -> dict[str, Any]:
-    """The backend state to store after a run: the CLI's state file (sealed),
-    what it holds, and what the workspace page shows."""
-    path = workdir / STATE_FILE
-    if path.is_file():
-        text = path.read_text()
-    else:
-        text = (old.get(SEALED_STATE_KEY) or {}).get("tfstate") or ""
-    tfstate: dict[str, Any] = {}
-    if text:
-        with contextlib.suppress(ValueError):
-            tfstate = json.loads(text)
-    return {
+) -> tuple[dict[str, Any], str | None]:
+    """The backend state to store after a run (the CLI's state file, sealed;
+    what it holds, for the workspace page), and a warning when that file was
+    unreadable: a CLI killed while writing it leaves it cut short, and
+    storing that would make every later build of the workspace fail. Then
+    the CLI's backup of the previous state, or the previous state, is kept."""
+    old_text = (old.get(SEALED_STATE_KEY) or {}).get("tfstate") or ""
+    text, warning = old_text, None
+    written = workdir / STATE_FILE
+    if written.is_file():
+        fresh = written.read_text(errors="replace")
+        backup = workdir / f"{STATE_FILE}.backup"
+        if _read_state(fresh) is not None:
+            text = fresh
+        elif backup.is_file() and _read_state(backup.read_text(errors="replace")) is not None:
+            text = backup.read_text(errors="replace")
+            warning = "Terraform's state file was cut short; its previous state is kept"
+        else:
+            warning = "Terraform's state file was cut short; the state before this build is kept"
+    tfstate = (_read_state(text) or {}) if text else {}
+    state = {
         "terraform": {
             "cli": cli.label,
             "transition": transition,
@@ -472,3 +562,4 @@ def _new_state(
         },
         SEALED_STATE_KEY: {"tfstate": text} if text else {},
     }
+    return state, warning

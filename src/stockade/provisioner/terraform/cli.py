@@ -185,7 +185,6 @@ class RunResult:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     failed_resources: list[str] = field(default_factory=list)
     plain: list[str] = field(default_factory=list)
-    changes: dict[str, int] = field(default_factory=dict)
 
 
 LogLine = Callable[[str, Literal["info", "warn", "error"]], Awaitable[None]]
@@ -217,10 +216,6 @@ async def _report(message: dict[str, Any], result: RunResult, log: LogLine) -> N
             result.failed_resources.append(str(address))
         await log(text, "error")
         return
-    if kind == "change_summary":
-        result.changes = {
-            k: int(v) for k, v in (message.get("changes") or {}).items() if isinstance(v, int)
-        }
     if kind == "provision_progress":
         # A local-exec's own output: "<addr>: (local-exec): <line>".
         await log(text, "info")
