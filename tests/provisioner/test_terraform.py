@@ -542,3 +542,27 @@ def test_a_state_file_cut_short_is_not_stored(tmp_path: Path) -> None:
     (tmp_path / "terraform.tfstate").write_text(whole)
     state, warning = _new_state(tmp_path, version, "start", old)
     assert (state["sealed"]["tfstate"], warning) == (whole, None)
+
+
+def test_a_state_that_does_not_decrypt_fails_its_build_and_not_the_queue(
+    server: ServerProcess, owner: Client, tmp_path: Path
+) -> None:
+    """A database restored under another audit key: the build of the
+    workspace whose state cannot be read fails saying why, and the builds
+    queued behind it still run."""
+    push_tf(owner, tmp_path, "tf-plain", 'resource "terraform_data" "x" {}\n')
+    ws = owner.create_workspace("sealed", "tf-plain")
+    assert finished(owner, "sealed", 1).status == "succeeded"
+    owner.create_build("owner", "sealed", "stop")
+    assert finished(owner, "sealed", 2).status == "succeeded"
+    sealed = stored_state(server, ws.id)["sealed"]
+    with sqlite3.connect(server.data_dir / "stockade.db") as db:
+        # What another key sealed does not open: here, the sealed bytes reversed.
+        broken = {"terraform": {}, "sealed": "v1:" + sealed[3:][::-1]}
+        db.execute("UPDATE workspaces SET state = ? WHERE id = ?", (json.dumps(broken), ws.id))
+    owner.create_build("owner", "sealed", "start")
+    owner.create_workspace("after", "tf-plain")
+    build = finished(owner, "sealed", 3)
+    assert (build.status, build.reason) == ("failed", "state_unreadable")
+    assert build.error is not None and "audit key" in build.error
+    assert finished(owner, "after", 1).status == "succeeded"

@@ -44,9 +44,9 @@ from stockade.server.db.models import (
     utcnow,
 )
 from stockade.server.errors import Conflict, NotFound, Unauthenticated
-from stockade.server.secretbox import SecretBox
 from stockade.server.events import JOBS, Notifier, build_key
 from stockade.server.observability import get_logger
+from stockade.server.secretbox import SecretBox, SecretBoxError
 
 log = get_logger("stockade.provisioning")
 
@@ -189,6 +189,22 @@ class ProvisioningService:
                     .where(Workspace.id == build.workspace_id)
                 )
             ).one()
+            try:
+                state = self._unseal(ws.state, ws.id)
+            except SecretBoxError:
+                # A restore under another audit key: this build can never
+                # run, and leaving it pending would stall the queue behind it.
+                build.status = "failed"
+                build.reason = "state_unreadable"
+                build.error = (
+                    "the workspace's stored backend state does not decrypt with this server's "
+                    "audit key (was the database restored under another key?); restore the key "
+                    "the state was written with (--audit-key or DATA_DIR/audit.key)"
+                )
+                build.finished_at = now
+                build.lease_expires_at = None
+                log.error("build_state_unreadable", build_id=build.id, workspace_id=ws.id)
+                return None
             agent_token = None
             if build.transition == "start":
                 # New at every attempt: a retry replaces the compute the
@@ -210,7 +226,7 @@ class ProvisioningService:
                 template_version=version.number,
                 manifest=version.manifest,
                 parameters=build.parameters,
-                state=self._unseal(ws.state, ws.id),
+                state=state,
                 access_url=self.access_url,
                 lease_seconds=self.lease_seconds,
                 timeout_seconds=self.timeout_seconds,
