@@ -290,6 +290,30 @@ async def _consume(
     return result
 
 
+async def _exited(proc: subprocess.Popen[bytes]) -> int:
+    """The exit code, once the process has ended: waited for on the event
+    loop through a pidfd, not in a thread (a CLI runs for minutes, and the
+    default thread pool is small and shared)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: a thread it is
+        return await asyncio.to_thread(proc.wait)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.wait()
+
+
 async def _follow(
     proc: subprocess.Popen[bytes],
     reader: asyncio.StreamReader,
@@ -301,7 +325,7 @@ async def _follow(
     most a moment: a process the CLI left behind may hold the pipe open)."""
     reading = asyncio.ensure_future(_read_all(reader, log, skip, result))
     try:
-        code = await asyncio.to_thread(proc.wait)
+        code = await _exited(proc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reading), OUTPUT_DRAIN_SECONDS)
         return code
@@ -351,4 +375,4 @@ async def _interrupt(
                 await _follow(proc, reader, log, skip, result)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    result.returncode = await asyncio.to_thread(proc.wait)
+    result.returncode = await _exited(proc)
