@@ -311,16 +311,22 @@ resource "terraform_data" "slow" {
 """
 
 
-def test_a_canceled_apply_is_interrupted_and_its_partial_state_kept(
-    server: ServerProcess, owner: Client, tmp_path: Path
-) -> None:
+def start_slow_apply(client: Client, tmp_path: Path) -> None:
+    """Create a workspace whose start build is held in its apply (a 120 s
+    local-exec), once its first resource is made."""
     marker = tmp_path / "marker"
-    push_tf(owner, tmp_path, "tf-slow", SLOW)
-    owner.create_workspace("slow", "tf-slow", {"marker": str(marker)})
+    push_tf(client, tmp_path, "tf-slow", SLOW)
+    client.create_workspace("slow", "tf-slow", {"marker": str(marker)})
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert time.monotonic() < deadline, "the first resource was never made"
         time.sleep(0.1)
+
+
+def test_a_canceled_apply_is_interrupted_and_its_partial_state_kept(
+    server: ServerProcess, owner: Client, tmp_path: Path
+) -> None:
+    start_slow_apply(owner, tmp_path)
     started = time.monotonic()
     owner.cancel_build("owner", "slow", 1)
     build = finished(owner, "slow", 1)
@@ -467,13 +473,7 @@ def test_a_server_stopping_mid_apply_stops_and_keeps_the_partial_state(
     """SIGTERM to the server during an apply: Terraform is interrupted, the
     server exits in time (not hung on its worker), and what the apply made is
     in the stored state when the server comes back."""
-    marker = tmp_path / "marker"
-    push_tf(owner, tmp_path, "tf-slow", SLOW)
-    owner.create_workspace("slow", "tf-slow", {"marker": str(marker)})
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the first resource was never made"
-        time.sleep(0.1)
+    start_slow_apply(owner, tmp_path)
     started = time.monotonic()
     code = server.stop(timeout=45)
     assert time.monotonic() - started < 40, server.logs()[-3000:]
