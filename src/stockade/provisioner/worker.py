@@ -198,8 +198,7 @@ class Worker:
                         "failed",
                         state=exc.state,
                         reason="interrupted",
-                        error="the provisioner stopped during the build; start the workspace "
-                        "again",
+                        error="the provisioner stopped during the build; start the workspace again",
                     )
                 self.current = None
                 raise asyncio.CancelledError from exc
