@@ -143,16 +143,62 @@ class App(_Strict):
     health_check: AppHealthCheck | None = None
 
 
+class KubernetesToleration(_Strict):
+    """A Pod toleration, as Kubernetes spells it (snake_case here)."""
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class KubernetesSettings(_Strict):
+    """Where and how a kubernetes workspace's Pod runs (backend: kubernetes)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[KubernetesToleration] = Field(default_factory=list)
+    runtime_class: str | None = Field(None, max_length=253, description="e.g. gvisor, kata")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets in the workspaces' namespace"
+    )
+    service_account: str | None = Field(
+        None,
+        max_length=253,
+        description="the Pod's service account; none: the namespace's default, with no API "
+        "token mounted",
+    )
+    gpu_resource: str = Field(
+        "nvidia.com/gpu",
+        max_length=253,
+        description="the extended resource compute.gpus requests (nvidia.com/gpu, amd.com/gpu...)",
+    )
+    storage_class: str | None = Field(None, max_length=253, description="of the home volume")
+    network_policy: bool = Field(
+        False,
+        description="a NetworkPolicy lets the workspace reach only the control plane, DNS "
+        "and allow_egress",
+    )
+    allow_egress: list[str] = Field(
+        default_factory=list, description="CIDR or CIDR:PORT the workspace may also reach"
+    )
+    read_only_root: bool = Field(
+        True, description="read-only root filesystem (/tmp and the home stay writable)"
+    )
+    run_as_user: int = Field(1000, ge=1, le=2**31 - 1, description="never root")
+
+
 class Manifest(_Strict):
     name: str = Field(pattern=TEMPLATE_NAME_PATTERN, description=TEMPLATE_NAME_HELP)
     display_name: str = Field("", max_length=128)
     description: str = Field("", max_length=4096)
     icon: str | None = Field(None, max_length=512)
-    backend: Literal["local", "docker", "terraform"]
+    backend: Literal["local", "docker", "terraform", "kubernetes"]
     parameters: list[Parameter] = Field(default_factory=list)
     compute: Compute = Field(default_factory=Compute)
     agent: Agent = Field(default_factory=Agent)
     apps: list[App] = Field(default_factory=list)
+    kubernetes: KubernetesSettings | None = None
 
 
 # --- errors ----------------------------------------------------------------------
@@ -438,8 +484,17 @@ def _semantic(manifest: Manifest) -> Iterable[tuple[Loc, str, bool]]:
         yield ("compute", "cpu"), "must be greater than 0", False
     if isinstance(compute.gpus, int) and compute.gpus < 0:
         yield ("compute", "gpus"), "must be 0 or more", False
-    if manifest.backend == "docker" and not compute.image:
-        yield ("compute", "image"), "the docker backend needs an image", True
+    if manifest.backend in ("docker", "kubernetes") and not compute.image:
+        yield ("compute", "image"), f"the {manifest.backend} backend needs an image", True
+    if manifest.kubernetes is not None and manifest.backend != "kubernetes":
+        yield ("kubernetes",), "kubernetes settings are for the kubernetes backend only", True
+    for i, entry in enumerate(manifest.kubernetes.allow_egress if manifest.kubernetes else []):
+        if _egress_rule(entry) is None:
+            yield (
+                ("kubernetes", "allow_egress", i),
+                f"{entry!r} is not CIDR or CIDR:PORT (10.0.0.0/8, 10.1.2.3/32:443)",
+                False,
+            )
     if manifest.backend == "local" and compute.image:
         yield ("compute", "image"), "image is used only by the docker backend", True
     if manifest.backend == "terraform" and any(
@@ -520,6 +575,28 @@ def workspace_apps(manifest: Manifest, state: dict[str, Any] | None) -> list[App
         return [*manifest.apps, *output_apps(manifest, outputs.get("stockade_apps"))]
     except ValueError:
         return list(manifest.apps)
+
+
+def _egress_rule(rule: str) -> tuple[str, int | None] | None:
+    """``CIDR`` or ``CIDR:PORT`` as (network, port), None when it is neither."""
+    import ipaddress
+
+    network, _, port = rule.rpartition(":") if rule.count(":") == 1 else (rule, "", "")
+    try:
+        parsed = ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return None
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return None
+    return str(parsed), int(port) if port else None
+
+
+def egress_rule(rule: str) -> tuple[str, int | None]:
+    """A checked ``allow_egress`` entry as (CIDR, port or None)."""
+    parsed = _egress_rule(rule)
+    if parsed is None:
+        raise ValueError(f"{rule!r} is not CIDR or CIDR:PORT")
+    return parsed
 
 
 @dataclass(frozen=True)

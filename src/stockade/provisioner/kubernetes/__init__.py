@@ -1,0 +1,2 @@
+"""The kubernetes backend's pieces that need no cluster: the objects a
+workspace is made of (``manifests``)."""
