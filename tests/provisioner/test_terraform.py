@@ -8,6 +8,7 @@ its partial state; the state is sealed at rest."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,8 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
+from stockade.agent.bundle import BOOTSTRAP_SCRIPT
 from stockade.devtools.server import ServerProcess
-from stockade.provisioner.backends.terraform import _new_state
+from stockade.provisioner.backends.terraform import _new_state, agent_init_script
 from stockade.provisioner.terraform import cli as tfcli
 from stockade.sdk import ApiError, Client, types
 from stockade.sdk.templates import build_archive
@@ -566,3 +568,30 @@ def test_a_state_that_does_not_decrypt_fails_its_build_and_not_the_queue(
     assert (build.status, build.reason) == ("failed", "state_unreadable")
     assert build.error is not None and "audit key" in build.error
     assert finished(owner, "after", 1).status == "succeeded"
+
+
+def test_the_init_script_sets_the_agents_environment_and_ca(make_spec: Any, tmp_path: Path) -> None:
+    """What runs before the bootstrap: the control plane's URL, the token
+    (quoted: any byte survives) and, with a private CA, the CA written to a
+    file the agent is pointed at."""
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB'$x\n-----END CERTIFICATE-----\n"
+    spec = dataclasses.replace(
+        make_spec(backend="terraform"),
+        agent_token="to'k en$(x)",
+        agent_ca=ca,
+        access_url="https://stockade.internal:7443",
+    )
+    script = agent_init_script(spec)
+    assert script.endswith(BOOTSTRAP_SCRIPT)
+    prelude = script.removesuffix(BOOTSTRAP_SCRIPT)
+    shown = subprocess.run(
+        ["sh", "-c", prelude + 'env | grep ^STOCKADE_ | sort; cat "$STOCKADE_AGENT_CA_FILE"'],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
+    ).stdout
+    assert "STOCKADE_ACCESS_URL=https://stockade.internal:7443\n" in shown
+    assert "STOCKADE_AGENT_TOKEN=to'k en$(x)\n" in shown
+    assert f"STOCKADE_AGENT_CA_FILE={tmp_path}/.stockade-agent-ca.pem\n" in shown
+    assert shown.endswith(ca)
