@@ -811,7 +811,7 @@ class CreatedProvisionerKey(ProvisionerKey):
 class AcquireJobRequest(Request):
     worker_id: str = Field(min_length=1, max_length=64)
     worker_name: str = Field("", max_length=128)
-    backends: list[Literal["local", "docker", "terraform"]] = Field(min_length=1)
+    backends: list[Literal["local", "docker", "terraform", "kubernetes"]] = Field(min_length=1)
 
 
 class ProvisionerJob(Response):

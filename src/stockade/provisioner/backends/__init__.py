@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stockade.provisioner.backends.base import Backend, BackendError, BackendOptions
 
-NAMES = ("local", "docker", "terraform")
+NAMES = ("local", "docker", "terraform", "kubernetes")
 
 
 class BackendSet:
@@ -36,6 +36,10 @@ class BackendSet:
             from stockade.provisioner.backends.terraform import TerraformBackend
 
             return TerraformBackend(self.options)
+        if name == "kubernetes":
+            from stockade.provisioner.backends.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(self.options, deployment_id=self.deployment_id)
         raise BackendError(
             f"this provisioner has no {name!r} backend (it has: {', '.join(NAMES)})",
             reason="unknown_backend",

@@ -197,6 +197,12 @@ class BackendOptions:
     # mirror it installs providers from; None: WORKSPACES_DIR/../terraform-mirror.
     terraform_binary: str = "terraform"
     terraform_mirror_dir: Path | None = None
+    # kubernetes: a kubeconfig ("" = in-cluster, else ~/.kube/config), the
+    # namespace workspaces live in, and where the control plane is for the
+    # NetworkPolicy (address blocks, when it runs outside the cluster).
+    kubernetes_config: str = ""
+    kubernetes_namespace: str = "stockade-workspaces"
+    kubernetes_control_plane_cidrs: tuple[str, ...] = ()
 
 
 class Progress(Protocol):
