@@ -74,7 +74,9 @@ def start(
     ] = None,
     backend: Annotated[
         list[str] | None,
-        typer.Option("--backend", help="repeatable: local, docker, terraform (default: all)"),
+        typer.Option(
+            "--backend", help="repeatable: local, docker, terraform, kubernetes (default: all)"
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="builds run at the same time")] = 1,
     data_dir: Annotated[
@@ -113,6 +115,15 @@ def start(
             show_default=False,
         ),
     ] = None,
+    kubernetes_config: Annotated[
+        str,
+        typer.Option(
+            help="kubeconfig for kubernetes workspaces (default: in-cluster, else ~/.kube/config)"
+        ),
+    ] = "",
+    kubernetes_namespace: Annotated[
+        str, typer.Option(help="namespace of kubernetes workspaces")
+    ] = "stockade-workspaces",
     verbose_logs: Annotated[
         bool, typer.Option("--debug", help="log tracebacks of worker errors")
     ] = False,
@@ -155,6 +166,8 @@ def start(
         terraform_mirror_dir=terraform_mirror_dir.expanduser().absolute()
         if terraform_mirror_dir
         else None,
+        kubernetes_config=kubernetes_config,
+        kubernetes_namespace=kubernetes_namespace,
     )
     configure_logging(logging.DEBUG if verbose_logs else logging.INFO)
     try:

@@ -355,6 +355,8 @@ class DaemonConfig:
     docker_network: str = ""
     terraform_binary: str = "terraform"
     terraform_mirror_dir: Path | None = None
+    kubernetes_config: str = ""
+    kubernetes_namespace: str = "stockade-workspaces"
     wait_seconds: float = 10.0
 
     @property
@@ -366,6 +368,8 @@ class DaemonConfig:
             docker_network=self.docker_network,
             terraform_binary=self.terraform_binary,
             terraform_mirror_dir=self.terraform_mirror_dir or self.data_dir / "terraform-mirror",
+            kubernetes_config=self.kubernetes_config,
+            kubernetes_namespace=self.kubernetes_namespace,
         )
 
 

@@ -79,6 +79,11 @@ def build_services(settings: Settings) -> Services:
         docker_network=settings.docker_network,
         terraform_binary=settings.terraform_binary,
         terraform_mirror_dir=settings.provider_mirror_dir,
+        kubernetes_config=settings.kubernetes_config,
+        kubernetes_namespace=settings.kubernetes_namespace,
+        kubernetes_control_plane_cidrs=tuple(
+            c.strip() for c in settings.kubernetes_control_plane_cidrs.split(",") if c.strip()
+        ),
     )
     services = Services(
         settings=settings,

@@ -236,6 +236,22 @@ class Settings(BaseSettings):
         f"{TERRAFORM_MINIMUM} or OpenTofu {OPENTOFU_MINIMUM} at least) and shown in every build "
         "log.",
     )
+    kubernetes_config: str = Field(
+        "",
+        description="kubeconfig for kubernetes workspaces. Empty: the in-cluster service "
+        "account when the server runs in a Pod, else ~/.kube/config.",
+    )
+    kubernetes_namespace: str = Field(
+        "stockade-workspaces",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="The namespace kubernetes workspaces' Pods, volumes and secrets live in.",
+    )
+    kubernetes_control_plane_cidrs: str = Field(
+        "",
+        description="Comma-separated address blocks of the control plane, for the "
+        "workspaces' NetworkPolicy when Stockade runs outside the cluster (in the cluster, "
+        "its Pods are selected by label).",
+    )
     terraform_mirror_dir: Path | None = Field(
         None,
         description="The provider mirror terraform builds install providers from (nothing is "
