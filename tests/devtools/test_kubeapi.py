@@ -24,7 +24,7 @@ NS = "ws"
 
 @pytest.fixture
 def kube() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI(namespaces=["default", NS]) as fake:
+    with FakeKubeAPI(namespaces=[NS]) as fake:
         yield fake
 
 
@@ -167,6 +167,10 @@ async def test_pod_create_get_list_replace_delete(kube: FakeKubeAPI, api: client
     assert isinstance(deleted, client.V1Pod)
     assert deleted.metadata.deletion_timestamp is not None
     assert "p2" in [p["metadata"]["name"] for p in kube.objects("Pod", NS)]
+    with pytest.raises(ApiException) as terminating:
+        await v1.create_namespaced_pod(NS, pod("p2"))
+    assert body_of(terminating.value)["reason"] == "AlreadyExists"
+    assert body_of(terminating.value)["message"].startswith("object is being deleted: ")
     await wait_for(lambda: "p2" not in [p["metadata"]["name"] for p in kube.objects("pods", NS)])
     with pytest.raises(ApiException) as gone:
         await v1.read_namespaced_pod("p2", NS)
@@ -378,6 +382,22 @@ async def test_namespaces_are_fixed(api: client.ApiClient) -> None:
     assert body_of(missing.value)["message"] == 'namespaces "new" not found'
 
 
+async def test_every_namespace_exists_unless_a_set_is_given(tmp_path: Path) -> None:
+    with FakeKubeAPI() as kube:
+        api_client = await _api_client(kube.kubeconfig(tmp_path / "kc"))
+        try:
+            v1 = core(api_client)
+            await v1.create_namespaced_secret("anything", {"metadata": {"name": "s"}})
+            assert (await v1.read_namespace("else")).metadata.name == "else"
+            listed = [n.metadata.name for n in (await v1.list_namespace()).items]
+            assert listed == ["anything", "default", "else", "kube-system"]
+            with pytest.raises(ApiException) as bad:
+                await v1.create_namespaced_secret("Not_A_Name", {"metadata": {"name": "s"}})
+            assert bad.value.status == 404
+        finally:
+            await api_client.close()
+
+
 async def test_bearer_token_is_checked(kube: FakeKubeAPI, tmp_path: Path) -> None:
     wrong = FakeKubeAPI(token="not-the-token")
     wrong.url = kube.url
@@ -396,7 +416,7 @@ async def test_bearer_token_is_checked(kube: FakeKubeAPI, tmp_path: Path) -> Non
         assert watch_refused.value.reason == "Unauthorized: Unauthorized"
     finally:
         await api_client.close()
-    assert {r["status"] for r in kube.requests()} == {401}
+    assert {r.status for r in kube.requests()} == {401}
 
 
 # --- watches --------------------------------------------------------------------------
@@ -531,12 +551,12 @@ async def test_watch_from_an_expired_resource_version_raises_410(
     assert exc.body is None and exc.headers is None
 
     # Without timeout_seconds the Watch reconnects once, then raises.
-    before = len([r for r in kube.requests() if r["watch"]])
+    before = len([r for r in kube.requests() if r.watch])
     stream = watch.Watch().stream(v1.list_namespaced_pod, NS, resource_version=old)
     with pytest.raises(ApiException) as again:
         await collect(stream, lambda e: False)
     assert again.value.status == 410
-    assert len([r for r in kube.requests() if r["watch"]]) - before == 2
+    assert len([r for r in kube.requests() if r.watch]) - before == 2
 
     # A fresh list gives a resourceVersion that works.
     fresh = (await v1.list_namespaced_pod(NS)).metadata.resource_version
@@ -549,7 +569,7 @@ async def test_watch_from_an_expired_resource_version_raises_410(
 
 
 async def test_history_is_bounded(tmp_path: Path) -> None:
-    with FakeKubeAPI(namespaces=[NS], history=3) as kube:
+    with FakeKubeAPI(history=3) as kube:
         api_client = await _api_client(kube.kubeconfig(tmp_path / "kc"))
         try:
             v1 = core(api_client)
@@ -592,7 +612,7 @@ async def test_expire_watches_can_close_open_streams(
         v1.list_namespaced_pod, NS, resource_version=version, timeout_seconds=30
     )
     collecting = asyncio.create_task(collect(stream, lambda e: False, timeout=10))
-    await wait_for(lambda: any(r["watch"] for r in kube.requests()))
+    await wait_for(lambda: any(r.watch for r in kube.requests()))
     started = time.monotonic()
     kube.expire_watches(close=True)
     assert await collecting == []
@@ -675,11 +695,19 @@ async def test_requests_are_logged(kube: FakeKubeAPI, api: client.ApiClient) -> 
     with pytest.raises(ApiException):
         await v1.read_namespaced_secret("none", NS)
     log = kube.requests()
-    assert [(r["method"], r["path"], r["status"]) for r in log] == [
+    assert [(r.method, r.path, r.status) for r in log] == [
         ("POST", f"/api/v1/namespaces/{NS}/secrets", 201),
         ("GET", f"/api/v1/namespaces/{NS}/secrets/none", 404),
     ]
-    assert log[0]["body"]["metadata"] == {"name": "s"}
+    assert log[0].body["metadata"] == {"name": "s"}
+    # Each entry is also its request line, to match as text.
+    assert log[1] == f"GET /api/v1/namespaces/{NS}/secrets/none"
+    stream = watch.Watch().stream(v1.list_namespaced_pod, NS, timeout_seconds=1)
+    await collect(stream, lambda e: False)
+    watched = kube.requests()[-1]
+    assert watched.watch and watched.status == 200
+    assert watched.startswith(f"GET /api/v1/namespaces/{NS}/pods?")
+    assert "watch=True" in watched and watched.query["timeoutSeconds"] == "1"
 
 
 async def test_runs_as_a_subprocess(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ What is modelled
 ----------------
 - Resources, all namespaced: core v1 ``pods``, ``secrets``,
   ``persistentvolumeclaims``; ``networking.k8s.io/v1`` ``networkpolicies``;
-  ``namespaces`` read-only (a fixed set given at start). Paths
+  ``namespaces`` read-only (a fixed set given at start, or, by default,
+  every namespace exists and appears once used). Paths
   ``/api/v1/namespaces/{ns}/{resource}[/{name}]``, the all-namespaces
   collections (``/api/v1/pods``), the old ``/api/v1/watch/...`` prefix, the
   ``status`` subresource of pods and claims, and discovery (``/api``,
@@ -752,12 +753,35 @@ class Event:
 Key = tuple[str, str, str]  # plural, namespace, name
 
 
+class LoggedRequest(str):
+    """One request, as the text ``METHOD /path?query`` (so a test can match
+    it as a string), with its parts as attributes: ``method``, ``path``,
+    ``query`` (a dict), ``watch``, ``status`` (None until answered) and
+    ``body`` (the JSON sent, or None)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    watch: bool
+    status: int | None
+    body: Any
+
+    @classmethod
+    def of(cls, request: Request) -> LoggedRequest:
+        query = request.url.query
+        made = cls(f"{request.method} {request.url.path}" + (f"?{query}" if query else ""))
+        made.method, made.path = request.method, request.url.path
+        made.query = dict(request.query_params)
+        made.watch, made.status, made.body = False, None, None
+        return made
+
+
 class Cluster:
     """The API's state and its simulated controllers; used from one event loop."""
 
     def __init__(
         self,
-        namespaces: Iterable[str],
+        namespaces: Iterable[str] | None,
         *,
         history: int,
         kubelet_delay: float,
@@ -772,19 +796,24 @@ class Cluster:
         self.watchers: set[asyncio.Queue[Event | None]] = set()
         self.tasks: dict[Key, asyncio.Task[None]] = {}  # controllers working on an object
         self.grace: dict[Key, asyncio.Task[None]] = {}  # pods in their grace period
-        self.log: list[Obj] = []
+        self.log: list[LoggedRequest] = []
         self.kubelet_delay = kubelet_delay
         self.grace_cap = grace_cap
         self.pod_ip = pod_ip
-        for name in dict.fromkeys([*namespaces, "kube-system"]):
-            meta = {"name": name, "labels": {"kubernetes.io/metadata.name": name}}
-            namespace = {
-                "metadata": meta,
-                "spec": {"finalizers": ["kubernetes"]},
-                "status": {"phase": "Active"},
-            }
-            self._stamp(namespace, "")
-            self.write("ADDED", NAMESPACE, namespace, None)
+        # None: every namespace exists (it is made when first used).
+        self.any_namespace = namespaces is None
+        for name in dict.fromkeys(["default", *(namespaces or []), "kube-system"]):
+            self._make_namespace(name)
+
+    def _make_namespace(self, name: str) -> Obj:
+        meta = {"name": name, "labels": {"kubernetes.io/metadata.name": name}}
+        namespace = {
+            "metadata": meta,
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
+        self._stamp(namespace, "")
+        return self.write("ADDED", NAMESPACE, namespace, None)
 
     # --- storage ----------------------------------------------------------------------
 
@@ -794,6 +823,9 @@ class Cluster:
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj:
         obj = self.store.get(self.key(kind, namespace, name))
+        if obj is None and kind is NAMESPACE and self.any_namespace:
+            self._check_namespace(name)
+            obj = self.store.get(self.key(kind, namespace, name))
         if obj is None:
             raise not_found(kind, name)
         return obj
@@ -905,8 +937,12 @@ class Cluster:
         return obj
 
     def _check_namespace(self, namespace: str) -> None:
-        if self.key(NAMESPACE, "", namespace) not in self.store:
-            raise not_found(NAMESPACE, namespace)
+        if self.key(NAMESPACE, "", namespace) in self.store:
+            return
+        if self.any_namespace and len(namespace) <= 63 and _DNS_LABEL.fullmatch(namespace):
+            self._make_namespace(namespace)
+            return
+        raise not_found(NAMESPACE, namespace)
 
     def _validate(self, kind: Kind, obj: Obj, old: Obj | None) -> None:
         errors = _metadata_errors(obj["metadata"])
@@ -945,13 +981,12 @@ class Cluster:
         self._default(kind, obj)
         self._validate(kind, obj, None)
         name = meta["name"]
-        if self.key(kind, namespace, name) in self.store:
-            raise Problem(
-                409,
-                "AlreadyExists",
-                f'{kind.qualified} "{name}" already exists',
-                kind.details(name),
-            )
+        there = self.store.get(self.key(kind, namespace, name))
+        if there is not None:
+            # A terminating object still holds its name, as in the real API.
+            going = "object is being deleted: " if "deletionTimestamp" in there["metadata"] else ""
+            message = f'{going}{kind.qualified} "{name}" already exists'
+            raise Problem(409, "AlreadyExists", message, kind.details(name))
         for server_set in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
             meta.pop(server_set, None)
         self._stamp(obj, namespace)
@@ -1438,12 +1473,7 @@ class KubeAPI:
         return Starlette(routes=[Route("/{path:path}", self.handle, methods=methods)])
 
     async def handle(self, request: Request) -> Response:
-        entry: Obj = {
-            "method": request.method,
-            "path": request.url.path,
-            "query": dict(request.query_params),
-            "watch": False,
-        }
+        entry = LoggedRequest.of(request)
         self.cluster.log.append(entry)
         try:
             if request.headers.get("authorization") != f"Bearer {self.token}":
@@ -1457,14 +1487,14 @@ class KubeAPI:
                     raise bad_request(
                         f"couldn't get version/kind; json parse error: {exc}"
                     ) from exc
-                entry["body"] = body
+                entry.body = body
             response = await self.route(request, entry, body)
         except Problem as problem:
             response = _json(problem.status(), problem.code)
-        entry["status"] = response.status_code
+        entry.status = response.status_code
         return response
 
-    async def route(self, request: Request, entry: Obj, body: Any) -> Response:
+    async def route(self, request: Request, entry: LoggedRequest, body: Any) -> Response:
         parts = [p for p in request.url.path.split("/") if p]
         params = request.query_params
         if parts == ["version"]:
@@ -1546,7 +1576,7 @@ class KubeAPI:
             if method == "GET":
                 selection = self._selection(kind, namespace, params)
                 if watch:
-                    entry["watch"] = True
+                    entry.watch = True
                     return self.watch(selection, params)
                 items = [copy.deepcopy(o) for o in self.cluster.list(selection)]
                 return _json(
@@ -1761,6 +1791,15 @@ class FakeKubeAPI:
     """The fake Kubernetes API on a free loopback port, served from a
     background thread with its own event loop; for a ``with`` block.
 
+    ``namespaces``: the namespaces that exist ("default" and "kube-system"
+    always do; creating in any other is 404 ``namespaces "x" not found``);
+    None (the default) makes every namespace exist, made on first use.
+    ``history``: how many changes a watch can resume across;
+    ``kubelet_delay``: the pause before each simulated controller step;
+    ``grace_cap``: the longest a deleted pod lingers; ``bookmark_seconds``:
+    how often a watch that allows bookmarks gets one; ``pod_ip``: the podIP
+    and hostIP of running pods.
+
     ``url`` is set once started. The inspection helpers are safe to call from
     any thread (including a test's event loop) while it runs."""
 
@@ -1768,7 +1807,7 @@ class FakeKubeAPI:
         self,
         *,
         token: str = DEFAULT_TOKEN,
-        namespaces: Iterable[str] = ("default",),
+        namespaces: Iterable[str] | None = None,
         history: int = 1000,
         kubelet_delay: float = 0.1,
         grace_cap: float = 0.5,
@@ -1776,7 +1815,7 @@ class FakeKubeAPI:
         pod_ip: str = "127.0.0.1",
     ) -> None:
         self.token = token
-        self.namespaces = list(namespaces)
+        self.namespaces = None if namespaces is None else list(namespaces)
         self.url = ""
         self._history = history
         self._kubelet_delay = kubelet_delay
@@ -1946,10 +1985,11 @@ class FakeKubeAPI:
         """The current global resourceVersion."""
         return self._call(lambda c: str(c.rv))
 
-    def requests(self) -> list[Obj]:
-        """Every request so far: method, path, query, watch, status and the
-        JSON body when there was one."""
-        return self._call(lambda c: copy.deepcopy(c.log))
+    def requests(self) -> list[LoggedRequest]:
+        """Every request so far, oldest first: each is the text ``METHOD
+        /path?query`` with attributes method, path, query, watch, status and
+        body (see LoggedRequest)."""
+        return self._call(lambda c: list(c.log))
 
 
 def main() -> None:
@@ -1960,14 +2000,14 @@ def main() -> None:
         "--namespace",
         action="append",
         dest="namespaces",
-        help="a namespace that exists (repeat; default: default)",
+        help="a namespace that exists (repeat); without it, every namespace does",
     )
     parser.add_argument("--kubeconfig", type=Path, help="write a kubeconfig for it here")
     args = parser.parse_args()
     listener = socket.socket()
     listener.bind(("127.0.0.1", args.port))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    fake = FakeKubeAPI(token=args.token, namespaces=args.namespaces or ["default"])
+    fake = FakeKubeAPI(token=args.token, namespaces=args.namespaces)
     fake.url = url
     if args.kubeconfig:
         fake.kubeconfig(args.kubeconfig)
