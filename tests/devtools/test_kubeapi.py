@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -734,3 +735,93 @@ async def test_runs_as_a_subprocess(tmp_path: Path) -> None:
         process.wait(10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+async def test_bookmarks_when_asked(tmp_path: Path) -> None:
+    with FakeKubeAPI(bookmark_seconds=0.2) as kube:
+        api_client = await _api_client(kube.kubeconfig(tmp_path / "kc"))
+        try:
+            v1 = core(api_client)
+            version = (await v1.list_namespaced_secret(NS)).metadata.resource_version
+            stream = watch.Watch().stream(
+                v1.list_namespaced_secret,
+                NS,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=5,
+            )
+            # A write the watch does not see moves the resourceVersion on.
+            await v1.create_namespaced_pod(NS, pod("elsewhere"))
+            events = await collect(stream, lambda e: True)
+            assert events[0]["type"] == "BOOKMARK"
+            bookmarked = events[0]["raw_object"]["metadata"]["resourceVersion"]
+            assert int(bookmarked) > int(version)
+            assert stream.resource_version == bookmarked
+        finally:
+            await api_client.close()
+
+
+async def test_delete_preconditions_patch_types_and_status(
+    kube: FakeKubeAPI, api: client.ApiClient
+) -> None:
+    v1 = core(api)
+    secret = await v1.create_namespaced_secret(NS, {"metadata": {"name": "s"}})
+    with pytest.raises(ApiException) as precondition:
+        await v1.delete_namespaced_secret("s", NS, body={"preconditions": {"uid": "other"}})
+    assert precondition.value.status == 409
+    assert (
+        "Precondition failed: UID in precondition: other" in body_of(precondition.value)["message"]
+    )
+    # A list body is a JSON patch, which the fake refuses plainly.
+    with pytest.raises(ApiException) as json_patch:
+        await v1.patch_namespaced_secret("s", NS, [{"op": "add", "path": "/x", "value": 1}])
+    assert json_patch.value.status == 415
+    # A patch that names a stale resourceVersion conflicts.
+    stale = {"metadata": {"resourceVersion": "1", "labels": {"a": "b"}}}
+    with pytest.raises(ApiException) as conflict:
+        await v1.patch_namespaced_secret("s", NS, stale)
+    assert body_of(conflict.value)["reason"] == "Conflict"
+    deleted = await v1.delete_namespaced_secret(
+        "s", NS, body={"preconditions": {"uid": secret.metadata.uid}}
+    )
+    assert deleted.status == "Success"
+
+    # The main resource keeps a pod's status; the status subresource changes it.
+    await v1.create_namespaced_pod(NS, pod("p"))
+    await wait_for(lambda: phase_now(kube, "p") == "Running")
+    current = await v1.read_namespaced_pod("p", NS)
+    current.status.phase = "Failed"
+    kept = await v1.replace_namespaced_pod("p", NS, current)
+    assert kept.status.phase == "Running"
+    changed = await v1.patch_namespaced_pod_status("p", NS, {"status": {"phase": "Succeeded"}})
+    assert changed.status.phase == "Succeeded"
+
+
+async def test_raw_http_paths(kube: FakeKubeAPI) -> None:
+    headers = {"Authorization": f"Bearer {kube.token}"}
+    async with httpx.AsyncClient(base_url=kube.url, headers=headers, trust_env=False) as http:
+        assert (await http.get("/api")).json()["versions"] == ["v1"]
+        groups = (await http.get("/apis")).json()["groups"]
+        assert [g["name"] for g in groups] == ["networking.k8s.io"]
+        core_resources = (await http.get("/api/v1")).json()["resources"]
+        assert {"pods", "secrets", "persistentvolumeclaims", "namespaces"} <= {
+            r["name"] for r in core_resources
+        }
+        dry = await http.post(
+            f"/api/v1/namespaces/{NS}/secrets?dryRun=All", json={"metadata": {"name": "s"}}
+        )
+        assert dry.status_code == 400
+        assert "dryRun" in dry.json()["message"]
+        unknown = await http.get(f"/api/v1/namespaces/{NS}/configmaps")
+        assert unknown.status_code == 404
+        assert unknown.json()["kind"] == "Status"
+        # The old watch prefix streams too.
+        async with http.stream(
+            "GET", f"/api/v1/watch/namespaces/{NS}/secrets?timeoutSeconds=2"
+        ) as stream:
+            await http.post(f"/api/v1/namespaces/{NS}/secrets", json={"metadata": {"name": "w"}})
+            async for line in stream.aiter_lines():
+                event = json.loads(line)
+                assert (event["type"], event["object"]["metadata"]["name"]) == ("ADDED", "w")
+                assert event["object"]["kind"] == "Secret"
+                break

@@ -11,7 +11,8 @@ Use it in a ``with`` block (it serves from a thread with its own event loop)::
         path = kube.kubeconfig(tmp_path / "kubeconfig")   # http, bearer token
         ...  # drive it with kubernetes_asyncio
         kube.objects("Pod", "ws"); kube.set_pod_phase("ws", "p", "Failed", "Evicted")
-        kube.expire_watches(); kube.requests()
+        kube.expire_watches()       # the next resume gets 410 Expired
+        kube.requests()             # "GET /api/v1/...?watch=True", .status, .body
 
 or standalone: ``python -m stockade.devtools.kubeapi --port 0 --kubeconfig PATH``.
 
@@ -87,7 +88,8 @@ What is modelled
   PodReadyToStartContainers/Initialized/Ready/ContainersReady/PodScheduled
   True, podIP/hostIP ``pod_ip``. An image starting with ``missing/`` keeps
   the pod Pending with that container ``waiting`` on ``ErrImagePull``, then
-  ``ImagePullBackOff``, each with a message like the kubelet's. A pod whose
+  ``ImagePullBackOff`` (where it stays; the real kubelet keeps alternating
+  the two), each with a message like the kubelet's. A pod whose
   volume names a claim that does not exist or is not Bound stays Pending
   with PodScheduled False (``Unschedulable``); one that needs a secret that
   does not exist waits (``CreateContainerConfigError`` for env,
@@ -102,7 +104,8 @@ API groups, deletecollection, server-side apply and JSON patch (415),
 ``dryRun`` (400, so nothing is written by mistake), pagination (``limit``
 and ``continue`` are ignored: a list returns everything), list at an old
 ``resourceVersion`` (lists are always current), the "too large resource
-version" error (a watch from the future just waits), admission beyond the
+version" error (a watch from the future just waits), ``sendInitialEvents``
+(streaming lists), admission beyond the
 namespace check (no quotas, limit ranges, pod security, service account
 token volumes), RBAC (one token can do everything), garbage collection of
 owner references, container restarts and exits (use ``set_pod_phase``),
