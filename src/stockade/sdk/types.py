@@ -258,6 +258,19 @@ class AibridgeFilter:
     until: datetime | None = None
 
 
+class ReplicaInfo(Response):
+    """A running server process of the deployment."""
+
+    id: str
+    hostname: str
+    pid: int
+    version: str
+    address: str
+    started_at: datetime
+    heartbeat_at: datetime
+    this: bool = Field(False, description="the replica that answered")
+
+
 class Health(Response):
     status: Literal["ok", "degraded"]
     database: dict[str, Any]
@@ -265,6 +278,14 @@ class Health(Response):
     workers: dict[str, Any]
     provisioners: dict[str, Any] = Field(default_factory=dict)
     version: str
+    replicas: list[ReplicaInfo] = Field(
+        default_factory=list, description="the deployment's live server processes"
+    )
+    relay: dict[str, Any] = Field(
+        default_factory=dict,
+        description="PostgreSQL: whether wake-ups reach the other replicas (LISTEN/NOTIFY), "
+        "and how many came from them",
+    )
 
 
 class EgressDestination(Response):

@@ -153,6 +153,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             services.background.every("audit_retention", 3600, purge)
         if settings.aibridge_retention_days:
             services.background.every("aibridge_retention", 3600, services.aibridge.purge)
+        if services.relay is not None:
+            services.relay.start()
+        await services.replicas.register()
+        services.background.every(
+            "replica_heartbeat", settings.replica_heartbeat_seconds, services.replicas.heartbeat
+        )
         await services.provisioner.start()
         services.background.every(
             "build_reaper", max(1.0, settings.job_lease_seconds / 3), services.provisioner.reap
@@ -175,6 +181,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         finally:
             await services.background.stop()
             await services.provisioner.stop()
+            try:
+                await services.replicas.unregister()
+            except Exception as exc:  # the others drop it after three heartbeats
+                log.warning("replica_unregister_failed", error=str(exc))
+            if services.relay is not None:
+                await services.relay.stop()
             await services.oidc.close()
             await services.aibridge.close()
             try:

@@ -16,7 +16,7 @@ from stockade.server.background import Background
 from stockade.server.connections.service import ConnectionService
 from stockade.server.db import Database
 from stockade.server.egress.service import EgressService
-from stockade.server.events import Notifier
+from stockade.server.events import Notifier, PgRelay
 from stockade.server.observability import Metrics
 from stockade.server.oidc.service import OidcService
 from stockade.server.orgs.service import OrgService
@@ -24,6 +24,7 @@ from stockade.server.provisioning.runner import ProvisionerRunner
 from stockade.server.provisioning.service import ProvisioningService
 from stockade.server.secretbox import SecretBox
 from stockade.server.settings import Settings
+from stockade.server.system.replicas import ReplicaRegistry
 from stockade.server.templates.service import TemplateService
 from stockade.server.users.service import UserService
 from stockade.server.workspaces.service import WorkspaceService
@@ -47,6 +48,9 @@ class Services:
     provisioner: ProvisionerRunner
     notifier: Notifier
     background: Background
+    # PostgreSQL: wake-ups shared with the other replicas (None on SQLite).
+    relay: PgRelay | None
+    replicas: ReplicaRegistry
     audit_key: bytes
     egress: EgressService
     apps: AppService = field(init=False)
@@ -106,6 +110,10 @@ def build_services(settings: Settings) -> Services:
             cache_dir=settings.data_dir / "cache",
         ),
         notifier=notifier,
+        relay=PgRelay(settings.postgres_url, notifier) if settings.postgres_url else None,
+        replicas=ReplicaRegistry(
+            db, address=settings.address, heartbeat_seconds=settings.replica_heartbeat_seconds
+        ),
         background=Background(),
         audit_key=audit_key,
         egress=egress,

@@ -197,6 +197,13 @@ class Settings(BaseSettings):
         "it here knowingly. "
         "Builds of other backends wait for a provisionerd that serves them.",
     )
+    replica_heartbeat_seconds: float = Field(
+        10.0,
+        ge=0.2,
+        le=300,
+        description="How often this server renews its row among the deployment's replicas; "
+        "a replica silent for three intervals is dropped from the list.",
+    )
     build_timeout_seconds: int = Field(
         1800, ge=10, description="A build running longer than this is canceled."
     )

@@ -339,6 +339,22 @@ class DeploymentInfo(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Replica(Base):
+    """A running ``stockade server`` process on this database: it inserts its
+    row at start, renews ``heartbeat_at`` while it runs, and removes it at a
+    clean stop; rows whose heartbeat stopped are removed by the others."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Workspace(Base):
     """A workspace. What it is doing is its latest build; ``state`` is the
     JSON its backend returned from the last build that succeeded. Deleted

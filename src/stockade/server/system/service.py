@@ -72,6 +72,12 @@ async def health(services: Services) -> types.Health:
         workers=workers,
         provisioners=provisioners,
         version=stockade.__version__,
+        replicas=await services.replicas.list() if database["ok"] else [],
+        relay={
+            "enabled": services.relay is not None,
+            "connected": bool(services.relay and services.relay.connected),
+            "received": services.notifier.received,
+        },
     )
 
 
