@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import stockade
@@ -72,6 +73,15 @@ def test_replicas_are_listed_and_a_killed_one_is_dropped(
             time.sleep(0.2)
         (left,) = on_a.health().replicas
         assert left.this
+        # The deployment page lists it too.
+        page = httpx.get(
+            f"{a.url}/admin/deployment",
+            headers={"cookie": f"stockade_session={on_a.token}"},
+            timeout=10,
+        )
+        assert page.status_code == 200, page.text[:500]
+        assert f"<td>{left.pid}</td>" in page.text
+        assert "this one" in page.text
 
 
 def test_a_wake_up_on_one_replica_reaches_the_other(
