@@ -585,6 +585,12 @@ def test_limits_group_models_bad_upstream_key_and_retention(
 
     # Tokens per day: the first call uses more than 12; the next is refused until midnight UTC.
     chat(tokens[1], "qwen-coder", "a question of many many words to use up the allowance")()
+    # The allowance counts recorded calls, and a call is recorded after its
+    # answer: wait for the record, as a caller's next request usually does.
+    deadline = time.monotonic() + 10
+    while not owner.list_aibridge(limit=1, user=names[1]).items:
+        assert time.monotonic() < deadline, "the first call was never recorded"
+        time.sleep(0.05)
     with pytest.raises(openai.RateLimitError) as spent:
         chat(tokens[1], "qwen-coder")()
     assert "of your 12 AI bridge tokens for today" in str(spent.value)
