@@ -63,6 +63,12 @@ def init(
     name = write_starter(directory, backend, name)
     console.print(f"Wrote a {backend} template {name!r} to {directory}.")
     console.print(f"Push it with: stockade templates push {name} -d {directory}")
+    if backend == "terraform":
+        console.print(
+            "Its builds need a provisioner serving terraform: `stockade provisionerd start "
+            "--backend terraform`, or the server with --provisioner-backends "
+            "local,docker,terraform (see README.md there)."
+        )
 
 
 @app.command("push")

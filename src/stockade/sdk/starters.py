@@ -140,6 +140,12 @@ variable as a parameter users choose. What has `count = var.stockade_start_count
 goes away at stop; the rest stays until the workspace is deleted. See
 docs/terraform.md in Stockade for the whole contract and for providers (from
 the offline mirror: `stockade terraform mirror import DIR`).
+
+Its builds run on a provisioner that serves the `terraform` backend: a
+`stockade provisionerd start --backend terraform` (the safe place: template
+code runs there), or the server itself when started with
+`--provisioner-backends local,docker,terraform`. Until one does, a workspace's
+builds wait in the queue.
 """
 
 
