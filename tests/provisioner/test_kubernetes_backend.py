@@ -1,8 +1,8 @@
 """The kubernetes backend's client code against a test server that answers
 like the Kubernetes API (``stockade.devtools.kubeapi``: its JSON, status
 codes, watch streams, 404, 409 and resourceVersion expiry): no API server
-can run on these machines. A live test runs when ``KUBECONFIG`` points at a
-cluster (see ``test_live_cluster``)."""
+can run on these machines. The lifecycle test runs against a real cluster
+instead when ``KUBECONFIG`` points at one (never skipped)."""
 
 from __future__ import annotations
 
@@ -139,15 +139,19 @@ async def test_reconcile_removes_what_a_gone_workspace_left(
     assert all(o.workspace_id == spec.workspace_id for o in removed)
 
 
-@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="needs KUBECONFIG for a cluster")
-async def test_live_cluster(make_spec: SpecFactory, tmp_path: Path) -> None:
-    """On a real cluster (KUBECONFIG): a workspace Pod from the base image
-    named by STOCKADE_TEST_K8S_IMAGE starts and is deleted."""
+async def test_the_whole_lifecycle_on_a_cluster_or_the_test_api(
+    make_spec: SpecFactory, kubeapi: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """Never skipped: with ``KUBECONFIG`` set it runs against that cluster
+    (the image from STOCKADE_TEST_K8S_IMAGE, the namespace from
+    STOCKADE_TEST_K8S_NAMESPACE), otherwise against the test API, through the
+    same steps: a workspace starts, runs, and is deleted with nothing left."""
+    live = os.environ.get("KUBECONFIG")
     image = os.environ.get("STOCKADE_TEST_K8S_IMAGE", "stockade-base:bookworm")
     spec = with_compute(make_spec(backend="kubernetes"), image=image)
     options = BackendOptions(
         workspaces_dir=tmp_path,
-        kubernetes_config=os.environ["KUBECONFIG"],
+        kubernetes_config=live or str(kubeapi.kubeconfig(tmp_path / "kubeconfig")),
         kubernetes_namespace=os.environ.get("STOCKADE_TEST_K8S_NAMESPACE", NAMESPACE),
     )
     backend = KubernetesBackend(options, deployment_id=spec.deployment_id)
@@ -156,5 +160,8 @@ async def test_live_cluster(make_spec: SpecFactory, tmp_path: Path) -> None:
         state = await backend.start(spec, {}, progress)
         assert (await backend.status(spec.workspace_id, state)).state == "running"
         await backend.delete(spec, state, progress)
+        assert (await backend.status(spec.workspace_id, {})).state == "missing"
+        backend.reconcile_grace_seconds = 0
+        assert await backend.reconcile(set()) == []
     finally:
         await backend.close()
