@@ -156,9 +156,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         if services.relay is not None:
             services.relay.start()
         await services.replicas.register()
-        services.background.every(
-            "replica_heartbeat", settings.replica_heartbeat_seconds, services.replicas.heartbeat
-        )
+        if services.db.dialect == "postgresql":
+            # The embedded database has one server by construction: nothing
+            # to renew or drop there, and no write every few seconds.
+            services.background.every(
+                "replica_heartbeat", settings.replica_heartbeat_seconds, services.replicas.heartbeat
+            )
         await services.provisioner.start()
         services.background.every(
             "build_reaper", max(1.0, settings.job_lease_seconds / 3), services.provisioner.reap

@@ -36,6 +36,10 @@ class ReplicaRegistry:
     async def register(self) -> None:
         now = utcnow()
         async with self.db.transaction() as session:
+            if self.db.dialect != "postgresql":
+                # One server per embedded database: a row left by a killed
+                # predecessor is not another replica.
+                await session.execute(delete(Replica))
             session.add(
                 Replica(
                     id=self.id,
