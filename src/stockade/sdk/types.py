@@ -668,6 +668,11 @@ class WorkspaceAgent(Response):
     disconnected_at: datetime | None = None
     last_seen_at: datetime | None = None
     ready_at: datetime | None = None
+    replica: str | None = Field(
+        default=None,
+        description="the control-plane replica holding the agent's connection (its id in the "
+        "health API's replicas)",
+    )
     metadata: list[AgentMetadataItem] = Field(default_factory=list)
     stats: AgentStats | None = Field(
         default=None, description="the agent's tunnel stream counters, as last reported"

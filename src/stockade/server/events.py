@@ -2,12 +2,17 @@
 timeout and re-read the database, which stays the source of truth. On
 PostgreSQL, replicas pass their wake-ups to each other through LISTEN/NOTIFY
 (:class:`PgRelay`), so a change made by one is seen by the others at once;
-the timeout remains the fallback when a notification is lost."""
+the timeout remains the fallback when a notification is lost.
+
+The same channel carries small JSON messages between replicas
+(:meth:`Notifier.broadcast`): a control message for an agent connected to
+another replica, an agent that went away, app health."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 from collections import defaultdict
@@ -18,12 +23,16 @@ log = logging.getLogger("stockade.events")
 CHANNEL = "stockade_events"
 # NOTIFY payloads are limited to 8000 bytes; keys are short ("build:<uuid>").
 MAX_KEY = 512
+# A message's JSON, with room left for the origin in front of it.
+MAX_MESSAGE = 7900
+MessageHandler = Callable[[dict[str, Any]], None]
 
 
 class PgRelay:
     """Carries a :class:`Notifier`'s wake-ups between replicas on one
     PostgreSQL database: ``NOTIFY stockade_events, '<origin> <key>'`` for each
-    local wake-up, and a LISTEN connection that delivers the others'. Own
+    local wake-up, and a LISTEN connection that delivers the others'. A
+    payload whose key starts with ``{`` is a broadcast message (JSON). Own
     messages are recognised by the origin and skipped. A lost connection is
     made again after a pause; meanwhile waiters fall back to their timeouts."""
 
@@ -37,10 +46,12 @@ class PgRelay:
 
     def start(self) -> None:
         self.notifier.relay = self._publish
+        self.notifier.message_relay = self._publish_message
         self._task = asyncio.create_task(self._run(), name="stockade:pg-relay")
 
     async def stop(self) -> None:
         self.notifier.relay = None
+        self.notifier.message_relay = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -51,9 +62,27 @@ class PgRelay:
             with contextlib.suppress(asyncio.QueueFull):  # the timeouts cover a drop
                 self._queue.put_nowait(key)
 
+    def _publish_message(self, message: str) -> bool:
+        if len(message) > MAX_MESSAGE:
+            return False
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            return False
+        return True
+
     def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         origin, _, key = payload.partition(" ")
-        if origin != self.origin and key:
+        if origin == self.origin or not key:
+            return
+        if key.startswith("{"):
+            try:
+                message = json.loads(key)
+            except ValueError:
+                return
+            if isinstance(message, dict):
+                self.notifier.deliver_message(message)
+        else:
             self.notifier.deliver(key)
 
     async def _run(self) -> None:
@@ -67,9 +96,10 @@ class PgRelay:
                 self.connected = True
                 while True:
                     key = await self._queue.get()
-                    keys = {key}
+                    # In order (messages to one agent keep theirs), repeats dropped.
+                    keys = {key: None}
                     while not self._queue.empty() and len(keys) < 100:
-                        keys.add(self._queue.get_nowait())
+                        keys[self._queue.get_nowait()] = None
                     await conn.executemany(
                         "SELECT pg_notify($1, $2)", [(CHANNEL, f"{self.origin} {k}") for k in keys]
                     )
@@ -94,8 +124,11 @@ class Notifier:
     def __init__(self) -> None:
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self.relay: Callable[[str], None] | None = None
-        # Wake-ups that came from other replicas (shown on the health page).
+        self.message_relay: Callable[[str], bool] | None = None
+        self._handlers: dict[str, MessageHandler] = {}
+        # Wake-ups and messages that came from other replicas (health page).
         self.received = 0
+        self.messages_received = 0
 
     def notify(self, key: str) -> None:
         self._wake(key)
@@ -106,6 +139,29 @@ class Notifier:
         """A wake-up another replica sent."""
         self.received += 1
         self._wake(key)
+
+    def on_message(self, kind: str, handler: MessageHandler) -> None:
+        """Call ``handler`` with each message of ``kind`` another replica
+        broadcasts (on the event loop; it must not block)."""
+        self._handlers[kind] = handler
+
+    def broadcast(self, kind: str, **fields: Any) -> bool:
+        """Send a small JSON message to every other replica; False when
+        there is no other (no relay: one process) or it could not be queued
+        (too large, queue full). Delivery is best effort, like wake-ups."""
+        if self.message_relay is None:
+            return False
+        return self.message_relay(json.dumps({"kind": kind, **fields}, separators=(",", ":")))
+
+    def deliver_message(self, message: dict[str, Any]) -> None:
+        """A message another replica broadcast."""
+        self.messages_received += 1
+        handler = self._handlers.get(str(message.get("kind")))
+        if handler is not None:
+            try:
+                handler(message)
+            except Exception:
+                log.exception("message handler failed: %s", message.get("kind"))
 
     def _wake(self, key: str) -> None:
         for event in self._waiters.get(key, ()):

@@ -13,6 +13,7 @@ from stockade.server.apps.service import AppService
 from stockade.server.audit.service import load_key
 from stockade.server.auth.service import AuthService
 from stockade.server.background import Background
+from stockade.server.connections.hop import Hops
 from stockade.server.connections.service import ConnectionService
 from stockade.server.db import Database
 from stockade.server.egress.service import EgressService
@@ -64,7 +65,10 @@ def build_services(settings: Settings) -> Services:
     notifier = Notifier()
     audit_key = load_key(settings.audit_key, settings.data_dir)
     egress = EgressService(db, settings.egress_policy, ledger())
-    agents = AgentService(db, notifier, SecretBox(audit_key), egress)
+    replicas = ReplicaRegistry(
+        db, address=settings.replica_url, heartbeat_seconds=settings.replica_heartbeat_seconds
+    )
+    agents = AgentService(db, notifier, SecretBox(audit_key), egress, replica_id=replicas.id)
     provisioning = ProvisioningService(
         db,
         notifier,
@@ -99,7 +103,12 @@ def build_services(settings: Settings) -> Services:
         orgs=OrgService(db, settings, audit_key),
         workspaces=WorkspaceService(db, notifier, agents),
         agents=agents,
-        connections=ConnectionService(db, agents, audit_key=audit_key),
+        connections=ConnectionService(
+            db,
+            agents,
+            audit_key=audit_key,
+            hops=Hops(audit_key, tls_ca_file=settings.tls_cert_file),
+        ),
         provisioning=provisioning,
         provisioner=ProvisionerRunner(
             provisioning,
@@ -111,9 +120,7 @@ def build_services(settings: Settings) -> Services:
         ),
         notifier=notifier,
         relay=PgRelay(settings.postgres_url, notifier) if settings.postgres_url else None,
-        replicas=ReplicaRegistry(
-            db, address=settings.address, heartbeat_seconds=settings.replica_heartbeat_seconds
-        ),
+        replicas=replicas,
         background=Background(),
         audit_key=audit_key,
         egress=egress,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import ssl
 import typing
 from pathlib import Path
@@ -203,6 +204,14 @@ class Settings(BaseSettings):
         le=300,
         description="How often this server renews its row among the deployment's replicas; "
         "a replica silent for three intervals is dropped from the list.",
+    )
+    replica_url: str = Field(
+        "",
+        description="The URL the other replicas reach this one at directly, not through the "
+        "load balancer (in Kubernetes: http://$(POD_IP):PORT). A client connected to one "
+        "replica reaches an agent connected to another through it, authenticated with a key "
+        "derived from the audit key. Defaults to http(s)://ADDRESS, with this host's name "
+        "when ADDRESS listens on every interface.",
     )
     build_timeout_seconds: int = Field(
         1800, ge=10, description="A build running longer than this is canceled."
@@ -756,6 +765,14 @@ class Settings(BaseSettings):
         if urlsplit(self.access_url).scheme not in ("http", "https"):
             raise ValueError("access_url must be an http:// or https:// URL")
         self.agent_url = self.agent_url.rstrip("/")
+        if not self.replica_url:
+            host = self.host
+            if host in ("0.0.0.0", "::", "[::]", ""):
+                host = socket.gethostname()
+            self.replica_url = f"{'https' if tls else 'http'}://{host}:{self.port}"
+        self.replica_url = self.replica_url.rstrip("/")
+        if urlsplit(self.replica_url).scheme not in ("http", "https"):
+            raise ValueError("replica_url must be an http:// or https:// URL")
         if self.agent_url and urlsplit(self.agent_url).scheme not in ("http", "https"):
             raise ValueError("agent_url must be an http:// or https:// URL")
         # An https access URL without TLS here is a TLS-terminating proxy in

@@ -1,6 +1,13 @@
 """Workspace agents on the control plane: their tokens, the WebSocket they
 connect out on (protocol in ``stockade.agent.protocol``), what they report
-(lifecycle, startup script output, metadata) and how the API shows it."""
+(lifecycle, startup script output, metadata) and how the API shows it.
+
+Replicas: an agent's control connection is held by one replica, recorded in
+``workspace_agents.replica_id``. Another replica reaches it through the
+notifier's broadcast messages (``agent_send``: a control message for the
+holder to pass on); the holder tells the others when the agent leaves
+(``agent_gone``), passes on a refusal of another replica's stream
+(``stream_error``) and shares the agent's app health (``app_health``)."""
 
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from stockade.server.db.models import (
     AgentLog,
     AgentMetadata,
     ApiKey,
+    Replica,
     TemplateVersion,
     User,
     Workspace,
@@ -85,12 +93,22 @@ def _text(value: Any, limit: int) -> str | None:
 
 class AgentService:
     def __init__(
-        self, db: Database, notifier: Notifier, secrets: SecretBox, egress: EgressService
+        self,
+        db: Database,
+        notifier: Notifier,
+        secrets: SecretBox,
+        egress: EgressService,
+        *,
+        replica_id: str,
     ) -> None:
         self.db = db
         self.egress = egress
         self.notifier = notifier
         self.secrets = secrets
+        # This replica's id (``replicas.id``); stream ids it asks for start with it.
+        self.replica_id = replica_id
+        # Sends to agents asked for by other replicas, until they are done.
+        self._relayed: set[asyncio.Task[Any]] = set()
         # Agents connected to this process, by agent id.
         self._connections: dict[str, WebSocket] = {}
         # Streams asked of agents on this process, by stream id.
@@ -101,6 +119,11 @@ class AgentService:
         # Variables for the workspace's sessions beyond its parameters (the
         # AI bridge's URLs and key), made inside the hello's transaction.
         self.session_env: SessionEnv | None = None
+        notifier.on_message("agent_send", self._on_agent_send)
+        notifier.on_message("agent_gone", self._on_agent_gone)
+        notifier.on_message("agents_revoked", self._on_agents_revoked)
+        notifier.on_message("stream_error", self._on_stream_error)
+        notifier.on_message("app_health", self._on_app_health)
 
     # --- host keys --------------------------------------------------------------
 
@@ -140,6 +163,68 @@ class AgentService:
     def is_connected(self, agent_id: str) -> bool:
         """Whether the agent has its control connection on this process."""
         return agent_id in self._connections
+
+    async def reachable(self, agent_id: str) -> bool:
+        """Whether the agent is connected to this replica or to another live
+        one (whose row in ``replicas`` is still there)."""
+        if agent_id in self._connections:
+            return True
+        async with self.db.session() as session:
+            holder = (
+                await session.execute(
+                    select(Replica.id)
+                    .join(WorkspaceAgent, WorkspaceAgent.replica_id == Replica.id)
+                    .where(WorkspaceAgent.id == agent_id, WorkspaceAgent.revoked_at.is_(None))
+                )
+            ).scalar_one_or_none()
+        return holder is not None and holder != self.replica_id
+
+    async def deliver(self, agent_id: str, message: dict[str, Any]) -> bool:
+        """Send a control message to the agent wherever it is connected: on
+        this replica directly, else through the replica holding it (best
+        effort: False only when it surely did not go)."""
+        if agent_id in self._connections:
+            return await self.send(agent_id, message)
+        return self.notifier.broadcast("agent_send", agent=agent_id, message=message)
+
+    # --- messages from other replicas ------------------------------------------------
+
+    def _on_agent_send(self, message: dict[str, Any]) -> None:
+        agent_id, payload = str(message.get("agent")), message.get("message")
+        if agent_id in self._connections and isinstance(payload, dict):
+            task = asyncio.ensure_future(self.send(agent_id, payload))
+            self._relayed.add(task)
+            task.add_done_callback(self._relayed.discard)
+
+    def _on_agent_gone(self, message: dict[str, Any]) -> None:
+        agent_id = str(message.get("agent"))
+        if agent_id not in self._connections:  # not already back here
+            self.app_health.pop(agent_id, None)
+            self._refuse_pending(agent_id, "the agent disconnected")
+
+    def _on_agents_revoked(self, message: dict[str, Any]) -> None:
+        agents = message.get("agents")
+        if isinstance(agents, list):
+            task = asyncio.ensure_future(self._close_revoked([str(a) for a in agents]))
+            self._relayed.add(task)
+            task.add_done_callback(self._relayed.discard)
+
+    def _on_stream_error(self, message: dict[str, Any]) -> None:
+        pending = self.pending_streams.get(str(message.get("id")))
+        code, reason = message.get("code"), message.get("reason")
+        if (
+            pending is not None
+            and pending.agent_id == message.get("agent")
+            and not pending.dialed.done()
+            and isinstance(code, int)
+            and isinstance(reason, str)
+        ):
+            pending.dialed.set_result((code, reason))
+
+    def _on_app_health(self, message: dict[str, Any]) -> None:
+        agent_id, apps = str(message.get("agent")), message.get("apps")
+        if isinstance(apps, dict) and agent_id not in self._connections:
+            self.app_health[agent_id] = {str(k): str(v) for k, v in apps.items()}
 
     async def send(self, agent_id: str, message: dict[str, Any]) -> bool:
         """Send a control message to an agent connected to this process;
@@ -195,7 +280,13 @@ class AgentService:
         return ids
 
     async def disconnect(self, agent_ids: Iterable[str]) -> None:
-        """Close the connections of revoked agents (those on this process)."""
+        """Close the connections of revoked agents, on whichever replica."""
+        agent_ids = list(agent_ids)
+        if any(agent_id not in self._connections for agent_id in agent_ids):
+            self.notifier.broadcast("agents_revoked", agents=agent_ids)
+        await self._close_revoked(agent_ids)
+
+    async def _close_revoked(self, agent_ids: list[str]) -> None:
         for agent_id in agent_ids:
             websocket = self._connections.pop(agent_id, None)
             if websocket is not None:
@@ -258,16 +349,30 @@ class AgentService:
                 del self._connections[agent.id]
                 self.app_health.pop(agent.id, None)
                 self._refuse_pending(agent.id, "the agent disconnected")
+                self.notifier.broadcast("agent_gone", agent=agent.id)
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(
-                        self._update(agent.id, disconnected_at=utcnow(), last_seen_at=utcnow())
-                    )
+                    await asyncio.shield(self._disconnected(agent.id))
             log.info("agent_disconnected", agent_id=agent.id)
 
     def _refuse_pending(self, agent_id: str, reason: str) -> None:
         for pending in self.pending_streams.values():
             if pending.agent_id == agent_id and not pending.dialed.done():
                 pending.dialed.set_result((CLOSE_AGENT_UNAVAILABLE, reason))
+
+    async def _disconnected(self, agent_id: str) -> None:
+        """Record that the agent left this replica, unless it has already
+        connected to another one (whose record stands)."""
+        now = utcnow()
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(WorkspaceAgent)
+                .where(
+                    WorkspaceAgent.id == agent_id,
+                    (WorkspaceAgent.replica_id == self.replica_id)
+                    | WorkspaceAgent.replica_id.is_(None),
+                )
+                .values(disconnected_at=now, last_seen_at=now, replica_id=None)
+            )
 
     async def _update(self, agent_id: str, **values: Any) -> None:
         async with self.db.transaction() as session:
@@ -296,6 +401,7 @@ class AgentService:
                 agent.last_connected_at = now
                 agent.last_seen_at = now
                 agent.disconnected_at = None
+                agent.replica_id = self.replica_id
                 manifest = await self._manifest(session, agent)
             await websocket.send_json(manifest)
         elif kind == "lifecycle":
@@ -315,21 +421,30 @@ class AgentService:
             if isinstance(items, list):
                 await self._store_metadata(agent_id, items[:MAX_METADATA_ITEMS])
         elif kind == "stream_error":
-            pending = self.pending_streams.get(str(message.get("id")))
+            stream_id = str(message.get("id"))[:64]
             code = message.get("code")
-            if pending is not None and pending.agent_id == agent_id and not pending.dialed.done():
-                if not (isinstance(code, int) and 4000 <= code <= 4999):
-                    code = CLOSE_AGENT_UNAVAILABLE
-                reason = _text(message.get("reason"), 120) or "the agent refused the stream"
+            if not (isinstance(code, int) and 4000 <= code <= 4999):
+                code = CLOSE_AGENT_UNAVAILABLE
+            reason = _text(message.get("reason"), 120) or "the agent refused the stream"
+            pending = self.pending_streams.get(stream_id)
+            if pending is None and not stream_id.startswith(self.replica_id):
+                # Another replica asked for this stream: pass the refusal on.
+                self.notifier.broadcast(
+                    "stream_error", id=stream_id, agent=agent_id, code=code, reason=reason
+                )
+            elif pending is not None and pending.agent_id == agent_id and not pending.dialed.done():
                 pending.dialed.set_result((code, reason))
         elif kind == "app_health":
             apps = message.get("apps")
             if isinstance(apps, dict):
-                self.app_health[agent_id] = {
+                health = {
                     str(slug)[:64]: state
                     for slug, state in list(apps.items())[:MAX_METADATA_ITEMS]
                     if state in ("initializing", "healthy", "unhealthy")
                 }
+                if self.app_health.get(agent_id) != health:
+                    self.notifier.broadcast("app_health", agent=agent_id, apps=health)
+                self.app_health[agent_id] = health
         elif kind == "egress":
             self.egress.add_remote(AGENT_PREFIX + workspace_id, message.get("records"))
         elif kind == "stats":
@@ -481,6 +596,7 @@ class AgentService:
                 disconnected_at=agent.disconnected_at,
                 last_seen_at=agent.last_seen_at,
                 ready_at=agent.ready_at,
+                replica=agent.replica_id if status == "connected" else None,
                 metadata=metadata.get(agent.id, []),
                 stats=types.AgentStats.model_validate(agent.stats) if agent.stats else None,
             )

@@ -683,7 +683,7 @@ class AppService:
         where = f"{app.address.owner}/{app.address.workspace}"
         if app.agent_id is None:
             raise AppUnavailable(f"workspace {where} is not running; start it first")
-        if not self.agents.is_connected(app.agent_id):
+        if not await self.agents.reachable(app.agent_id):
             raise AppUnavailable(
                 f"the agent of workspace {where} is not connected (it may still be starting)"
             )

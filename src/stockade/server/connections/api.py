@@ -12,6 +12,7 @@ from fastapi import APIRouter, Path, Query, WebSocket
 from stockade.agent.protocol import CLOSE_TOKEN_REFUSED
 from stockade.sdk import types
 from stockade.server.authz import Actor, signed_in
+from stockade.server.connections.hop import HOP_PATH
 from stockade.server.connections.service import ClientInfo, StreamRefused, StreamTarget
 from stockade.server.deps import ActorDep, ServicesDep
 from stockade.server.errors import InvalidInput, StockadeError, Unauthenticated
@@ -147,6 +148,19 @@ async def agent_stream(websocket: WebSocket, stream_id: str) -> None:
         await websocket.close(code=CLOSE_BAD_REQUEST)
         return
     await services.connections.accept_dial(agent, stream_id, websocket)
+
+
+@router.websocket(HOP_PATH)
+async def replica_stream(websocket: WebSocket, stream_id: str) -> None:
+    """Replicas only: an agent's dial-back that reached another replica,
+    carried here because this replica asked for the stream (signed with the
+    deployment's key; see :mod:`stockade.server.connections.hop`)."""
+    services: Services = websocket.app.state.services
+    agent_id = services.connections.hops.check(websocket, stream_id)
+    if agent_id is None or not valid_stream_id(stream_id):
+        await websocket.close(code=CLOSE_TOKEN_REFUSED)
+        return
+    await services.connections.accept_stream(agent_id, stream_id, websocket)
 
 
 @router.get("/api/v2/workspaces/{owner}/{name}/ssh", dependencies=[signed_in()])

@@ -6,6 +6,11 @@ checks that the user may connect to the workspace, records the connection
 closes, with the bytes each way), asks the agent for the stream and relays
 the two WebSockets (protocol: :mod:`stockade.tunnel.protocol`).
 
+Replicas: the replica a client reached relays its stream. The agent may be
+connected to another replica (the ``open_stream`` goes there, see
+:mod:`stockade.server.agents.service`) and its dial-back may land on a third;
+that one carries it over to the asking replica (:mod:`.hop`).
+
 Backpressure: the relay awaits each send before it receives the next
 message, and uvicorn stops reading a socket while its message waits to be
 received, so a slow reader stalls its own stream back to the sender's TCP
@@ -28,8 +33,16 @@ from stockade.sdk import types
 from stockade.server.agents.service import AgentService, PendingStream
 from stockade.server.audit.service import AuditRecord, write_record
 from stockade.server.authz import Actor, Perm, can
+from stockade.server.connections.hop import Hops
 from stockade.server.db import Database
-from stockade.server.db.models import User, Workspace, WorkspaceAgent, WorkspaceConnection, utcnow
+from stockade.server.db.models import (
+    Replica,
+    User,
+    Workspace,
+    WorkspaceAgent,
+    WorkspaceConnection,
+    utcnow,
+)
 from stockade.server.errors import Conflict, Forbidden, NotFound, StockadeError
 from stockade.server.observability import get_logger
 from stockade.server.orgs.access import may_read_workspace
@@ -99,10 +112,11 @@ class StreamRefused(StockadeError):
 
 
 class ConnectionService:
-    def __init__(self, db: Database, agents: AgentService, *, audit_key: bytes) -> None:
+    def __init__(self, db: Database, agents: AgentService, *, audit_key: bytes, hops: Hops) -> None:
         self.db = db
         self.agents = agents
         self.audit_key = audit_key
+        self.hops = hops
 
     # --- who may connect where ------------------------------------------------------
 
@@ -135,7 +149,7 @@ class ConnectionService:
                 f"workspace {owner_name}/{name} is not running; start it with "
                 f"`stockade start {owner_name}/{name}`"
             )
-        if not self.agents.is_connected(agent.id):
+        if not await self.agents.reachable(agent.id):
             raise AgentUnavailable(
                 f"the agent of workspace {owner_name}/{name} is not connected "
                 f"(it may still be starting: see `stockade show {owner_name}/{name}`)"
@@ -259,13 +273,15 @@ class ConnectionService:
 
     async def dial(self, agent_id: str, target: StreamTarget) -> tuple[WebSocket, PendingStream]:
         """Ask the agent for a stream and wait for it to dial back."""
-        stream_id = secrets.token_hex(STREAM_ID_LENGTH // 2)
+        # The id names this replica, for a dial-back that lands on another.
+        prefix = self.agents.replica_id
+        stream_id = prefix + secrets.token_hex((STREAM_ID_LENGTH - len(prefix)) // 2)
         pending = PendingStream(agent_id, asyncio.get_running_loop().create_future())
         self.agents.pending_streams[stream_id] = pending
         try:
             message = {"type": "open_stream", "id": stream_id, "kind": target.kind}
             message.update(target.fields)
-            if not await self.agents.send(agent_id, message):
+            if not await self.agents.deliver(agent_id, message):
                 raise StreamRefused(CLOSE_AGENT_UNAVAILABLE, "the agent is not connected")
             try:
                 result = await asyncio.wait_for(
@@ -288,9 +304,25 @@ class ConnectionService:
         self, agent: WorkspaceAgent, stream_id: str, websocket: WebSocket
     ) -> None:
         """The agent's dial-back for ``stream_id``: hand it to the waiting
-        client and hold it open until the relay is over."""
+        client and hold it open until the relay is over; carry it to the
+        replica that asked for it when that is another one."""
+        if stream_id not in self.agents.pending_streams:
+            asking = stream_id[: len(self.agents.replica_id)]
+            if asking != self.agents.replica_id:
+                async with self.db.session() as session:
+                    url = (
+                        await session.execute(select(Replica.address).where(Replica.id == asking))
+                    ).scalar_one_or_none()
+                if url is not None:
+                    await self.hops.forward(websocket, url, stream_id, agent.id)
+                    return
+        await self.accept_stream(agent.id, stream_id, websocket)
+
+    async def accept_stream(self, agent_id: str, stream_id: str, websocket: WebSocket) -> None:
+        """A dial-back for a stream this replica asked for (from the agent
+        itself, or over a hop from the replica it reached)."""
         pending = self.agents.pending_streams.get(stream_id)
-        if pending is None or pending.agent_id != agent.id or pending.dialed.done():
+        if pending is None or pending.agent_id != agent_id or pending.dialed.done():
             # Too late (the client gave up) or not this agent's stream.
             await websocket.close(code=CLOSE_DIAL_TIMEOUT)
             return

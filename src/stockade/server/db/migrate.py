@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-LATEST_REVISION = "0010"
+LATEST_REVISION = "0011"
 _MIGRATION_LOCK_ID = 0x5704CADE
 
 

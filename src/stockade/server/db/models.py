@@ -493,6 +493,9 @@ class WorkspaceAgent(Base):
     # The AI bridge token the agent gives its sessions (encrypted: the agent
     # gets it again at every reconnect, so it cannot be hashed).
     encrypted_aibridge_token: Mapped[str | None] = mapped_column(Text)
+    # The replica (``replicas.id``) holding the agent's control connection
+    # now; None while it is connected nowhere.
+    replica_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class AgentLog(Base):

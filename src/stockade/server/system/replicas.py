@@ -1,10 +1,12 @@
 """Replicas: the ``stockade server`` processes of one deployment.
 
-Each registers at start (a row in ``replicas``), renews its heartbeat every
-``replica_heartbeat_seconds`` and removes its row at a clean stop. Every
-replica also removes the rows whose heartbeat is older than three intervals
-(a replica that was killed), so the health API and page list the live ones,
-with their versions.
+Each registers at start (a row in ``replicas``, with the ``replica_url`` the
+others reach it at), renews its heartbeat every ``replica_heartbeat_seconds``
+and removes its row at a clean stop. Every replica also removes the rows
+whose heartbeat is older than three intervals (a replica that was killed),
+so the health API and page list the live ones, with their versions; the
+agents a dropped replica held are marked disconnected (those still running
+have reconnected to another replica by then, which recorded itself).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import delete, select, update
 import stockade
 from stockade.sdk import types
 from stockade.server.db import Database
-from stockade.server.db.models import Replica, utcnow
+from stockade.server.db.models import Replica, WorkspaceAgent, utcnow
 from stockade.server.observability import get_logger
 
 log = get_logger("stockade.replicas")
@@ -38,8 +40,13 @@ class ReplicaRegistry:
         async with self.db.transaction() as session:
             if self.db.dialect != "postgresql":
                 # One server per embedded database: a row left by a killed
-                # predecessor is not another replica.
+                # predecessor is not another replica, nor are its agents connected.
                 await session.execute(delete(Replica))
+                await session.execute(
+                    update(WorkspaceAgent)
+                    .where(WorkspaceAgent.replica_id.is_not(None))
+                    .values(replica_id=None, disconnected_at=now)
+                )
             session.add(
                 Replica(
                     id=self.id,
@@ -71,6 +78,12 @@ class ReplicaRegistry:
                 .scalars()
                 .all()
             )
+            if dropped:
+                await session.execute(
+                    update(WorkspaceAgent)
+                    .where(WorkspaceAgent.replica_id.in_(dropped))
+                    .values(replica_id=None, disconnected_at=now)
+                )
         if dropped:
             log.warning("replicas_dropped", replicas=",".join(dropped))
         if getattr(renewed, "rowcount", 1) == 0:

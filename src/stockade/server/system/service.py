@@ -77,6 +77,8 @@ async def health(services: Services) -> types.Health:
             "enabled": services.relay is not None,
             "connected": bool(services.relay and services.relay.connected),
             "received": services.notifier.received,
+            "messages_received": services.notifier.messages_received,
+            "hops": services.connections.hops.counts(),
         },
     )
 
