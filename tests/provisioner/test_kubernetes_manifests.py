@@ -10,6 +10,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from stockade.provisioner.backends.base import WorkspaceSpec
 from stockade.provisioner.kubernetes.manifests import (
@@ -17,6 +18,7 @@ from stockade.provisioner.kubernetes.manifests import (
     names,
     workspace_objects,
 )
+from stockade.sdk.starters import render_starter
 from tests.provisioner.conftest import SpecFactory, with_compute
 
 # Two minor releases apart by a year: what the objects use must be in both.
@@ -132,3 +134,26 @@ def test_without_a_service_account_no_api_token_is_mounted(make_spec: SpecFactor
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in pod["spec"]
     assert "resources" not in pod["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_starter_template_makes_objects_a_cluster_accepts(
+    make_spec: SpecFactory, version: str
+) -> None:
+    """What `stockade templates init --backend kubernetes` writes, with its
+    parameters' defaults, as the backend would send it."""
+    fields = yaml.safe_load(render_starter("kubernetes", "k8s-dev"))
+    # The spec holds the chosen values; the manifest's definitions are checked
+    # when the template is pushed (tests/cli/test_templates_cli.py).
+    defaults = {p["name"]: p["default"] for p in fields.pop("parameters")}
+    compute = fields.pop("compute")
+    spec = with_compute(make_spec(**fields, parameters=defaults), **compute)
+    objects = workspace_objects(spec, ClusterOptions())
+    assert [o["kind"] for o in objects] == [
+        "Secret", "PersistentVolumeClaim", "Pod", "NetworkPolicy"
+    ]  # fmt: skip
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)
+    (container,) = objects[2]["spec"]["containers"]
+    assert container["resources"]["limits"]["cpu"] == "2000m"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True

@@ -49,7 +49,7 @@ PushOrgOpt = Annotated[
 @app.command("init")
 def init(
     directory: Annotated[Path, typer.Argument(help="where to write the starter")],
-    backend: Annotated[str, typer.Option(help="local, docker or terraform")] = "local",
+    backend: Annotated[str, typer.Option(help="local, docker, terraform or kubernetes")] = "local",
     name: Annotated[str | None, typer.Option(help="template name (default: from DIR)")] = None,
     force: Annotated[bool, typer.Option("--force", help="write into a non-empty dir")] = False,
 ) -> None:
@@ -68,6 +68,12 @@ def init(
             "Its builds need a provisioner serving terraform: `stockade provisionerd start "
             "--backend terraform`, or the server with --provisioner-backends "
             "local,docker,terraform (see README.md there)."
+        )
+    if backend == "kubernetes":
+        console.print(
+            "Set compute.image to your registry's workspace image first. Its builds need a "
+            "provisioner serving kubernetes: the server of deploy/kubernetes/base, or "
+            "`stockade provisionerd start --backend kubernetes` (see README.md there)."
         )
 
 

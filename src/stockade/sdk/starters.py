@@ -105,6 +105,51 @@ agent:
       interval: 300
 apps: []
 """,
+    "kubernetes": """\
+# A Stockade template: see README.md next to this file.
+name: {name}
+display_name: {title}
+description: A workspace as a Pod on Kubernetes, with a persistent home volume.
+backend: kubernetes
+parameters:
+  - name: cpu
+    display_name: CPU cores
+    type: number
+    default: 2
+    options: [1, 2, 4, 8]
+    mutable: true
+  - name: memory
+    display_name: Memory
+    type: string
+    default: 4GiB
+    options: [2GiB, 4GiB, 8GiB, 16GiB]
+    mutable: true
+compute:
+  # The cluster pulls this image from your registry, never from the internet:
+  # push stockade-base:bookworm there (scripts/build-base-image.sh) and name it here.
+  image: registry.internal/stockade-base:bookworm
+  cpu: ${{cpu}}
+  memory: ${{memory}}
+  home_size: 20GiB
+kubernetes:
+  # Nothing comes in; out: the control plane, cluster DNS and allow_egress only.
+  network_policy: true
+  allow_egress: []
+  read_only_root: true
+  run_as_user: 1000
+  node_selector: {{}}
+  tolerations: []
+agent:
+  startup_script: |
+    set -eu
+    echo "workspace started on $(hostname), in $HOME"
+  metadata:
+    - key: load
+      display_name: Load average
+      script: cut -d' ' -f1 /proc/loadavg
+      interval: 30
+apps: []
+""",
 }
 
 # Files a starter has besides stockade.yaml and README.md, shipped in
@@ -148,6 +193,25 @@ code runs there), or the server itself when started with
 builds wait in the queue.
 """
 
+_KUBERNETES_README = """
+## Kubernetes
+
+Each workspace is a Pod in the workspaces' namespace (`--kubernetes-namespace`,
+default `stockade-workspaces`), its home a PersistentVolumeClaim kept across
+stop and start, its agent token in a Secret. Set `compute.image` to where your
+registry holds the workspace image before you push. The `kubernetes:` section
+sets node selector, tolerations, runtime class, pull secrets, service account,
+GPU resource, storage class and the NetworkPolicy; see docs/kubernetes.md in
+Stockade.
+
+Its builds run on a provisioner that serves the `kubernetes` backend: the
+server deployed by `deploy/kubernetes/base` does (`STOCKADE_PROVISIONER_BACKENDS=kubernetes`),
+as does a `stockade provisionerd start --backend kubernetes`. Until one does, a
+workspace's builds wait in the queue.
+"""
+
+_EXTRA_README = {"terraform": _TERRAFORM_README, "kubernetes": _KUBERNETES_README}
+
 
 def default_name(directory: Path) -> str:
     """A template name from a directory's name (``my-template`` when nothing is left)."""
@@ -179,7 +243,7 @@ def write_starter(directory: Path, backend: str, name: str | None = None) -> str
     title = name.replace("-", " ").title()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_NAME).write_text(manifest)
-    extra = _TERRAFORM_README if backend == "terraform" else ""
+    extra = _EXTRA_README.get(backend, "")
     (directory / "README.md").write_text(
         _README.format(name=name, title=title, backend=backend, extra=extra)
     )

@@ -63,6 +63,20 @@ def _json_object(value: str, name: str, example: str) -> dict[str, typing.Any]:
     return parsed
 
 
+def _own_host(listen_host: str) -> str:
+    """The host other replicas reach this one at: the listening address, or
+    when it listens on every interface, the address this host's name has in
+    /etc/hosts (a Pod's or a container's own IP), else the name itself."""
+    if listen_host not in ("0.0.0.0", "::", "[::]", ""):
+        return listen_host
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return name
+    return name if address.startswith("127.") else address
+
+
 class Settings(BaseSettings):
     """Control-plane settings. Field descriptions double as ``--help`` text."""
 
@@ -766,10 +780,7 @@ class Settings(BaseSettings):
             raise ValueError("access_url must be an http:// or https:// URL")
         self.agent_url = self.agent_url.rstrip("/")
         if not self.replica_url:
-            host = self.host
-            if host in ("0.0.0.0", "::", "[::]", ""):
-                host = socket.gethostname()
-            self.replica_url = f"{'https' if tls else 'http'}://{host}:{self.port}"
+            self.replica_url = f"{'https' if tls else 'http'}://{_own_host(self.host)}:{self.port}"
         self.replica_url = self.replica_url.rstrip("/")
         if urlsplit(self.replica_url).scheme not in ("http", "https"):
             raise ValueError("replica_url must be an http:// or https:// URL")
