@@ -32,8 +32,10 @@ flow control does the backpressure with nothing buffered without bound. The
 agent's control connection carries only small JSON messages.
 
 Replicas: step 2 is the only step that must reach the replica holding the
-agent's control connection; the dial-back in step 3 names the stream id, so
-the replica that receives it can relay to the one holding the client.
+agent's control connection (another replica passes the message through it).
+The stream id begins with the id of the replica the client reached, so a
+replica that receives the dial-back of step 3 for another's stream carries
+it there (``stockade.server.connections.hop``); agents see none of this.
 """
 
 from __future__ import annotations
