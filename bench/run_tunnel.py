@@ -18,6 +18,12 @@ with. Then:
   per-stream latency (open → first echoed byte, and the whole transfer).
 
     .venv/bin/python bench/run_tunnel.py [--bytes 1G] [--repeat 3] [--only bulk,echo,forward]
+    .venv/bin/python bench/run_tunnel.py --replicas 2      # client on replica A, agent on B
+
+With ``--replicas 2`` the server is two replicas on a throw-away PostgreSQL:
+the client (ssh, port-forward) talks to replica A, the agent is connected to
+replica B, so every stream crosses the hop between them (B carries the
+agent's dial-back to A); the CPU figures add both replicas.
 
 Needs ``/usr/sbin/sshd`` (apt-get install openssh-server) and the OpenSSH
 client. Prints a table and writes ``bench/results/tunnel-<time>.json``.
@@ -51,6 +57,7 @@ from typing import Any
 import httpx
 
 from stockade.devtools.ports import free_port
+from stockade.devtools.postgres import TempPostgres
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
 from stockade.sdk.templates import build_archive
@@ -101,11 +108,13 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class Deployment:
-    server: ServerProcess
+    server: ServerProcess  # the one clients use
     token: str
     config_dir: Path
     ssh_config: Path
     agent: subprocess.Popen[bytes]
+    # The replica the agent is connected to, when it is another (--replicas 2).
+    agent_server: ServerProcess | None = None
 
     def env(self) -> dict[str, str]:
         return {
@@ -117,12 +126,20 @@ class Deployment:
 
 
 @contextmanager
-def deployment(root: Path) -> Iterator[Deployment]:
+def deployment(root: Path, replicas: int = 1) -> Iterator[Deployment]:
     """A server, one workspace ``w`` whose agent runs on this host, and a
-    config-ssh block for it."""
-    server = ServerProcess(
-        data_dir=root / "server", env={"STOCKADE_PROVISIONER_WORKERS": "0"}
-    ).start()
+    config-ssh block for it. Two replicas: the agent on the second."""
+    env = {"STOCKADE_PROVISIONER_WORKERS": "0"}
+    postgres: TempPostgres | None = None
+    other: ServerProcess | None = None
+    url = ""
+    if replicas == 2:
+        postgres = TempPostgres().start()
+        url = postgres.create_database()
+        env["STOCKADE_AUDIT_KEY"] = os.urandom(32).hex()
+    server = ServerProcess(data_dir=root / "server", postgres_url=url, env=env).start()
+    if replicas == 2:
+        other = ServerProcess(data_dir=root / "server-b", postgres_url=url, env=env).start()
     agent: subprocess.Popen[bytes] | None = None
     try:
         client = Client(server.url)
@@ -152,7 +169,7 @@ def deployment(root: Path) -> Iterator[Deployment]:
             env={
                 "PATH": os.environ["PATH"],
                 "HOME": str(home),
-                "STOCKADE_ACCESS_URL": server.url,
+                "STOCKADE_ACCESS_URL": (other or server).url,
                 "STOCKADE_AGENT_TOKEN": str(job["agent_token"]),
             },
             stdout=subprocess.DEVNULL,
@@ -167,7 +184,7 @@ def deployment(root: Path) -> Iterator[Deployment]:
                 raise RuntimeError("the agent did not become ready within 60 s")
             time.sleep(0.2)
         found = Deployment(
-            server, client.token or "", root / "cfg", root / "ssh_config_tunnel", agent
+            server, client.token or "", root / "cfg", root / "ssh_config_tunnel", agent, other
         )
         client.close()
         subprocess.run(
@@ -185,7 +202,11 @@ def deployment(root: Path) -> Iterator[Deployment]:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
+        if other is not None:
+            other.stop()
         server.stop()
+        if postgres is not None:
+            postgres.stop()
 
 
 @contextmanager
@@ -516,6 +537,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--stream-bytes", default="1M")
     parser.add_argument("--only", default="bulk,echo,forward", help="which parts to run")
+    parser.add_argument(
+        "--replicas", type=int, choices=(1, 2), default=1, help="2: client on A, agent on B"
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     size = parse_size(args.bytes)
@@ -525,17 +549,24 @@ def main() -> int:
     if not os.path.exists(SSHD):
         sys.exit("sshd is missing: apt-get install openssh-server")
 
-    results: dict[str, Any] = {"started": datetime.now().isoformat(timespec="seconds")}
+    results: dict[str, Any] = {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "replicas": args.replicas,
+    }
     with tempfile.TemporaryDirectory(prefix="stockade-bench-tunnel-") as tmp:
         root = Path(tmp)
-        with deployment(root) as deploy, direct_sshd(root) as (direct_config, sshd_pid):
+        with (
+            deployment(root, args.replicas) as deploy,
+            direct_sshd(root) as (direct_config, sshd_pid),
+        ):
             env = deploy.env()
             tunnel = (deploy.ssh_config, "stockade.w")
             direct = (direct_config, "direct")
             assert deploy.server.process is not None
-            tunnel_meter = CpuMeter(
-                {"server": deploy.server.process.pid, "agent": deploy.agent.pid}
-            )
+            pids = {"server": deploy.server.process.pid, "agent": deploy.agent.pid}
+            if deploy.agent_server is not None and deploy.agent_server.process is not None:
+                pids["server B"] = deploy.agent_server.process.pid
+            tunnel_meter = CpuMeter(pids)
             direct_meter = CpuMeter({"sshd": sshd_pid})
             if "bulk" in parts:
                 cases = {
@@ -626,7 +657,8 @@ def main() -> int:
         ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
     ).stdout.strip()
     results["commit"] = commit
-    path = RESULTS_DIR / f"tunnel-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    name = "tunnel" if args.replicas == 1 else "tunnel-replicas"
+    path = RESULTS_DIR / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {path}")
     return 0
