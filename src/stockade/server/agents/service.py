@@ -160,10 +160,6 @@ class AgentService:
 
     # --- talking to connected agents ---------------------------------------------
 
-    def is_connected(self, agent_id: str) -> bool:
-        """Whether the agent has its control connection on this process."""
-        return agent_id in self._connections
-
     async def reachable(self, agent_id: str) -> bool:
         """Whether the agent is connected to this replica or to another live
         one (whose row in ``replicas`` is still there)."""
