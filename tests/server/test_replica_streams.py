@@ -124,6 +124,8 @@ def test_ssh_on_replica_a_reaches_an_agent_on_b_and_comes_back_after_b_is_killed
         b_id, a_id = d.replica_id(d.b), d.replica_id(d.a)
         agent = d.owner_a.get_workspace("owner", "w").agent
         assert agent is not None and agent.replica == b_id, agent
+        held = {r.id: r.agents for r in d.owner_a.health().replicas}
+        assert held == {a_id: 0, b_id: 1}, held
 
         done = ssh(d.a.url, token, tmp_path / "cfg", "echo", "hello from", "$((6*7))")
         assert done.returncode == 0, done.stderr
@@ -146,6 +148,13 @@ def test_ssh_on_replica_a_reaches_an_agent_on_b_and_comes_back_after_b_is_killed
         assert time.monotonic() - killed < 10
         agent = d.owner_a.get_workspace("owner", "w").agent
         assert agent is not None and agent.status == "connected" and agent.replica == a_id, agent
+        # Once B's heartbeat is three intervals old it is dropped (a wait the
+        # agent did not need: it was back on A at once).
+        deadline = time.monotonic() + 10
+        while len(d.owner_a.health().replicas) != 1:
+            assert time.monotonic() < deadline, d.owner_a.health().replicas
+            time.sleep(0.2)
+        assert [(r.id, r.agents) for r in d.owner_a.health().replicas] == [(a_id, 1)]
 
 
 async def _echo(url: str, token: str, port: int, payload: bytes) -> bytes:

@@ -265,9 +265,10 @@ class ReplicaInfo(Response):
     hostname: str
     pid: int
     version: str
-    address: str
+    address: str = Field(description="the URL the other replicas reach this one at")
     started_at: datetime
     heartbeat_at: datetime
+    agents: int = Field(0, description="agents whose control connection this replica holds")
     this: bool = Field(False, description="the replica that answered")
 
 

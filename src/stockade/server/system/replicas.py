@@ -16,7 +16,7 @@ import secrets
 import socket
 from datetime import timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 import stockade
 from stockade.sdk import types
@@ -95,6 +95,12 @@ class ReplicaRegistry:
 
     async def list(self) -> list[types.ReplicaInfo]:
         async with self.db.session() as session:
+            counted = await session.execute(
+                select(WorkspaceAgent.replica_id, func.count())
+                .where(WorkspaceAgent.replica_id.is_not(None))
+                .group_by(WorkspaceAgent.replica_id)
+            )
+            agents = {replica: count for replica, count in counted.all()}
             rows = (await session.execute(select(Replica).order_by(Replica.started_at))).scalars()
             return [
                 types.ReplicaInfo(
@@ -105,6 +111,7 @@ class ReplicaRegistry:
                     address=row.address,
                     started_at=row.started_at,
                     heartbeat_at=row.heartbeat_at,
+                    agents=agents.get(row.id, 0),
                     this=row.id == self.id,
                 )
                 for row in rows
