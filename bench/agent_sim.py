@@ -23,12 +23,12 @@ upgrade (``connect``), hello -> manifest (``hello``), ping -> pong
 (``ping``) and this process's event-loop lag (``lag``: how late a 50 ms
 sleep wakes up; if it grows, this client, not the server, is slow).
 
-It prints one JSON status line every 2 s on stdout (``{"connected": ...}``),
-``{"event": "ready"}`` once every agent has had its first manifest, stops
-on SIGTERM (closing every connection) and writes everything it measured to
-``--out``. ``--reconnects R`` makes R random agents a second reconnect once
-all are connected (an agent restart: its hello -> manifest is measured in
-the steady state too).
+It prints one JSON status line every 2 s on stdout (``{"connected": ...}``)
+and ``{"event": "ready"}`` once every agent has had its first manifest.
+``--reconnects R``: once all are connected, R random agents a second drop
+their connection and come back (an agent restart: hello -> manifest is
+measured in the steady state too), until SIGUSR1. On SIGTERM it closes
+every connection, writes everything it measured to ``--out`` and exits.
 
     python bench/agent_sim.py --url http://127.0.0.1:PORT --tokens FILE --out FILE
 """
@@ -90,6 +90,7 @@ class Fleet:
         self.url = base + CONNECT_PATH
         self.stopping = asyncio.Event()
         self.all_ready = asyncio.Event()
+        self.calm = asyncio.Event()  # set by SIGUSR1: no more reconnects
         self.samples: list[tuple[float, str, float]] = []  # (monotonic, kind, ms)
         self.errors: list[tuple[float, str]] = []  # (monotonic, what)
         self.sent: Counter[str] = Counter()
@@ -314,7 +315,7 @@ class Fleet:
         if rate <= 0:
             return
         await self.all_ready.wait()
-        while True:
+        while not self.calm.is_set():
             await asyncio.sleep(1.0 / rate)
             for agent in random.sample(self.agents, min(20, len(self.agents))):
                 if agent.connected:
@@ -326,6 +327,7 @@ class Fleet:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.calm.set)
         helpers = [
             asyncio.ensure_future(self.lag_monitor()),
             asyncio.ensure_future(self.status()),

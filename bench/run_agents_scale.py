@@ -59,6 +59,8 @@ SIMULATOR = Path(__file__).parent / "agent_sim.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Coder's published scale test: about 3 vCPU of coderd for 2,000 agents.
 CODER_MILLICORES_PER_AGENT = 3000 / 2000
+# After the reconnects stop, before the agents' states are read from the list.
+CALM_SECONDS = 3.0
 TARGET_CORES = 1.0
 TARGET_RSS_MB = 300.0
 TARGET_RPC_P95_MS = 60.0
@@ -362,6 +364,52 @@ def errors_in(sims: list[dict[str, Any]], start: float, end: float) -> list[str]
     return [what for sim in sims for t, what in sim["errors"] if start <= t <= end]
 
 
+# --- profiles ---------------------------------------------------------------------
+
+
+def start_profiles(
+    args: argparse.Namespace, pids: list[int], label: str, phase: str, seconds: float
+) -> list[subprocess.Popen[bytes]]:
+    """With ``--profile``: py-spy samples each server (``--nonblocking``:
+    it does not stop the server to read its stacks) for the window and writes
+    collapsed stacks to bench/results/agents-scale-<scenario>-<phase>-<n>.txt."""
+    if not args.profile:
+        return []
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    name = label.replace(", ", "-").replace(" ", "")
+    return [
+        subprocess.Popen(
+            [
+                args.profile,
+                "record",
+                "--nonblocking",
+                "-r",
+                "50",
+                "-f",
+                "raw",
+                "-d",
+                str(int(seconds) + 1),
+                "-p",
+                str(pid),
+                "-o",
+                str(RESULTS_DIR / f"agents-scale-{name}-{phase}-{i}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, pid in enumerate(pids)
+    ]
+
+
+def wait_profiles(profiles: list[subprocess.Popen[bytes]]) -> None:
+    for p in profiles:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 # --- the workspace list ------------------------------------------------------------
 
 
@@ -529,6 +577,7 @@ def run_scenario(backend: str, replicas: int, args: argparse.Namespace) -> dict[
             console.print(f"  all {args.agents} agents connected in {result['ramp_s']} s")
 
             time.sleep(args.settle)
+            profiles = start_profiles(args, pids, label, "steady", args.duration)
             steady_start = time.monotonic()
             a = cpu_mark(pids, db_pid, sim_pids)
             while time.monotonic() < steady_start + args.duration:
@@ -540,12 +589,20 @@ def run_scenario(backend: str, replicas: int, args: argparse.Namespace) -> dict[
                 )
             b = cpu_mark(pids, db_pid, sim_pids)
             steady_end = time.monotonic()
+            wait_profiles(profiles)
             result["steady_cpu"] = cores(a, b)
             result["steady_rss"] = sampler.window(steady_start, steady_end)
             result["steady_fds"] = [open_files(p)[0] for p in pids]
+            for sim in sims:  # no more reconnects: every agent should now show connected
+                sim.process.send_signal(signal.SIGUSR1)
+            time.sleep(CALM_SECONDS)
             result["freshness"] = freshness(servers[0].url, token, args.interval)
+            result["freshness"]["agents_connected_per_simulators"] = sum(
+                int(s.status.get("connected", 0)) for s in sims
+            )
             console.print(f"  after the steady window: {result['freshness']}")
 
+            profiles = start_profiles(args, pids, label, "list", args.list_duration)
             list_start = time.monotonic()
             c = cpu_mark(pids, db_pid, sim_pids)
             latencies, errors, size, _ = asyncio.run(
@@ -553,6 +610,7 @@ def run_scenario(backend: str, replicas: int, args: argparse.Namespace) -> dict[
             )
             d = cpu_mark(pids, db_pid, sim_pids)
             list_end = time.monotonic()
+            wait_profiles(profiles)
             result["list"] = {
                 "clients": args.list_clients,
                 **quantiles(latencies),
@@ -622,8 +680,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     rss = r["steady_rss"]
     fresh = r["freshness"]
     return [
-        ("agents connected (per the workspace list)",
-         f"{fresh['agents_connected']}/{fresh['workspaces']}", ""),
+        ("agents connected: per the workspace list (per the simulators)",
+         f"{fresh['agents_connected']}/{fresh['workspaces']} "
+         f"({fresh['agents_connected_per_simulators']})", ""),
         ("all connected after, s (hello->manifest p50/p95/p99 ms)",
          f"{r['ramp_s']:.1f} ({fmt_q(r['ramp_latency_ms']['hello'])})", ""),
         ("server cores during the connect ramp", per(r["ramp_cpu"]["servers"]), ""),
@@ -710,6 +769,9 @@ def main() -> None:
                         help="agent reconnects per s in the steady state, fleet-wide")  # fmt: skip
     parser.add_argument("--list-clients", type=int, default=10)
     parser.add_argument("--list-duration", type=float, default=30.0)
+    parser.add_argument("--profile", metavar="PY_SPY", default="",
+                        help="path of a py-spy binary: profile each server in each window "
+                        "(it costs the server some CPU; not for the figures)")  # fmt: skip
     parser.add_argument("--wait-quiet", type=float, default=60.0, help="max s to wait for idle")
     args = parser.parse_args()
     if args.agents < 1 or args.interval < 1 or args.duration <= 0 or args.ramp_rate <= 0:
