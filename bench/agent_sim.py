@@ -379,7 +379,12 @@ def main() -> None:
     fleet = Fleet(args, tokens)
     started_cpu = time.process_time()
     asyncio.run(fleet.run())
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # Not ru_maxrss: Linux carries it over from the parent across fork and exec.
+    hwm = next(
+        (int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+         if line.startswith("VmHWM:")),
+        float("nan"),
+    )  # fmt: skip
     args.out.write_text(
         json.dumps(
             {
@@ -388,7 +393,7 @@ def main() -> None:
                 "ready_at": fleet.ready_at,
                 "epoch": fleet.epoch,
                 "cpu_seconds": time.process_time() - started_cpu,
-                "max_rss_mb": usage.ru_maxrss / 1024,
+                "max_rss_mb": round(hwm, 1),
                 "sent": dict(fleet.sent),
                 "samples": fleet.samples,
                 "errors": fleet.errors,
