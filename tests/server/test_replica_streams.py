@@ -155,6 +155,14 @@ def test_ssh_on_replica_a_reaches_an_agent_on_b_and_comes_back_after_b_is_killed
             assert time.monotonic() < deadline, d.owner_a.health().replicas
             time.sleep(0.2)
         assert [(r.id, r.agents) for r in d.owner_a.health().replicas] == [(a_id, 1)]
+    # The agent stopped (end of the block): A records it gone.
+    gone = d.owner_a.get_workspace("owner", "w").agent
+    deadline = time.monotonic() + 10
+    while gone is not None and gone.status != "disconnected":
+        assert time.monotonic() < deadline, gone
+        time.sleep(0.1)
+        gone = d.owner_a.get_workspace("owner", "w").agent
+    assert gone is not None and gone.replica is None
 
 
 async def _echo(url: str, token: str, port: int, payload: bytes) -> bytes:

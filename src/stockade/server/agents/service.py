@@ -346,8 +346,10 @@ class AgentService:
                 self.app_health.pop(agent.id, None)
                 self._refuse_pending(agent.id, "the agent disconnected")
                 self.notifier.broadcast("agent_gone", agent=agent.id)
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._disconnected(agent.id))
+                hello_at = getattr(websocket.state, "hello_at", None)
+                if hello_at is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._disconnected(agent.id, hello_at))
             log.info("agent_disconnected", agent_id=agent.id)
 
     def _refuse_pending(self, agent_id: str, reason: str) -> None:
@@ -355,17 +357,18 @@ class AgentService:
             if pending.agent_id == agent_id and not pending.dialed.done():
                 pending.dialed.set_result((CLOSE_AGENT_UNAVAILABLE, reason))
 
-    async def _disconnected(self, agent_id: str) -> None:
-        """Record that the agent left this replica, unless it has already
-        connected to another one (whose record stands)."""
+    async def _disconnected(self, agent_id: str, hello_at: datetime) -> None:
+        """Record that the connection whose hello came at ``hello_at`` ended,
+        unless the agent has said hello again since (on this replica or
+        another): that newer connection's record stands."""
         now = utcnow()
         async with self.db.transaction() as session:
             await session.execute(
                 update(WorkspaceAgent)
                 .where(
                     WorkspaceAgent.id == agent_id,
-                    (WorkspaceAgent.replica_id == self.replica_id)
-                    | WorkspaceAgent.replica_id.is_(None),
+                    WorkspaceAgent.replica_id == self.replica_id,
+                    WorkspaceAgent.last_connected_at == hello_at,
                 )
                 .values(disconnected_at=now, last_seen_at=now, replica_id=None)
             )
@@ -398,6 +401,8 @@ class AgentService:
                 agent.last_seen_at = now
                 agent.disconnected_at = None
                 agent.replica_id = self.replica_id
+                # Which hello this connection's disconnect may undo (see _disconnected).
+                websocket.state.hello_at = now
                 manifest = await self._manifest(session, agent)
             await websocket.send_json(manifest)
         elif kind == "lifecycle":

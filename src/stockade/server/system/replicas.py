@@ -100,7 +100,7 @@ class ReplicaRegistry:
                 .where(WorkspaceAgent.replica_id.is_not(None))
                 .group_by(WorkspaceAgent.replica_id)
             )
-            agents = {replica: count for replica, count in counted.all()}
+            agents: dict[str | None, int] = dict(counted.tuples().all())
             rows = (await session.execute(select(Replica).order_by(Replica.started_at))).scalars()
             return [
                 types.ReplicaInfo(
