@@ -58,6 +58,8 @@ MAX_METADATA_ITEMS = 100
 # Makes the AI bridge's variables for an agent's sessions (see session_env).
 SessionEnv = Callable[[AsyncSession, WorkspaceAgent], Awaitable[dict[str, str]]]
 SEEN_EVERY = timedelta(seconds=5)  # last_seen_at is written at most this often
+# Messages whose handling writes last_seen_at itself.
+_WRITES_LAST_SEEN = frozenset({"hello", "lifecycle", "metadata"})
 
 
 @dataclass
@@ -335,7 +337,9 @@ class AgentService:
                     continue
                 await self._handle(websocket, agent.id, message, workspace_id=agent.workspace_id)
                 now = utcnow()
-                if now - last_seen > SEEN_EVERY:
+                if message.get("type") in _WRITES_LAST_SEEN:
+                    last_seen = now
+                elif now - last_seen > SEEN_EVERY:
                     last_seen = now
                     await self._update(agent.id, last_seen_at=now)
         except WebSocketDisconnect:
@@ -518,6 +522,13 @@ class AgentService:
 
     async def _store_metadata(self, agent_id: str, items: list[Any]) -> None:
         async with self.db.transaction() as session:
+            # The agent's most frequent message: last_seen_at rides along
+            # rather than costing a transaction of its own.
+            await session.execute(
+                update(WorkspaceAgent)
+                .where(WorkspaceAgent.id == agent_id)
+                .values(last_seen_at=utcnow())
+            )
             existing = {
                 row.key: row
                 for row in (
