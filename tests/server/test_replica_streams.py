@@ -27,11 +27,11 @@ from stockade.devtools.postgres import TempPostgres
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
 from stockade.sdk.templates import build_archive
-from stockade.sdk.tunnel import StreamSpec, TunnelError, open_stream, relay
+from stockade.sdk.tunnel import TunnelError
 from tests.agents import agent_workspace
 from tests.balancer import Balancer
 from tests.conftest import OWNER_PASSWORD, RELAXED_LIMITS, require
-from tests.server.test_tunnel import echo_server
+from tests.server.test_tunnel import echo_server, echo_through
 from tests.terraform import terraform_binary
 
 STOCKADE = str(Path(sys.executable).with_name("stockade"))
@@ -165,24 +165,6 @@ def test_ssh_on_replica_a_reaches_an_agent_on_b_and_comes_back_after_b_is_killed
     assert gone is not None and gone.replica is None
 
 
-async def _echo(url: str, token: str, port: int, payload: bytes) -> bytes:
-    ws = await open_stream(url, token, StreamSpec("owner", "w", "tcp", port))
-    received = bytearray()
-    chunks = [payload[i : i + 70000] for i in range(0, len(payload), 70000)]
-
-    async def read(_: int) -> bytes:
-        return chunks.pop(0) if chunks else b""
-
-    async def write(data: bytes) -> None:
-        received.extend(data)
-
-    async def eof() -> None:
-        return None
-
-    await relay(ws, read, write, eof)
-    return bytes(received)
-
-
 @pytest.mark.parametrize("deployment", ["round_robin"], indirect=True)
 def test_streams_and_refusals_reach_the_asking_replica_wherever_the_agent_dials_back(
     deployment: Deployment, tmp_path: Path
@@ -204,7 +186,7 @@ def test_streams_and_refusals_reach_the_asking_replica_wherever_the_agent_dials_
                 # takes the balancer's next turn.
                 return await asyncio.gather(
                     *(
-                        _echo(server.url, client.token or "", port, payload)
+                        echo_through(server.url, client.token or "", port, payload)
                         for server, client in [(d.a, d.owner_a), (d.b, d.owner_b)] * 4
                     )
                 )
@@ -221,7 +203,7 @@ def test_streams_and_refusals_reach_the_asking_replica_wherever_the_agent_dials_
             time.sleep(0.5)
             for server, client in [(d.a, d.owner_a), (d.b, d.owner_b)]:
                 with pytest.raises(TunnelError) as refused:
-                    asyncio.run(_echo(server.url, client.token or "", unused[0], b"x"))
+                    asyncio.run(echo_through(server.url, client.token or "", unused[0], b"x"))
                 assert "did not open the stream" not in str(refused.value), refused.value
                 assert "could not connect" in str(refused.value), refused.value
     finally:

@@ -103,7 +103,12 @@ def env(start_server: ServerFactory, tmp_path: Path) -> Iterator[Env]:
 
 
 async def _roundtrip(env: Env, port: int, payload: bytes) -> bytes:
-    ws = await open_stream(env.url, env.client.token or "", StreamSpec("owner", "w", "tcp", port))
+    return await echo_through(env.url, env.client.token or "", port, payload)
+
+
+async def echo_through(url: str, token: str, port: int, payload: bytes) -> bytes:
+    """Send ``payload`` on a tcp stream to ``port`` in owner/w; what came back."""
+    ws = await open_stream(url, token, StreamSpec("owner", "w", "tcp", port))
     received = bytearray()
     chunks = [payload[i : i + 70000] for i in range(0, len(payload), 70000)]
 
