@@ -177,6 +177,18 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items if "=" in item)
 
 
+def workspace_environ(pid: int) -> dict[str, str]:
+    """The environment of the sandbox's main process once it has exec'd the
+    bootstrap: start() returns once that process exists, which may be
+    before; until then /proc shows bwrap's environment (no HOME), not the
+    workspace's."""
+    deadline = time.monotonic() + 10
+    while "STOCKADE_WORKSPACE_ID" not in (env := environ(pid)):
+        assert time.monotonic() < deadline, "the workspace's main process never exec'd"
+        time.sleep(0.01)
+    return env
+
+
 def in_workspace(local: Local, spec: WorkspaceSpec, state: dict[str, object], text: str) -> str:
     """Run ``text`` inside the running workspace, as its user, with its
     environment and in its home (the agent, which would run the startup
@@ -184,13 +196,7 @@ def in_workspace(local: Local, spec: WorkspaceSpec, state: dict[str, object], te
     sees. Needs root (nsenter)."""
     require("root", ROOT, "run the tests as root (.ci/run does): nsenter needs it")
     run = json.loads((local.dir / spec.workspace_id / "run.json").read_text())
-    # start() returns once the sandbox's main process exists, which may be
-    # before it has exec'd the bootstrap: until then /proc shows bwrap's
-    # environment (no HOME), not the workspace's.
-    deadline = time.monotonic() + 10
-    while "STOCKADE_WORKSPACE_ID" not in (env := environ(run["main_pid"])):
-        assert time.monotonic() < deadline, "the workspace's main process never exec'd"
-        time.sleep(0.01)
+    env = workspace_environ(run["main_pid"])
     command = ["/bin/sh", "-c", f'cd "$HOME" 2>/dev/null; {text}']
     if run["sandboxed"]:
         command = [
@@ -224,7 +230,7 @@ async def test_the_agent_is_the_main_process_and_the_home_persists(
     assert (await local.backend.status(spec.workspace_id, state)).state == "running"
     run = json.loads((local.dir / spec.workspace_id / "run.json").read_text())
     # The main process is the bootstrap (no server answers: it keeps trying).
-    env = environ(run["main_pid"])
+    env = workspace_environ(run["main_pid"])
     assert env["STOCKADE_ACCESS_URL"] == spec.access_url
     assert env["STOCKADE_AGENT_TOKEN"] == "tok-1"
     assert env["STOCKADE_AGENT_BUNDLE_SHA256"] == "ab" * 32
