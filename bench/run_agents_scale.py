@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import secrets
 import signal
@@ -46,7 +45,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from run_api import revision, wait_quiet
+from run_api import wait_quiet, write_results
 from stockade.devtools.postgres import TempPostgres
 from stockade.devtools.server import ServerProcess
 from stockade.sdk import Client
@@ -789,20 +788,7 @@ def main() -> None:
         results.append(run_scenario(backend, replicas, argparse.Namespace(**{
             **vars(args), "replicas": replicas})))  # fmt: skip
     report(results, args)
-    stamp = datetime.now().astimezone()
-    meta = {
-        "time": stamp.isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "busy_percent_before": busy,
-        "revision": revision(),
-        "params": vars(args),
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"agents-scale-{stamp:%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
-    console.print(f"results written to {out}")
+    write_results("agents-scale", results, args, busy)
 
 
 if __name__ == "__main__":

@@ -375,6 +375,12 @@ def main() -> None:
     names = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     results = {name: bench_backend(name, args) for name in names}
     report(results)
+    write_results("api", results, args, busy)
+
+
+def write_results(name: str, results: Any, args: argparse.Namespace, busy: float) -> Path:
+    """Write ``results`` with the machine, the commit and the options to
+    ``bench/results/NAME-<time>.json`` and say where."""
     stamp = datetime.now().astimezone()
     meta = {
         "time": stamp.isoformat(timespec="seconds"),
@@ -386,9 +392,10 @@ def main() -> None:
         "params": vars(args),
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"api-{stamp:%Y%m%d-%H%M%S}.json"
+    out = RESULTS_DIR / f"{name}-{stamp:%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     console.print(f"results written to {out}")
+    return out
 
 
 if __name__ == "__main__":
