@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +46,17 @@ class Deployment:
     balancer: Balancer
     owner_a: Client
     owner_b: Client
+
+    def agent_behind_the_balancer(self, home: Path) -> AbstractContextManager[Path]:
+        """The owner's workspace ``w`` (made through A) with a real agent
+        whose access URL is the balancer: it lands where the balancer sends it."""
+        return agent_workspace(
+            self.a.url,
+            self.owner_a,
+            TEMPLATE,
+            home,
+            agent_env={"STOCKADE_ACCESS_URL": self.balancer.url},
+        )
 
     def replica_id(self, server: ServerProcess) -> str:
         client = self.owner_a if server is self.a else self.owner_b
@@ -114,13 +126,7 @@ def test_ssh_on_replica_a_reaches_an_agent_on_b_and_comes_back_after_b_is_killed
     require("ssh", shutil.which("ssh") is not None, "apt-get install openssh-client")
     d = deployment
     token = d.owner_a.token or ""
-    with agent_workspace(
-        d.a.url,
-        d.owner_a,
-        TEMPLATE,
-        tmp_path / "home",
-        agent_env={"STOCKADE_ACCESS_URL": d.balancer.url},
-    ):
+    with d.agent_behind_the_balancer(tmp_path / "home"):
         b_id, a_id = d.replica_id(d.b), d.replica_id(d.a)
         agent = d.owner_a.get_workspace("owner", "w").agent
         assert agent is not None and agent.replica == b_id, agent
@@ -172,13 +178,7 @@ def test_streams_and_refusals_reach_the_asking_replica_wherever_the_agent_dials_
     d = deployment
     port, stop_echo = echo_server()
     try:
-        with agent_workspace(
-            d.a.url,
-            d.owner_a,
-            TEMPLATE,
-            tmp_path / "home",
-            agent_env={"STOCKADE_ACCESS_URL": d.balancer.url},
-        ):
+        with d.agent_behind_the_balancer(tmp_path / "home"):
             payload = secrets.token_bytes(300_000)
 
             async def streams() -> list[bytes]:
